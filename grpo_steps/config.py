@@ -1,0 +1,246 @@
+"""The one typed home of every setting: `params.yaml` parsed and checked before any work starts.
+
+Every section forbids unknown keys, so a typo in params.yaml fails loudly with the key's dotted path
+instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """params.yaml is missing, unreadable or invalid; the message names the file and the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PathsConfig(_Section):
+    """Where each stage reads and writes, relative to the working directory (the repo root)."""
+
+    data_dir: str = "data"
+    models_dir: str = "models"
+    reports_dir: str = "reports"
+
+    def prepared(self) -> Path:
+        return Path(self.data_dir) / "prepared"
+
+    def validated(self) -> Path:
+        return Path(self.data_dir) / "validated"
+
+    def tokenizer(self) -> Path:
+        return Path(self.models_dir) / "tokenizer"
+
+    def reward_model(self) -> Path:
+        return Path(self.models_dir) / "reward"
+
+    def sft_policy(self) -> Path:
+        return Path(self.models_dir) / "sft"
+
+    def grpo_policy(self) -> Path:
+        return Path(self.models_dir) / "grpo"
+
+    def reports(self) -> Path:
+        return Path(self.reports_dir)
+
+
+class TaskConfig(_Section):
+    """The embedded synthetic task: arithmetic prompts like `37+48=` with an exact integer answer."""
+
+    n_train: int = Field(4000, ge=1, description="training prompts (SFT demonstrations and GRPO prompts)")
+    n_eval: int = Field(200, ge=1, description="validation prompts (reward-model gate, monitoring)")
+    n_test: int = Field(400, ge=1, description="held-out prompts for the final evaluation")
+    n_preference_pairs: int = Field(3000, ge=1, description="(prompt, chosen, rejected) pairs for the reward model")
+    max_operand: int = Field(99, ge=1, description="operands are drawn from [0, max_operand]")
+    operations: list[Literal["+", "-", "*"]] = Field(default_factory=lambda: ["+", "-"])
+
+
+class ModelConfig(_Section):
+    """The policy (and reward-model backbone) architecture, built from a config: no hub download."""
+
+    architecture: Literal["qwen2", "llama"] = "qwen2"
+    hidden_size: int = Field(96, ge=8)
+    num_layers: int = Field(3, ge=1)
+    num_heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(256, ge=8)
+    max_position_embeddings: int = Field(64, ge=8)
+    pretrained: str | None = Field(
+        None, description="a local path or hub name of a pretrained policy; when set, the SFT cold start is skipped"
+    )
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> ModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        return self
+
+
+class ValidateConfig(_Section):
+    on_failure: Literal["fail", "quarantine"] = "fail"
+    max_prompt_tokens: int = Field(32, ge=1)
+    max_answer_tokens: int = Field(8, ge=1)
+
+
+class RewardModelConfig(_Section):
+    epochs: float = Field(2.0, gt=0)
+    learning_rate: float = Field(1e-3, gt=0)
+    batch_size: int = Field(64, ge=1)
+    center_rewards_coefficient: float | None = Field(None, ge=0)
+    min_pairwise_accuracy: float = Field(
+        0.55, ge=0, le=1, description="gate: the pipeline stops before GRPO when held-out accuracy is below this"
+    )
+
+
+class SFTConfig(_Section):
+    """Cold start: a short supervised run so GRPO starts from a policy that is sometimes right."""
+
+    max_steps: int = Field(150, ge=1)
+    learning_rate: float = Field(3e-3, gt=0)
+    batch_size: int = Field(64, ge=1)
+    warmup_ratio: float = Field(0.05, ge=0, le=1)
+
+
+class RewardFunctionConfig(_Section):
+    """One reward function: an import path `module:function` (or the built-in name) and its weight."""
+
+    name: str
+    weight: float = 1.0
+
+
+class GRPOConfig(_Section):
+    steps: int = Field(120, ge=1, description="optimizer steps (one generation batch per step when mu = 1)")
+    prompts_per_step: int = Field(16, ge=1, description="distinct prompts per generation batch")
+    num_generations: int = Field(8, ge=2, description="G: completions sampled per prompt")
+    micro_batch_size: int = Field(64, ge=1, description="sequences per forward/backward (gradient accumulation)")
+    mu: int = Field(1, ge=1, description="policy updates per generation batch (old log-probs stored when > 1)")
+    max_completion_length: int = Field(6, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    beta: float = Field(0.02, ge=0, description="KL coefficient to the frozen reference (k3); 0 loads no reference")
+    epsilon: float = Field(0.2, gt=0, description="lower clip range (and upper when epsilon_high is unset)")
+    epsilon_high: float | None = Field(None, gt=0, description="upper clip range (DAPO clip-higher)")
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
+    importance_sampling_level: Literal["token", "sequence"] = Field(
+        "token", description="'sequence' gives GSPO's length-normalised sequence ratio"
+    )
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    logprob_chunk_size: int = Field(0, ge=0, description="rows per log-prob chunk; 0 computes all at once")
+    reward_functions: list[RewardFunctionConfig] = Field(
+        default_factory=lambda: [
+            RewardFunctionConfig(name="exact_match", weight=1.0),
+            RewardFunctionConfig(name="reward_model", weight=0.1),
+        ]
+    )
+    max_consecutive_nonfinite: int = Field(3, ge=1, description="stop after this many skipped non-finite steps")
+
+
+class EvaluateConfig(_Section):
+    pass_k: int = Field(4, ge=1, description="k for pass@k (sampled at temperature 1)")
+    n_samples_logged: int = Field(20, ge=0)
+
+
+class RegisterConfig(_Section):
+    model_name: str = "grpo-policy"
+    promotion_margin: float = Field(0.0, ge=0, description="held-out accuracy the new version must add over champion")
+
+
+class TrackingConfig(_Section):
+    tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI (a server URL in production)")
+    experiment: str = "grpo-pipeline"
+    artifact_location: str = Field("mlartifacts", description="artifact root for a newly created experiment")
+
+
+class Config(_Section):
+    seed: int = 0
+    paths: PathsConfig = Field(default_factory=PathsConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
+    reward_model: RewardModelConfig = Field(default_factory=RewardModelConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    registry: RegisterConfig = Field(default_factory=RegisterConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+    def params_hash(self) -> str:
+        """A stable hash of every setting: part of each registered model's lineage."""
+        blob = json.dumps(self.as_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        got = e.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  - {key}: {e['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {p!r} is not a section")
+    node[leaf] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`key.sub=value` strings (values parsed as YAML) into a nested dict."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Config:
+    """Read params.yaml (or the defaults when path is None), apply `a.b=c` overrides, validate everything."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"configuration file not found: {path.resolve()}")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    if overrides:
+        raw = _merge(raw, parse_overrides(overrides))
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None

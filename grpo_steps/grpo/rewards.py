@@ -1,0 +1,74 @@
+"""Reward functions and their weighted sum.
+
+The interface is a plain callable, the one TRL users know:
+    f(prompts: list[str], completions: list[str], **dataset_columns) -> list[float | None]
+`None` means "no opinion on this completion" (e.g. a rule that does not apply); it is excluded from that
+function's statistics and from the weighted sum. A completion on which every function abstains gets no
+advantage at all (see advantages.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+RewardFunction = Callable[..., list[float | None]]
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def exact_match(prompts: list[str], completions: list[str], answer: list[str], **_: Any) -> list[float | None]:
+    """1.0 when the completion is exactly the answer (surrounding whitespace ignored), else 0.0."""
+    return [1.0 if c.strip() == str(a).strip() else 0.0 for c, a in zip(completions, answer, strict=True)]
+
+
+def number_format(prompts: list[str], completions: list[str], **_: Any) -> list[float | None]:
+    """0.1 for a completion that is a single number, the format the task asks for; a shaping reward."""
+    return [0.1 if _NUMBER.fullmatch(c.strip() or "x") else 0.0 for c in completions]
+
+
+BUILTIN: dict[str, RewardFunction] = {"exact_match": exact_match, "number_format": number_format}
+
+
+def import_reward_function(path: str) -> RewardFunction:
+    """Load `package.module:function` named in params.yaml; only configured paths are ever imported."""
+    if ":" not in path:
+        raise ValueError(f"reward function {path!r}: use a built-in name {sorted(BUILTIN)} or 'module:function'")
+    module_name, attr = path.split(":", 1)
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"reward function {path!r} could not be imported: {e}") from e
+    if not callable(fn):
+        raise ValueError(f"reward function {path!r} is not callable")
+    return fn
+
+
+def function_name(fn: RewardFunction) -> str:
+    return getattr(fn, "__name__", type(fn).__name__)
+
+
+def score_completions(
+    funcs: Sequence[RewardFunction],
+    weights: Sequence[float],
+    prompts: list[str],
+    completions: list[str],
+    columns: dict[str, list[Any]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (per-function rewards (N, F) with NaN for None, weighted total (N,) with NaN where all abstain)."""
+    n = len(completions)
+    per_func = torch.full((n, len(funcs)), float("nan"))
+    for j, fn in enumerate(funcs):
+        values = fn(prompts=prompts, completions=completions, **columns)
+        if len(values) != n:
+            raise ValueError(f"reward function {function_name(fn)} returned {len(values)} values for {n} completions")
+        per_func[:, j] = torch.tensor([math.nan if v is None else float(v) for v in values])
+    w = torch.tensor(list(weights), dtype=per_func.dtype)
+    total = torch.nansum(per_func * w, dim=1)
+    total[torch.isnan(per_func).all(dim=1)] = float("nan")
+    return per_func, total

@@ -1,0 +1,220 @@
+"""The GRPO loop, visible in one place: sample -> score -> advantages -> (mu x) clipped update.
+
+One code path for one CPU, one GPU and many processes: `accelerate` wraps the model and optimizer; each
+process samples its shard of the step's prompts, and loss normalisers are global (summed over processes),
+so the update does not depend on how the batch is split across processes or micro-batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from grpo_steps.config import GRPOConfig
+from grpo_steps.grpo.advantages import group_advantages, nanstd
+from grpo_steps.grpo.logprobs import completion_logps
+from grpo_steps.grpo.loss import Normalizers, policy_loss
+from grpo_steps.grpo.rewards import RewardFunction, function_name, score_completions
+from grpo_steps.grpo.sampling import Rollout, sample_groups
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a NaN/inf loss or gradient; nothing from them was applied."""
+
+
+@dataclass
+class PromptSampler:
+    """Seeded, epoch-based order over the prompt rows; `position` makes it resumable."""
+
+    rows: list[dict[str, Any]]
+    seed: int
+    position: int = 0
+    _order: list[int] = field(default_factory=list, init=False)
+
+    def _order_for(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(len(self.rows), generator=g).tolist()
+
+    def next(self, n: int) -> list[dict[str, Any]]:
+        out = []
+        for _ in range(n):
+            epoch, idx = divmod(self.position, len(self.rows))
+            if idx == 0 or not self._order:
+                self._order = self._order_for(epoch)
+            out.append(self.rows[self._order[idx]])
+            self.position += 1
+        return out
+
+
+def _micro_batches(n: int, size: int) -> list[slice]:
+    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+@torch.no_grad()
+def _batched_logps(model, rollout: Rollout, cfg: GRPOConfig) -> torch.Tensor:
+    c = rollout.completion_ids.size(1)
+    parts = []
+    for sl in _micro_batches(rollout.completion_ids.size(0), cfg.micro_batch_size):
+        lp, _ = completion_logps(model, rollout.input_ids[sl], rollout.attention_mask[sl], c,
+                                 cfg.temperature, cfg.logprob_chunk_size)
+        parts.append(lp)
+    return torch.cat(parts)
+
+
+class GRPOTrainer:
+    def __init__(
+        self,
+        policy: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        reward_funcs: Sequence[RewardFunction],
+        reward_weights: Sequence[float],
+        cfg: GRPOConfig,
+        seed: int = 0,
+        accelerator: Accelerator | None = None,
+    ):
+        if len(reward_funcs) != len(reward_weights):
+            raise ValueError("one weight per reward function")
+        self.cfg = cfg
+        self.seed = seed
+        self.tokenizer = tokenizer
+        self.reward_funcs = list(reward_funcs)
+        self.reward_weights = list(reward_weights)
+        self.reward_names = [function_name(f) for f in reward_funcs]
+        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        # The reference is the starting policy, frozen. With beta = 0 it is never built nor run.
+        self.ref_model = None
+        if cfg.beta != 0.0:
+            self.ref_model = copy.deepcopy(policy).eval().requires_grad_(False)
+            self.ref_model.to(self.accelerator.device)
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self.model, self.optimizer = self.accelerator.prepare(policy, optimizer)
+        self.step = 0
+        self.consecutive_nonfinite = 0
+        self.skipped_steps = 0
+
+    @property
+    def unwrapped(self) -> PreTrainedModel:
+        return self.accelerator.unwrap_model(self.model)
+
+    def _shard(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        acc = self.accelerator
+        if len(rows) % acc.num_processes:
+            raise ValueError(f"prompts_per_step ({len(rows)}) must divide evenly over {acc.num_processes} processes")
+        per = len(rows) // acc.num_processes
+        return rows[acc.process_index * per : (acc.process_index + 1) * per]
+
+    def _global_sum(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=self.accelerator.device)
+        return float(self.accelerator.reduce(t, reduction="sum").item())
+
+    def train_step(self, rows: list[dict[str, Any]]) -> dict[str, float]:
+        """One generation batch: sample, score, and `mu` optimizer updates on it."""
+        cfg, acc = self.cfg, self.accelerator
+        t0 = time.perf_counter()
+        rows = self._shard(rows)
+        G = cfg.num_generations
+        rollout = sample_groups(self.unwrapped, self.tokenizer, [r["prompt"] for r in rows], G,
+                                cfg.max_completion_length, cfg.temperature)
+        columns = {k: [r[k] for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
+        per_func, rewards = score_completions(self.reward_funcs, self.reward_weights, rollout.prompts,
+                                              rollout.completions, columns)
+        advantages, group_std = group_advantages(rewards, G, cfg.scale_rewards)
+        advantages = advantages.to(acc.device)
+
+        mask = rollout.completion_mask
+        n_local = mask.size(0)
+        norm = Normalizers(
+            num_sequences=int(self._global_sum(n_local)),
+            num_tokens=int(self._global_sum(float(mask.sum()))),
+            max_completion_length=cfg.max_completion_length,
+        )
+        ref_logps = _batched_logps(self.ref_model, rollout, cfg) if self.ref_model is not None else None
+        old_logps = _batched_logps(self.unwrapped, rollout, cfg) if cfg.mu > 1 else None
+
+        sums: dict[str, float] = {}
+        total_loss, grad_norm = 0.0, 0.0
+        c = rollout.completion_ids.size(1)
+        for _ in range(cfg.mu):
+            total_loss = 0.0
+            for sl in _micro_batches(n_local, cfg.micro_batch_size):
+                logps, entropy = completion_logps(self.model, rollout.input_ids[sl], rollout.attention_mask[sl], c,
+                                                  cfg.temperature, cfg.logprob_chunk_size, compute_entropy=True)
+                # mu = 1: the sampling policy *is* the current one, so the ratio is exp(0) with a live gradient.
+                old = old_logps[sl] if old_logps is not None else logps.detach()
+                loss, stats = policy_loss(
+                    logps, old, advantages[sl], mask[sl], norm,
+                    loss_type=cfg.loss_type, epsilon_low=cfg.epsilon,
+                    epsilon_high=cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon,
+                    beta=cfg.beta, ref_logps=ref_logps[sl] if ref_logps is not None else None,
+                    importance_sampling_level=cfg.importance_sampling_level,
+                )
+                # DDP averages gradients over processes; normalisers are already global, so undo that mean.
+                acc.backward(loss * acc.num_processes)
+                total_loss += loss.item()
+                weight = float(mask[sl].sum())
+                stats["entropy"] = (entropy * mask[sl]).sum() / mask[sl].sum().clamp(min=1)
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) * weight
+            grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
+            if not (math.isfinite(total_loss) and math.isfinite(grad_norm)):
+                self.optimizer.zero_grad(set_to_none=True)
+                self.skipped_steps += 1
+                self.consecutive_nonfinite += 1
+                log.warning("step %d: non-finite loss/gradient (loss=%s, grad_norm=%s); update skipped",
+                            self.step, total_loss, grad_norm)
+                if self.consecutive_nonfinite >= cfg.max_consecutive_nonfinite:
+                    raise NonFiniteLossError(
+                        f"{self.consecutive_nonfinite} consecutive steps had a non-finite loss or gradient "
+                        f"(limit grpo.max_consecutive_nonfinite={cfg.max_consecutive_nonfinite}); stopping"
+                    )
+                continue
+            self.consecutive_nonfinite = 0
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+
+        tokens = float(mask.sum())
+        lengths = mask.sum(1).float()
+        metrics = {f"{k}": v / max(tokens * cfg.mu, 1.0) for k, v in sums.items()}
+        metrics.update({
+            "loss": total_loss,
+            "grad_norm": grad_norm,
+            "reward": float(torch.nan_to_num(rewards, nan=0.0).mean()),
+            "reward_std": float(group_std.view(-1, G)[:, 0].mean()),
+            "frac_reward_zero_std": float((group_std.view(-1, G)[:, 0] < 1e-8).float().mean()),
+            "completions/mean_length": float(lengths.mean()),
+            "completions/min_length": float(lengths.min()),
+            "completions/max_length": float(lengths.max()),
+            "completions/clipped_ratio": float(rollout.truncated.float().mean()),
+            "num_tokens": tokens,
+            "skipped_steps": float(self.skipped_steps),
+            "step_time": time.perf_counter() - t0,
+        })
+        for j, name in enumerate(self.reward_names):
+            col = per_func[:, j]
+            metrics[f"rewards/{name}/mean"] = float(torch.nanmean(col)) if (~torch.isnan(col)).any() else math.nan
+            metrics[f"rewards/{name}/std"] = float(torch.nan_to_num(nanstd(col), nan=0.0))
+        return metrics
+
+    def fit(self, sampler: PromptSampler, steps: int,
+            on_step: Callable[[int, dict[str, float], Rollout | None], None] | None = None) -> list[dict[str, float]]:
+        history = []
+        while self.step < steps:
+            rows = sampler.next(self.cfg.prompts_per_step)
+            metrics = self.train_step(rows)
+            history.append(metrics)
+            if on_step is not None:
+                on_step(self.step, metrics, None)
+        return history
+

@@ -1,0 +1,94 @@
+"""Building, loading and saving models: tiny ones from a config, real ones from a local path or the hub."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Qwen2Config,
+)
+
+from grpo_steps.config import ModelConfig
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def tiny_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, num_labels: int | None = None):
+    kwargs = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    if num_labels is not None:
+        kwargs["num_labels"] = num_labels
+    return Qwen2Config(**kwargs) if cfg.architecture == "qwen2" else LlamaConfig(**kwargs)
+
+
+def build_policy(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A fresh causal LM from the config, or the configured pretrained one."""
+    if cfg.pretrained:
+        return load_policy(cfg.pretrained, trust_remote_code=cfg.trust_remote_code)
+    model = AutoModelForCausalLM.from_config(tiny_config(cfg, tokenizer))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def build_reward_backbone(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    return AutoModelForSequenceClassification.from_config(tiny_config(cfg, tokenizer, num_labels=1))
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def _require_dir(path: str | Path, what: str) -> None:
+    p = Path(path)
+    if not p.exists() and not str(path).count("/") == 1:  # "org/name" may be a hub id
+        raise FileNotFoundError(f"{what} not found at {p.resolve()} (run the stage that writes it first)")
+
+
+def load_policy(path: str | Path, trust_remote_code: bool = False) -> PreTrainedModel:
+    """Load weights from safetensors only: pickled checkpoints can execute code on load."""
+    _require_dir(path, "policy checkpoint")
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            str(path), use_safetensors=True, trust_remote_code=trust_remote_code, dtype=torch.float32
+        )
+    except (OSError, ValueError) as e:
+        raise RuntimeError(f"could not load the policy from {path}: {e}") from e
+
+
+def load_reward_model(path: str | Path, trust_remote_code: bool = False) -> PreTrainedModel:
+    _require_dir(path, "reward model checkpoint")
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            str(path), use_safetensors=True, trust_remote_code=trust_remote_code, dtype=torch.float32
+        )
+    except (OSError, ValueError) as e:
+        raise RuntimeError(f"could not load the reward model from {path}: {e}") from e

@@ -1,0 +1,94 @@
+"""Stage `register`: the evaluated GRPO policy becomes an MLflow model version behind a promotion gate.
+
+Alias `champion` moves to the new version only when its held-out accuracy beats the current champion's by
+`register.promotion_margin` (or there is no champion yet); otherwise the version gets alias `challenger`.
+Every version carries its metrics, the gate decision and its lineage as tags. Registering the same policy
+weights twice returns the existing version instead of creating another.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import mlflow
+import torch
+import transformers
+from mlflow import MlflowClient
+
+from grpo_steps.config import Config
+from grpo_steps.io import read_json, write_json
+from grpo_steps.lineage import file_md5, lineage_tags
+from grpo_steps.modeling import load_policy, load_tokenizer
+from grpo_steps.tracking import stage_run
+
+log = logging.getLogger(__name__)
+
+
+def _champion_accuracy(client: MlflowClient, name: str) -> tuple[str | None, float | None]:
+    try:
+        mv = client.get_model_version_by_alias(name, "champion")
+    except mlflow.exceptions.MlflowException:
+        return None, None
+    acc = mv.tags.get("eval_accuracy")
+    return mv.version, float(acc) if acc is not None else None
+
+
+def promotion_decision(new_acc: float, champion_acc: float | None, margin: float) -> str:
+    """'champion' when there is none yet or the new accuracy beats it by more than the margin."""
+    if champion_acc is None or new_acc > champion_acc + margin:
+        return "champion"
+    return "challenger"
+
+
+def register(cfg: Config) -> dict[str, Any]:
+    metrics = read_json(cfg.paths.reports() / "metrics.json")
+    name = cfg.registry.model_name
+    new_acc = float(metrics["grpo"]["accuracy"])
+    with stage_run(cfg, "register") as run:
+        client = MlflowClient()
+        run_id = run.info.run_id
+        policy_md5 = file_md5(cfg.paths.grpo_policy() / "model.safetensors")
+        existing = [mv for mv in client.search_model_versions(f"name='{name}'")
+                    if mv.tags.get("policy_md5") == policy_md5]
+        if existing:
+            mv = existing[0]
+            log.info("this policy (md5 %s) is already registered as %s v%s", policy_md5, name, mv.version)
+            result = {"model_name": name, "version": mv.version, "alias": mv.tags.get("gate_decision"),
+                      "accuracy": new_acc, "model_uri": f"models:/{name}/{mv.version}", "already_registered": True}
+            write_json(cfg.paths.reports() / "registration.json", result)
+            return result
+        tok = load_tokenizer(cfg.paths.grpo_policy())
+        model = load_policy(cfg.paths.grpo_policy(), cfg.model.trust_remote_code)
+        info = mlflow.transformers.log_model(
+            transformers_model={"model": model, "tokenizer": tok},
+            name="policy",
+            task="text-generation",
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}"],
+            registered_model_name=name,
+        )
+        version = str(info.registered_model_version)
+        champ_version, champ_acc = _champion_accuracy(client, name)
+        decision = promotion_decision(new_acc, champ_acc, cfg.registry.promotion_margin)
+        tags = {
+            "eval_accuracy": f"{new_acc:.6f}",
+            "eval_start_accuracy": f"{metrics['start']['accuracy']:.6f}",
+            "eval_accuracy_gain": f"{metrics['accuracy_gain']:.6f}",
+            "gate_decision": decision,
+            "gate_champion_version": str(champ_version),
+            "gate_champion_accuracy": "none" if champ_acc is None else f"{champ_acc:.6f}",
+            "gate_margin": str(cfg.registry.promotion_margin),
+            "policy_md5": policy_md5,
+            **lineage_tags(cfg, run_id),
+        }
+        for k, v in tags.items():
+            client.set_model_version_tag(name, version, k, v)
+        client.set_registered_model_alias(name, decision, version)
+        mlflow.set_tags({"registered_model": name, "registered_version": version, "gate_decision": decision})
+        result = {"model_name": name, "version": version, "alias": decision, "accuracy": new_acc,
+                  "champion_version_before": champ_version, "champion_accuracy_before": champ_acc,
+                  "model_uri": f"models:/{name}/{version}", "mlflow_run_id": run_id}
+        write_json(cfg.paths.reports() / "registration.json", result)
+    log.info("registered %s v%s as %s (accuracy %.4f, champion before: %s)", name, version, decision, new_acc,
+             champ_acc)
+    return result

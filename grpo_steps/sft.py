@@ -1,0 +1,65 @@
+"""Stage `sft`: the cold start. A short supervised run (TRL SFTTrainer, loss on the completion only) so
+GRPO starts from a policy that is sometimes right; GRPO needs groups with mixed rewards to learn anything.
+Skipped when `model.pretrained` names a policy that already answers the task's format.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import torch
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
+
+from grpo_steps.config import Config
+from grpo_steps.io import atomic_path, read_jsonl
+from grpo_steps.modeling import build_policy, load_tokenizer, seed_everything
+from grpo_steps.tracking import stage_run
+
+log = logging.getLogger(__name__)
+
+
+def sft(cfg: Config) -> dict[str, float]:
+    seed_everything(cfg.seed)
+    tok = load_tokenizer(cfg.paths.tokenizer())
+    policy = build_policy(cfg.model, tok)
+    out = cfg.paths.sft_policy()
+    with stage_run(cfg, "sft"), atomic_path(out) as tmp:
+        if cfg.model.pretrained:
+            log.info("model.pretrained is set: skipping the cold start, saving %s as the starting policy",
+                     cfg.model.pretrained)
+            metrics = {"skipped": 1.0}
+        else:
+            rows = read_jsonl(cfg.paths.validated() / "train.jsonl")
+            sc = cfg.sft
+            args = SFTConfig(
+                output_dir=str(tmp / "_trainer"),
+                max_steps=sc.max_steps,
+                per_device_train_batch_size=sc.batch_size,
+                learning_rate=sc.learning_rate,
+                lr_scheduler_type="cosine",
+                warmup_steps=sc.warmup_ratio,
+                completion_only_loss=True,
+                max_length=cfg.validate_.max_prompt_tokens + cfg.validate_.max_answer_tokens + 2,
+                logging_steps=10,
+                save_strategy="no",
+                report_to=["mlflow"],
+                seed=cfg.seed,
+                use_cpu=not torch.cuda.is_available(),
+                dataloader_num_workers=0,
+            )
+            trainer = SFTTrainer(
+                model=policy,
+                args=args,
+                train_dataset=Dataset.from_list([{"prompt": r["prompt"], "completion": r["answer"]} for r in rows]),
+                processing_class=tok,
+            )
+            result = trainer.train()
+            policy = trainer.model
+            metrics = {"train_loss": float(result.training_loss)}
+            shutil.rmtree(tmp / "_trainer", ignore_errors=True)
+        policy.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+    log.info("starting policy saved to %s (%s)", out, metrics)
+    return metrics

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# A budget small enough for a full pipeline run in well under a minute on 2 cores.
+TINY = [
+    "task.n_train=400", "task.n_eval=40", "task.n_test=60", "task.n_preference_pairs=200",
+    "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.intermediate_size=64",
+    "reward_model.epochs=1", "reward_model.min_pairwise_accuracy=0.0",
+    "sft.max_steps=20", "grpo.steps=3", "grpo.prompts_per_step=4", "grpo.num_generations=4",
+    "evaluate.pass_k=2",
+]
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """An empty project directory with the repo's params.yaml; paths are relative to it."""
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GRPO_PARENT_RUN_ID", raising=False)
+    return tmp_path
+
+
+@pytest.fixture
+def tiny_cfg(workdir):
+    from grpo_steps.config import load_config
+
+    return load_config("params.yaml", TINY + [f"tracking.tracking_uri=sqlite:///{workdir}/mlflow.db"])
