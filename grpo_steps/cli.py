@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Without PREFECT_API_URL, `grpo run` starts Prefect's local server for the run; a busy 2-core machine
+    # needs longer than Prefect's default 20 s for its first start (database migrations).
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     try:
         cfg = load_config(args.params, args.overrides)
         if args.command == "run":

@@ -47,8 +47,10 @@ def tiny_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, num_labels
 
 def build_policy(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """A fresh causal LM from the config, or the configured pretrained one."""
-    if cfg.pretrained:
-        return load_policy(cfg.pretrained, trust_remote_code=cfg.trust_remote_code)
+    if cfg.pretrained:  # a local directory or a hub name: the one place a hub id is accepted
+        return AutoModelForCausalLM.from_pretrained(
+            cfg.pretrained, use_safetensors=True, trust_remote_code=cfg.trust_remote_code, dtype=torch.float32
+        )
     model = AutoModelForCausalLM.from_config(tiny_config(cfg, tokenizer))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -59,7 +61,9 @@ def build_reward_backbone(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) 
     return AutoModelForSequenceClassification.from_config(tiny_config(cfg, tokenizer, num_labels=1))
 
 
-def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False, allow_hub: bool = False) -> PreTrainedTokenizerBase:
+    if not allow_hub:
+        _require_dir(path, "tokenizer")
     tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -68,8 +72,9 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrai
 
 
 def _require_dir(path: str | Path, what: str) -> None:
+    """Stage outputs are local directories; say which one is missing instead of asking the hub for it."""
     p = Path(path)
-    if not p.exists() and not str(path).count("/") == 1:  # "org/name" may be a hub id
+    if not p.is_dir():
         raise FileNotFoundError(f"{what} not found at {p.resolve()} (run the stage that writes it first)")
 
 

@@ -22,7 +22,10 @@ log = logging.getLogger(__name__)
 
 def sft(cfg: Config) -> dict[str, float]:
     seed_everything(cfg.seed)
-    tok = load_tokenizer(cfg.paths.tokenizer())
+    if cfg.model.pretrained:
+        tok = load_tokenizer(cfg.model.pretrained, cfg.model.trust_remote_code, allow_hub=True)
+    else:
+        tok = load_tokenizer(cfg.paths.tokenizer())
     policy = build_policy(cfg.model, tok)
     out = cfg.paths.sft_policy()
     with stage_run(cfg, "sft"), atomic_path(out) as tmp:
