@@ -61,7 +61,9 @@ def build_reward_backbone(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) 
     return AutoModelForSequenceClassification.from_config(tiny_config(cfg, tokenizer, num_labels=1))
 
 
-def load_tokenizer(path: str | Path, trust_remote_code: bool = False, allow_hub: bool = False) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    path: str | Path, trust_remote_code: bool = False, allow_hub: bool = False
+) -> PreTrainedTokenizerBase:
     if not allow_hub:
         _require_dir(path, "tokenizer")
     tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)

@@ -37,7 +37,8 @@ def test_grpo_run_executes_every_stage_and_registers(workdir):
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("mlflow.runName") == "pipeline"]
     assert len(parents) == 1
-    children = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    parent_id = parents[0].info.run_id
+    children = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id}
     assert set(children) >= {"train_reward", "sft", "grpo", "evaluate", "register"}
     grpo_metrics = children["grpo"].data.metrics
     for key in ("reward", "reward_std", "kl", "loss", "completions/mean_length", "frac_reward_zero_std"):
