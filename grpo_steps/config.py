@@ -84,10 +84,71 @@ class ModelConfig(_Section):
         return self
 
 
+class DataConfig(_Section):
+    """Where prompts and preference pairs come from: the embedded synthetic task or your own files.
+
+    Files are JSONL, Parquet or CSV (format from the extension unless `format` says otherwise). GSM8K-style
+    files (`question`, `answer` ending in `#### <number>`) are read with `gsm8k: true` or `format: gsm8k`.
+    When only `train` is given, eval and test are split off it by seed; without preference files, pairs are
+    derived from the train and eval prompts (the right answer preferred over a near miss).
+    """
+
+    source: Literal["synthetic", "files"] = Field("synthetic", description="'files' reads the paths below")
+    train: str | None = Field(None, description="prompt file (prompt + answer columns); required for 'files'")
+    eval: str | None = Field(None, description="prompt file; unset: split off train by eval_fraction")
+    test: str | None = Field(None, description="prompt file; unset: split off train by test_fraction")
+    preferences_train: str | None = Field(None, description="(prompt, chosen, rejected) file; unset: derived")
+    preferences_eval: str | None = Field(None, description="unset: split off preferences_train, or derived")
+    format: Literal["auto", "jsonl", "parquet", "csv", "gsm8k"] = Field(
+        "auto", description="file format of every file; auto: from the extension (.jsonl/.parquet/.csv)"
+    )
+    gsm8k: bool = Field(False, description="prompt files are GSM8K-style: the answer is the number after ####")
+    prompt_column: str | None = Field(None, description="unset: 'prompt' ('question' for GSM8K)")
+    answer_column: str = "answer"
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
+    id_column: str | None = Field(None, description="a column of row ids to keep; unset: ids are generated")
+    eval_fraction: float = Field(0.05, ge=0, lt=1, description="share of train's distinct prompts split off")
+    test_fraction: float = Field(0.1, ge=0, lt=1, description="share of train's distinct prompts split off")
+    preferences_eval_fraction: float = Field(0.1, ge=0, lt=1, description="share of preference prompts split off")
+
+    @model_validator(mode="after")
+    def _paths_match_source(self) -> DataConfig:
+        paths = ("train", "eval", "test", "preferences_train", "preferences_eval")
+        if self.source == "synthetic":
+            given = [p for p in paths if getattr(self, p) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} set but source is 'synthetic' (set source: files to use them)")
+        elif self.train is None:
+            raise ValueError("source 'files' needs a train file")
+        if self.preferences_eval is not None and self.preferences_train is None:
+            raise ValueError("preferences_eval needs preferences_train")
+        if self.eval_fraction + self.test_fraction >= 1:
+            raise ValueError("eval_fraction + test_fraction must be below 1")
+        return self
+
+    @property
+    def is_gsm8k(self) -> bool:
+        return self.gsm8k or self.format == "gsm8k"
+
+
 class ValidateConfig(_Section):
-    on_failure: Literal["fail", "quarantine"] = "fail"
+    """Data contracts checked by the validate stage, and what happens to rows that break them."""
+
+    on_failure: Literal["fail", "quarantine"] = Field(
+        "fail", description="fail: stop, data/validated untouched; quarantine: set bad rows aside with reasons"
+    )
     max_prompt_tokens: int = Field(32, ge=1)
     max_answer_tokens: int = Field(8, ge=1)
+    max_completion_tokens: int | None = Field(
+        None, ge=1, description="bound on preference chosen/rejected; unset: max_answer_tokens"
+    )
+    unique_preference_pairs: bool = Field(
+        False, description="flag exact duplicate (prompt, chosen, rejected) rows within a preference file"
+    )
+
+    def completion_tokens(self) -> int:
+        return self.max_completion_tokens or self.max_answer_tokens
 
 
 class RewardModelConfig(_Section):
@@ -165,6 +226,7 @@ class Config(_Section):
     seed: int = 0
     paths: PathsConfig = Field(default_factory=PathsConfig)
     task: TaskConfig = Field(default_factory=TaskConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
     reward_model: RewardModelConfig = Field(default_factory=RewardModelConfig)

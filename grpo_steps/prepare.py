@@ -1,8 +1,15 @@
-"""Stage `prepare`: the task's train/eval/test prompts, the reward model's preference pairs, the tokenizer."""
+"""Stage `prepare`: the train/eval/test prompts, the reward model's preference pairs, the tokenizer.
+
+The rows come from the embedded synthetic task (`data.source: synthetic`, the default) or from your own files
+(`data.source: files`, read by grpo_steps.ingest). Either way the stage writes the same five files under
+data/prepared (train/eval/test.jsonl: id, prompt, answer, split; preferences_train/eval.jsonl: id, prompt,
+chosen, rejected), replacing the folder as a whole so a crash never leaves a mix of old and new files.
+"""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from grpo_steps.config import Config
 from grpo_steps.io import atomic_path, write_jsonl
@@ -12,20 +19,19 @@ from grpo_steps.tokenizer import save_tokenizer
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "eval", "test")
+PREFERENCE_FILES = ("preferences_train", "preferences_eval")
 
 
-def prepare(cfg: Config) -> dict[str, int]:
+def synthetic_rows(cfg: Config) -> dict[str, list[dict[str, Any]]]:
+    """The embedded arithmetic task's rows for the five prepared files."""
     t = cfg.task
     splits = make_splits(
         cfg.seed, {"train": t.n_train, "eval": t.n_eval, "test": t.n_test}, t.max_operand, list(t.operations)
     )
-    out = cfg.paths.prepared()
-    counts = {}
+    out: dict[str, list[dict[str, Any]]] = {}
     for name in SPLITS:
-        rows = [{"id": f"{name}-{i:06d}", "prompt": p.prompt, "answer": p.answer, "split": name}
-                for i, p in enumerate(splits[name])]
-        write_jsonl(out / f"{name}.jsonl", rows)
-        counts[name] = len(rows)
+        out[name] = [{"id": f"{name}-{i:06d}", "prompt": p.prompt, "answer": p.answer, "split": name}
+                     for i, p in enumerate(splits[name])]
     # Preference pairs come from train and eval prompts only: the test split stays unseen by every model.
     n_eval_pairs = max(1, t.n_preference_pairs // 10)
     pairs = {
@@ -33,10 +39,24 @@ def prepare(cfg: Config) -> dict[str, int]:
         "preferences_eval": make_preference_pairs(cfg.seed + 7, splits["eval"], n_eval_pairs),
     }
     for name, rows in pairs.items():
-        rows = [{"id": f"{name}-{i:06d}", **r} for i, r in enumerate(rows)]
-        write_jsonl(out / f"{name}.jsonl", rows)
-        counts[name] = len(rows)
+        out[name] = [{"id": f"{name}-{i:06d}", **r} for i, r in enumerate(rows)]
+    return out
+
+
+def prepare(cfg: Config) -> dict[str, int]:
+    if cfg.data.source == "files":
+        from grpo_steps.ingest import ingest
+
+        files = ingest(cfg)
+    else:
+        files = synthetic_rows(cfg)
+    out = cfg.paths.prepared()
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        for name, rows in files.items():
+            write_jsonl(tmp / f"{name}.jsonl", rows)
+    counts = {name: len(rows) for name, rows in files.items()}
     with atomic_path(cfg.paths.tokenizer()) as tmp:
         save_tokenizer(tmp)
-    log.info("prepared %s in %s; tokenizer in %s", counts, out, cfg.paths.tokenizer())
+    log.info("prepared %s (%s) in %s; tokenizer in %s", counts, cfg.data.source, out, cfg.paths.tokenizer())
     return counts

@@ -1,118 +1,437 @@
 """Stage `validate`: every prepared file checked against its pandera schema, lazily, all failures listed.
 
-On failure (policy `fail`) nothing under data/validated is touched and the stage exits non-zero with a
-table of every failing (file, column, check, row, value). Policy `quarantine` writes the failing rows with
-their reasons to reports/quarantine/ and passes the rest on; nothing is dropped silently.
+Each failure is one row of a table (file, column, check, row, value), printed, saved as reports/validation.json
+and reports/validation.md, logged to the stage's MLflow run and, inside a Prefect run, published as a Prefect
+artifact. `row` is the 0-based position of the record in its file (line row + 1); it is empty for a failure of
+the whole file (a missing or unexpected column, no rows), which applies to every row of that file.
+
+Policy `validate.on_failure`:
+  fail (default)  the stage raises DataValidationError (exit code 2) and data/validated is not touched.
+  quarantine      failing rows go to reports/quarantine/<file>.jsonl with their reasons; the rest to
+                  data/validated. Every input row ends up in exactly one of the two: nothing is dropped.
+data/validated is written as a whole (a temporary folder swapped in), so it never mixes old and new files.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import sys
+from collections import Counter, defaultdict
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pandera.pandas as pa
 
-from grpo_steps.config import Config
-from grpo_steps.io import read_jsonl, write_json, write_jsonl
-from grpo_steps.modeling import load_tokenizer
-from grpo_steps.prepare import SPLITS
-from grpo_steps.schemas import PreferenceSchema, prompt_schema
+from grpo_steps.config import Config, ValidateConfig
+from grpo_steps.io import atomic_path, read_jsonl, write_json, write_jsonl
+from grpo_steps.prepare import PREFERENCE_FILES, SPLITS
+from grpo_steps.schemas import (
+    CHECK_DESCRIPTIONS,
+    PREFERENCE_COLUMNS,
+    PROMPT_COLUMNS,
+    Opaque,
+    TokenCounter,
+    preference_schema,
+    prompt_schema,
+    to_frame,
+    unexpected_keys,
+)
 
 log = logging.getLogger(__name__)
 
-PREFERENCE_FILES = ("preferences_train", "preferences_eval")
+FILES = (*SPLITS, *PREFERENCE_FILES)
+FAILURE_COLUMNS = ["file", "column", "check", "row", "value"]
+# pandera's names for whole-column failures, renamed for the report.
+_RENAMED = {"column_in_dataframe": "missing_column", "column_in_schema": "unexpected_column"}
+# Checks over several columns of a row: the column named in the report.
+_ROW_CHECK_COLUMN = {
+    "exact_duplicate_row": "prompt",
+    "duplicate_prompt": "prompt",
+    "chosen_differs_from_rejected": "chosen",
+}
+# (file whose rows are flagged, file they must not share a prompt with, check name)
+_LEAKAGE_RULES = (
+    ("eval", "train", "prompt_not_in_train"),
+    ("test", "train", "prompt_not_in_train"),
+    ("preferences_train", "test", "prompt_not_in_test"),
+    ("preferences_eval", "test", "prompt_not_in_test"),
+    ("preferences_eval", "preferences_train", "prompt_not_in_preferences_train"),
+)
+_SHOWN_IN_ERROR = 50
+_SHOWN_IN_MARKDOWN = 1000
 
 
 class DataValidationError(ValueError):
     """Prepared data broke its contract; `failures` holds one row per failing check."""
 
-    def __init__(self, message: str, failures: pd.DataFrame):
+    def __init__(self, message: str, failures: pd.DataFrame, report: dict[str, Any] | None = None):
         super().__init__(message)
         self.failures = failures
+        self.report = report or {}
 
 
-def _failure_table(err: pa.errors.SchemaErrors, file: str) -> pd.DataFrame:
-    fc = err.failure_cases.copy()
-    fc.insert(0, "file", file)
-    return fc[["file", "column", "check", "index", "failure_case"]].rename(
-        columns={"index": "row", "failure_case": "value"}
-    )
+def file_name(name: str) -> str:
+    return f"{name}.jsonl"
 
 
-def _check(df: pd.DataFrame, schema, file: str) -> pd.DataFrame:
+# --------------------------------------------------------------------------------------------- the checks
+
+
+def _row_label(index: Any) -> int | None:
+    if index is None or (isinstance(index, float) and math.isnan(index)):
+        return None
     try:
-        schema.validate(df, lazy=True)
-        return pd.DataFrame(columns=["file", "column", "check", "row", "value"])
-    except pa.errors.SchemaErrors as e:
-        return _failure_table(e, file)
+        return int(index)
+    except (TypeError, ValueError):
+        return None
 
 
-def _leakage(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """A prompt in train and also in eval or test inflates held-out accuracy: flag the held-out copy."""
-    train_prompts = set(frames["train"]["prompt"])
-    rows = []
-    for split in ("eval", "test"):
-        df = frames[split]
-        for idx in df.index[df["prompt"].isin(train_prompts)]:
-            rows.append({"file": f"{split}.jsonl", "column": "prompt", "check": "not in train split",
-                         "row": idx, "value": df.at[idx, "prompt"]})
-    return pd.DataFrame(rows, columns=["file", "column", "check", "row", "value"])
+def schema_failures(frame: pd.DataFrame, schema: pa.DataFrameSchema, file: str) -> list[dict[str, Any]]:
+    """Every failure of `frame` against `schema` (lazy validation), one record per (column, check, row)."""
+    try:
+        schema.validate(frame, lazy=True)
+        return []
+    except pa.errors.SchemaErrors as err:
+        cases = err.failure_cases
+    out, seen = [], set()
+    for fc in cases.to_dict(orient="records"):
+        check = str(fc.get("check"))
+        check = _RENAMED.get(check, check)
+        row = _row_label(fc.get("index"))
+        value = fc.get("failure_case")
+        column = fc.get("column")
+        if check in ("missing_column", "unexpected_column"):
+            column, value, row = value, None, None
+        elif fc.get("schema_context") == "DataFrameSchema":
+            # A check over whole rows: pandera lists a failing row once per column; report it once.
+            if (check, row) in seen:
+                continue
+            seen.add((check, row))
+            column = _ROW_CHECK_COLUMN.get(check, "*")
+            if row is not None and column in frame.columns:
+                value = frame.at[row, column]
+        out.append({"file": file, "column": None if column is None else str(column), "check": check,
+                    "row": row, "value": value})
+    return out
+
+
+def leakage_failures(frames: Mapping[str, pd.DataFrame]) -> list[dict[str, Any]]:
+    """A prompt shared with train (or, for preference pairs, with test) inflates held-out scores."""
+
+    def prompts(name: str) -> set[str]:
+        df = frames.get(name)
+        if df is None or "prompt" not in df:
+            return set()
+        return {p for p in df["prompt"] if isinstance(p, str) and p.strip()}
+
+    out = []
+    for flagged, other, check in _LEAKAGE_RULES:
+        df, seen = frames.get(flagged), prompts(other)
+        if df is None or "prompt" not in df or not seen:
+            continue
+        for row, p in enumerate(df["prompt"]):
+            if isinstance(p, str) and p in seen:
+                out.append({"file": file_name(flagged), "column": "prompt", "check": check, "row": row, "value": p})
+    return out
+
+
+def check_rows(
+    rows: Mapping[str, list[dict[str, Any]]], vcfg: ValidateConfig, count_tokens: TokenCounter
+) -> pd.DataFrame:
+    """The failure table of the five prepared files (rows as read), sorted by file and row; empty when clean.
+
+    Never raises for bad content: whatever the rows hold is a row of the table.
+    """
+    frames: dict[str, pd.DataFrame] = {}
+    records: list[dict[str, Any]] = []
+    for name in FILES:
+        file_rows = list(rows.get(name) or [])
+        is_prompt = name in SPLITS
+        columns = PROMPT_COLUMNS if is_prompt else PREFERENCE_COLUMNS
+        frame = to_frame(file_rows, columns)
+        frames[name] = frame
+        records.extend({"file": file_name(name), "column": key, "check": "unexpected_column", "row": row,
+                        "value": value} for row, key, value in unexpected_keys(file_rows, columns))
+        if not file_rows:
+            records.append({"file": file_name(name), "column": None, "check": "at_least_one_row", "row": None,
+                            "value": None})
+        if is_prompt:
+            schema = prompt_schema(name, vcfg.max_prompt_tokens, vcfg.max_answer_tokens, count_tokens)
+        else:
+            schema = preference_schema(vcfg.max_prompt_tokens, vcfg.completion_tokens(), count_tokens,
+                                       vcfg.unique_preference_pairs)
+        records.extend(schema_failures(frame, schema, file_name(name)))
+    records.extend(leakage_failures(frames))
+    order = {file_name(n): i for i, n in enumerate(FILES)}
+    records.sort(key=lambda r: (order.get(r["file"], len(order)), -1 if r["row"] is None else r["row"],
+                                str(r["column"]), r["check"]))
+    return pd.DataFrame(records, columns=FAILURE_COLUMNS, dtype=object)
+
+
+def partition(
+    rows: Mapping[str, list[dict[str, Any]]], table: pd.DataFrame
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]]]:
+    """Split each file's rows into (passing rows, quarantine records with their reasons).
+
+    A failure without a row (a missing column, no rows) applies to every row of its file. For each file,
+    len(rows) == len(passing) + len(quarantined) always holds.
+    """
+    file_level: dict[str, list[str]] = defaultdict(list)
+    by_row: dict[tuple[str, int], list[str]] = defaultdict(list)
+    for rec in table.to_dict(orient="records"):
+        reason = f"{rec['check']} ({rec['column']})" if rec["column"] else str(rec["check"])
+        row = _row_label(rec["row"])
+        if row is None:
+            file_level[rec["file"]].append(reason)
+        else:
+            by_row[(rec["file"], row)].append(reason)
+    passing: dict[str, list[dict[str, Any]]] = {}
+    quarantined: dict[str, list[dict[str, Any]]] = {}
+    for name in FILES:
+        file = file_name(name)
+        passing[name], quarantined[name] = [], []
+        for i, row in enumerate(rows.get(name) or []):
+            reasons = file_level[file] + by_row.get((file, i), [])
+            if reasons:
+                quarantined[name].append({"file": file, "row": i, "reasons": reasons, "record": row})
+            else:
+                passing[name].append(row)
+        if len(passing[name]) + len(quarantined[name]) != len(rows.get(name) or []):
+            raise RuntimeError(f"{file}: rows lost while partitioning")  # never a silent drop
+    return passing, quarantined
+
+
+# ------------------------------------------------------------------------------------------------ reports
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-safe form of an offending value."""
+    if isinstance(value, Opaque):
+        return value.value
+    if value is None or isinstance(value, (str, bool, int, list, dict)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if hasattr(value, "item"):  # numpy scalars
+        try:
+            return _plain(value.item())
+        except (TypeError, ValueError):
+            pass
+    return str(value)
+
+
+def _show(value: Any, width: int = 60) -> str:
+    """A one-line rendering: strings quoted (so '' and ' ' are visible), others as JSON."""
+    if isinstance(value, str):
+        text = repr(value)
+    else:
+        text = json.dumps(_plain(value), ensure_ascii=False, default=str)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def render_text(table: pd.DataFrame, max_rows: int = _SHOWN_IN_ERROR) -> str:
+    """The failure table as fixed-width text."""
+    shown = table.head(max_rows).copy()
+    shown["column"] = shown["column"].map(lambda c: c if c else "-")
+    shown["row"] = shown["row"].map(lambda r: "-" if _row_label(r) is None else str(_row_label(r)))
+    shown["value"] = shown["value"].map(_show)
+    text = shown.to_string(index=False)
+    if len(table) > max_rows:
+        text += f"\n... and {len(table) - max_rows} more"
+    return text
+
+
+def _md_cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(report: dict[str, Any], table: pd.DataFrame, max_rows: int = _SHOWN_IN_MARKDOWN) -> str:
+    status = report["status"].upper()
+    lines = [f"# Data validation: {status} (policy: {report['policy']})", "",
+             f"{report['failures']} failure(s) in {report['source']}. {report['outcome']}", "",
+             "| file | rows | failing rows | quarantined | validated |", "|---|---:|---:|---:|---:|"]
+    for name in FILES:
+        lines.append(f"| {file_name(name)} | {report['rows'][name]} | {report['failing_rows'][name]} | "
+                     f"{report['quarantined'][name]} | {report['validated'].get(name, '-')} |")
+    if len(table):
+        lines += ["", "## Failures", "",
+                  "`row` is the 0-based record in the file (its line is row + 1); `-` means the whole file.", "",
+                  "| file | column | check | row | value |", "|---|---|---|---:|---|"]
+        for rec in table.head(max_rows).to_dict(orient="records"):
+            row = _row_label(rec["row"])
+            lines.append(f"| {rec['file']} | {_md_cell(rec['column'] or '-')} | {rec['check']} | "
+                         f"{'-' if row is None else row} | {_md_cell(_show(rec['value'], 80))} |")
+        if len(table) > max_rows:
+            lines.append(f"\n... and {len(table) - max_rows} more in validation.json")
+        lines += ["", "## Checks that failed", "", "| check | failures | meaning |", "|---|---:|---|"]
+        for check, n in sorted(report["failures_by_check"].items()):
+            lines.append(f"| {check} | {n} | {_md_cell(CHECK_DESCRIPTIONS.get(check, ''))} |")
+    if report.get("md5"):
+        lines += ["", "## Validated files (md5)", "", "| file | md5 |", "|---|---|"]
+        lines += [f"| {f} | `{h}` |" for f, h in sorted(report["md5"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def validated_hashes(cfg: Config) -> dict[str, str]:
+    """md5 (the hash DVC records) of each file in data/validated, by file name."""
+    from grpo_steps.lineage import data_hashes
+
+    return data_hashes(cfg)
+
+
+def _log_to_mlflow(paths: list[Path], report: dict[str, Any], quarantine_dir: Path) -> bool:
+    """Report, counts and data hashes on the active MLflow run; False when none is active."""
+    import mlflow
+
+    if mlflow.active_run() is None:
+        return False
+    for p in paths:
+        mlflow.log_artifact(str(p), artifact_path="validation")
+    metrics = {"validation_failures": report["failures"], "quarantined_rows": sum(report["quarantined"].values())}
+    metrics.update({f"rows.{name}": n for name, n in report["rows"].items()})
+    mlflow.log_metrics(metrics)
+    mlflow.set_tag("validation_status", report["status"])
+    if report.get("md5"):
+        mlflow.log_params({f"data_md5.{f}": h for f, h in report["md5"].items()})
+    if sum(report["quarantined"].values()) and quarantine_dir.is_dir():
+        mlflow.log_artifacts(str(quarantine_dir), artifact_path="validation/quarantine")
+    return True
+
+
+def in_prefect_run() -> bool:
+    """True inside a Prefect flow or task run. Prefect is never imported here: a run has imported it."""
+    if "prefect" not in sys.modules:
+        return False
+    from prefect.context import get_run_context
+    from prefect.exceptions import MissingContextError
+
+    try:
+        get_run_context()
+    except MissingContextError:
+        return False
+    return True
+
+
+def _publish_to_prefect(markdown: str, table: pd.DataFrame) -> bool:
+    """The report as Prefect artifacts (markdown, plus a table of failures); a no-op outside a Prefect run."""
+    if not in_prefect_run():
+        return False
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    try:
+        create_markdown_artifact(markdown=markdown, key="data-validation", description="grpo validate report")
+        if len(table):
+            rows = [{k: (_show(v, 200) if k == "value" else ("" if v is None else str(v))) for k, v in r.items()}
+                    for r in table.head(_SHOWN_IN_MARKDOWN).to_dict(orient="records")]
+            create_table_artifact(table=rows, key="data-validation-failures",
+                                  description=f"{len(table)} data validation failure(s)")
+    except Exception as e:  # noqa: BLE001 - an artifact must never fail the stage
+        log.warning("could not publish the validation report to Prefect: %s", e)
+        return False
+    return True
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+
+
+def _token_counter(cfg: Config) -> TokenCounter:
+    """Token counts without special tokens, by the pipeline's tokenizer (the fast `tokenizers` file when
+    there is one: no torch import for a data check)."""
+    path = cfg.paths.tokenizer()
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer not found at {path.resolve()} (run `grpo prepare` first)")
+    if (path / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        core = Tokenizer.from_file(str(path / "tokenizer.json"))
+
+        def count(texts: list[str]) -> list[int]:
+            return [len(e.ids) for e in core.encode_batch(texts, add_special_tokens=False)] if texts else []
+
+        return count
+    from grpo_steps.modeling import load_tokenizer
+
+    tok = load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code)
+
+    def count_slow(texts: list[str]) -> list[int]:
+        return [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]] if texts else []
+
+    return count_slow
+
+
+def _write_folder(path: Path, files: Mapping[str, list[dict[str, Any]]]) -> None:
+    """Replace the folder `path` as a whole with one JSONL file per entry."""
+    with atomic_path(path) as tmp:
+        tmp.mkdir()
+        for name, rows in files.items():
+            write_jsonl(tmp / file_name(name), rows)
 
 
 def validate(cfg: Config) -> dict[str, int]:
+    from grpo_steps.tracking import stage_run
+
+    with stage_run(cfg, "validate"):
+        return _validate(cfg)
+
+
+def _validate(cfg: Config) -> dict[str, int]:
     src, dst = cfg.paths.prepared(), cfg.paths.validated()
-    tok = load_tokenizer(cfg.paths.tokenizer())
-    schema = prompt_schema(cfg.validate_.max_prompt_tokens)
-    frames: dict[str, pd.DataFrame] = {}
-    failures = []
-    for name in SPLITS:
-        df = pd.DataFrame(read_jsonl(src / f"{name}.jsonl"))
-        if "prompt" in df:
-            df["prompt_tokens"] = [len(tok(str(p), add_special_tokens=False)["input_ids"]) for p in df["prompt"]]
-        frames[name] = df
-        failures.append(_check(df, schema, f"{name}.jsonl"))
-    for name in PREFERENCE_FILES:
-        df = pd.DataFrame(read_jsonl(src / f"{name}.jsonl"))
-        frames[name] = df
-        failures.append(_check(df, PreferenceSchema, f"{name}.jsonl"))
-    if all("prompt" in frames[s] for s in SPLITS):
-        failures.append(_leakage(frames))
-    table = pd.concat([f for f in failures if len(f)], ignore_index=True) if any(len(f) for f in failures) else None
+    reports = cfg.paths.reports()
+    quarantine_dir = reports / "quarantine"
+    policy = cfg.validate_.on_failure
+    rows = {name: read_jsonl(src / file_name(name)) for name in FILES}
+    table = check_rows(rows, cfg.validate_, _token_counter(cfg))
+    passing, failing = partition(rows, table)
+    # Quarantine sets bad rows aside, but a file it would leave empty cannot feed the next stage: stop instead.
+    emptied = [file_name(n) for n in FILES if not passing[n]] if len(table) else []
+    failed = bool(len(table)) and (policy == "fail" or bool(emptied))
 
-    report_path = cfg.paths.reports() / "validation.json"
-    counts = {name: len(df) for name, df in frames.items()}
-    report = {"rows": counts, "failures": 0 if table is None else len(table), "policy": cfg.validate_.on_failure}
-    if table is not None:
-        report["failure_cases"] = table.astype(str).to_dict(orient="records")
-    write_json(report_path, report)
+    report: dict[str, Any] = {
+        "status": "failed" if failed else ("quarantined" if len(table) else "passed"),
+        "policy": policy,
+        "source": str(src),
+        "failures": len(table),
+        "failures_by_check": dict(Counter(table["check"])),
+        "rows": {name: len(rows[name]) for name in FILES},
+        "failing_rows": {name: len(failing[name]) for name in FILES},
+        "quarantined": {name: 0 if failed else len(failing[name]) for name in FILES},
+        "validated": {},
+        "md5": {},
+        "failure_cases": [{k: (_plain(v) if k == "value" else v) for k, v in r.items()}
+                          for r in table.to_dict(orient="records")],
+    }
+    if failed:
+        why = f" (quarantine would leave {', '.join(emptied)} empty)" if policy == "quarantine" else ""
+        report["outcome"] = f"Stopped{why}: {dst} left untouched."
+    else:
+        _write_folder(dst, passing)
+        _write_folder(quarantine_dir, {n: q for n, q in failing.items() if q})
+        report["validated"] = {name: len(passing[name]) for name in FILES}
+        report["md5"] = validated_hashes(cfg)
+        n_q = sum(report["quarantined"].values())
+        report["outcome"] = f"Wrote {dst}" + (f"; {n_q} row(s) quarantined in {quarantine_dir}." if n_q else ".")
 
-    if table is not None and cfg.validate_.on_failure == "fail":
+    json_path, md_path = reports / "validation.json", reports / "validation.md"
+    markdown = render_markdown(report, table)
+    write_json(json_path, report)
+    with atomic_path(md_path) as tmp:
+        tmp.write_text(markdown, encoding="utf-8")
+    _log_to_mlflow([json_path, md_path], report, quarantine_dir)
+    _publish_to_prefect(markdown, table)
+
+    if failed:
         raise DataValidationError(
-            f"data validation failed: {len(table)} failure(s) in {src} (report: {report_path})\n"
-            + table.to_string(index=False, max_rows=50),
+            f"data validation failed: {len(table)} failure(s) in {src}. {report['outcome']} "
+            f"(report: {md_path})\n{render_text(table)}",
             table,
+            report,
         )
-    quarantined = 0
-    if table is not None:
-        quarantined = _quarantine(frames, table, cfg.paths.reports() / "quarantine")
-    for name, df in frames.items():
-        bad = set() if table is None else set(table.loc[table["file"] == f"{name}.jsonl", "row"].dropna())
-        keep = df.drop(index=[i for i in df.index if i in bad]).drop(columns=["prompt_tokens"], errors="ignore")
-        write_jsonl(dst / f"{name}.jsonl", keep.to_dict(orient="records"))
-    log.info("validated %s (%d quarantined) into %s", counts, quarantined, dst)
-    return {**counts, "quarantined": quarantined}
-
-
-def _quarantine(frames: dict[str, pd.DataFrame], table: pd.DataFrame, out: Path) -> int:
-    n = 0
-    for name, df in frames.items():
-        hits = table[table["file"] == f"{name}.jsonl"].dropna(subset=["row"])
-        if hits.empty:
-            continue
-        reasons = hits.groupby("row")["check"].apply(lambda s: "; ".join(sorted(set(map(str, s)))))
-        rows = [{**df.loc[i].drop(labels=["prompt_tokens"], errors="ignore").to_dict(), "reasons": r}
-                for i, r in reasons.items() if i in df.index]
-        write_jsonl(out / f"{name}.jsonl", rows)
-        n += len(rows)
-    return n
+    if len(table):
+        log.warning("data validation: %d failure(s), %d row(s) quarantined in %s (report: %s)\n%s",
+                    len(table), sum(report["quarantined"].values()), quarantine_dir, md_path, render_text(table))
+    log.info("validated %s into %s", report["validated"], dst)
+    return {**report["validated"], "quarantined": sum(report["quarantined"].values())}
