@@ -1,0 +1,7 @@
+#!/bin/sh
+# Runs once, when the postgres volume is first initialised: POSTGRES_DB (MLflow's database) is created by
+# the image itself; this adds Prefect's database on the same server.
+set -eu
+psql -v ON_ERROR_STOP=1 --username "$POSTGRES_USER" --dbname "$POSTGRES_DB" <<EOSQL
+CREATE DATABASE "${PREFECT_DB:-prefect}";
+EOSQL
