@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -79,3 +82,61 @@ def read_json(path: str | Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise DataFileError(f"{path}: not valid JSON: {e}") from None
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_tree(path: str | Path) -> None:
+    """Flush every file under `path` (and the directories) to disk, so a rename after it publishes
+    complete data even across a power loss, not only a killed process."""
+    path = Path(path)
+    files = [path] if path.is_file() else [*path.rglob("*"), path]
+    for p in files:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        except OSError as e:  # some filesystems cannot fsync a directory
+            if e.errno not in (errno.EINVAL, errno.EBADF):
+                raise
+        finally:
+            os.close(fd)
+
+
+class OutputLockedError(RuntimeError):
+    """Another process holds the lock on the outputs this one would write."""
+
+
+@contextmanager
+def exclusive_lock(path: str | Path, what: str) -> Iterator[Path]:
+    """Hold an exclusive `flock` on `path` (created if needed) or fail fast naming the holder's pid.
+
+    The kernel releases the lock when the holder exits, however it exits (SIGKILL included), so a stale lock
+    file never blocks a later run. The file itself is kept: unlinking it would let two processes lock two
+    different files of the same name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode("utf-8", "replace").strip() or "unknown"
+            raise OutputLockedError(
+                f"{what} is in use by another run (pid {holder} holds {path.resolve()}); "
+                "wait for it to finish, or stop it, then run again"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield path
+        finally:
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the lock

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 
@@ -18,6 +19,11 @@ from transformers import (
 )
 
 from grpo_steps.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+# Formats that unpickle on load (and so can run arbitrary code): refused, whatever their name.
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
 
 
 def seed_everything(seed: int) -> None:
@@ -48,6 +54,9 @@ def tiny_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, num_labels
 def build_policy(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """A fresh causal LM from the config, or the configured pretrained one."""
     if cfg.pretrained:  # a local directory or a hub name: the one place a hub id is accepted
+        if Path(cfg.pretrained).is_dir():
+            require_safetensors(cfg.pretrained, "pretrained policy (model.pretrained)")
+        _warn_remote_code(cfg.trust_remote_code, cfg.pretrained)
         return AutoModelForCausalLM.from_pretrained(
             cfg.pretrained, use_safetensors=True, trust_remote_code=cfg.trust_remote_code, dtype=torch.float32
         )
@@ -80,9 +89,31 @@ def _require_dir(path: str | Path, what: str) -> None:
         raise FileNotFoundError(f"{what} not found at {p.resolve()} (run the stage that writes it first)")
 
 
+def require_safetensors(path: str | Path, what: str) -> None:
+    """Refuse a model directory without safetensors weights, naming any pickled weights found instead."""
+    p = Path(path)
+    if any(p.glob("*.safetensors")):
+        return
+    pickled = sorted(f.name for pattern in PICKLED_WEIGHTS for f in p.glob(pattern))
+    if pickled:
+        raise FileNotFoundError(
+            f"{what} at {p.resolve()} has no safetensors weights, only pickled ones ({', '.join(pickled)}): "
+            "refusing to load them, since unpickling can run arbitrary code. Convert the weights to safetensors "
+            "(save_pretrained(..., safe_serialization=True)) where you trust them"
+        )
+    raise FileNotFoundError(f"{what} at {p.resolve()} has no weights (*.safetensors)")
+
+
+def _warn_remote_code(trust_remote_code: bool, path: str | Path) -> None:
+    if trust_remote_code:
+        log.warning("model.trust_remote_code is true: Python code shipped with %s may run", path)
+
+
 def load_policy(path: str | Path, trust_remote_code: bool = False) -> PreTrainedModel:
     """Load weights from safetensors only: pickled checkpoints can execute code on load."""
     _require_dir(path, "policy checkpoint")
+    require_safetensors(path, "policy checkpoint")
+    _warn_remote_code(trust_remote_code, path)
     try:
         return AutoModelForCausalLM.from_pretrained(
             str(path), use_safetensors=True, trust_remote_code=trust_remote_code, dtype=torch.float32
@@ -93,6 +124,8 @@ def load_policy(path: str | Path, trust_remote_code: bool = False) -> PreTrained
 
 def load_reward_model(path: str | Path, trust_remote_code: bool = False) -> PreTrainedModel:
     _require_dir(path, "reward model checkpoint")
+    require_safetensors(path, "reward model checkpoint")
+    _warn_remote_code(trust_remote_code, path)
     try:
         return AutoModelForSequenceClassification.from_pretrained(
             str(path), use_safetensors=True, trust_remote_code=trust_remote_code, dtype=torch.float32

@@ -2,23 +2,40 @@
 
 Writes the final policy (safetensors + tokenizer) and the per-step metrics (reports/grpo_steps.csv, the
 curve `dvc plots` and the evaluation plot read); every step's metrics also go to MLflow.
+
+Reliability:
+- Everything checkable is checked before any model is loaded (`preflight`): the reward functions import, and
+  the input paths exist (each missing one named).
+- Every `grpo.checkpoint_every` steps, and at the end, a verified checkpoint is written (grpo_steps/checkpoint.py);
+  a rerun with the same params and inputs resumes from the newest good one automatically (a Prefect retry
+  included), and on CPU ends with the same weights as an uninterrupted run.
+- `<models_dir>/.grpo.lock` keeps two runs from writing the same outputs: the second fails fast, naming the
+  holder's pid.
+- Nothing non-finite is saved: a NonFiniteLossError stops the run before any output is written, and the
+  previous models/grpo stays as it was.
+- Under `accelerate launch` only the main process writes files and logs to MLflow; metrics are global.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import mlflow
+import torch
+from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from grpo_steps.config import Config
+from grpo_steps.checkpoint import CheckpointStore, checkpoints_root, restore, set_rng_state, training_key
+from grpo_steps.config import Config, ConfigError
 from grpo_steps.grpo.reward_model import RewardModelFunction
-from grpo_steps.grpo.rewards import BUILTIN, RewardFunction, import_reward_function
-from grpo_steps.grpo.trainer import GRPOTrainer, PromptSampler
-from grpo_steps.io import atomic_path, read_jsonl
+from grpo_steps.grpo.rewards import BUILTIN, RewardFunction, function_name, import_reward_function
+from grpo_steps.grpo.trainer import GRPOTrainer, NonFiniteLossError, PromptSampler
+from grpo_steps.io import OutputLockedError, atomic_path, exclusive_lock, read_jsonl
 from grpo_steps.modeling import load_policy, load_reward_model, load_tokenizer, seed_everything
 from grpo_steps.tracking import stage_run
 
@@ -26,6 +43,7 @@ log = logging.getLogger(__name__)
 
 CURVE_KEYS = ("step", "reward", "reward_std", "kl", "loss", "entropy", "completions/mean_length",
               "frac_reward_zero_std", "clip_ratio/region_mean", "step_time")
+LOCK_NAME = ".grpo.lock"
 
 
 def build_reward_functions(cfg: Config, tokenizer) -> tuple[list[RewardFunction], list[float]]:
@@ -43,6 +61,34 @@ def build_reward_functions(cfg: Config, tokenizer) -> tuple[list[RewardFunction]
     return funcs, weights
 
 
+def preflight(cfg: Config) -> None:
+    """Checks that need no model: reward functions import (ConfigError naming `grpo.reward_functions[i].name`),
+    and every input exists (FileNotFoundError naming each missing path). Runs before any work starts."""
+    seen: dict[str, int] = {}
+    for i, rf in enumerate(cfg.grpo.reward_functions):
+        if rf.name == "reward_model":
+            name = "reward_model"
+        elif rf.name in BUILTIN:
+            name = rf.name
+        else:
+            try:
+                name = function_name(import_reward_function(rf.name))
+            except ValueError as e:
+                raise ConfigError(f"grpo.reward_functions[{i}].name: {e}") from None
+        if name in seen:  # metrics are logged per function name: two functions must not share one
+            raise ConfigError(f"grpo.reward_functions[{i}].name {rf.name!r}: its function is named {name!r}, like "
+                              f"grpo.reward_functions[{seen[name]}]'s; metrics would mix (rename one)")
+        seen[name] = i
+    needed = [(cfg.paths.sft_policy(), "starting policy (stage sft)"),
+              (cfg.paths.validated() / "train.jsonl", "validated training prompts (stage validate)")]
+    if "reward_model" in seen:
+        needed.append((cfg.paths.reward_model(), "reward model (stage train_reward; grpo.reward_functions "
+                                                 "lists reward_model)"))
+    missing = [f"{what} not found at {Path(p).resolve()}" for p, what in needed if not Path(p).exists()]
+    if missing:
+        raise FileNotFoundError("grpo inputs missing (run the stages that write them first): " + "; ".join(missing))
+
+
 def _write_curve(path: Path, history: list[dict[str, float]]) -> None:
     with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(CURVE_KEYS), extrasaction="ignore")
@@ -51,35 +97,98 @@ def _write_curve(path: Path, history: list[dict[str, float]]) -> None:
             w.writerow({"step": i, **{k: round(v, 6) for k, v in m.items() if k in CURVE_KEYS}})
 
 
-def train_grpo(cfg: Config, progress: bool = True) -> dict[str, float]:
+def _broadcast(acc: Accelerator, obj: Any) -> Any:
+    """The main process's `obj` on every process."""
+    if acc.num_processes == 1:
+        return obj
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([obj], from_process=0)[0]
+
+
+def _log_metrics(metrics: dict[str, float], step: int) -> None:
+    mlflow.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=step)
+
+
+def train_grpo(cfg: Config, progress: bool = True, accelerator: Accelerator | None = None) -> dict[str, float]:
+    """Run (or resume) GRPO; returns a summary whose `resumed_from_step` is 0 for a fresh start."""
+    preflight(cfg)
+    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    main = acc.is_main_process
+    with contextlib.ExitStack() as stack:
+        locked = None
+        if main:
+            try:
+                stack.enter_context(exclusive_lock(Path(cfg.paths.models_dir) / LOCK_NAME,
+                                                   f"the grpo outputs under {cfg.paths.models_dir}"))
+            except OutputLockedError as e:
+                locked = str(e)
+        locked = _broadcast(acc, locked)
+        if locked:
+            raise OutputLockedError(locked)
+        return _train(cfg, acc, progress and main)
+
+
+def _train(cfg: Config, acc: Accelerator, progress: bool) -> dict[str, float]:
+    main = acc.is_main_process
     seed_everything(cfg.seed)
     tok = load_tokenizer(cfg.paths.sft_policy())
     policy = load_policy(cfg.paths.sft_policy(), cfg.model.trust_remote_code)
     rows = read_jsonl(cfg.paths.validated() / "train.jsonl")
     funcs, weights = build_reward_functions(cfg, tok)
-    trainer = GRPOTrainer(policy, tok, funcs, weights, cfg.grpo, seed=cfg.seed)
+    trainer = GRPOTrainer(policy, tok, funcs, weights, cfg.grpo, seed=cfg.seed, accelerator=acc)
     sampler = PromptSampler(rows, seed=cfg.seed)
-    history: list[dict[str, float]] = []
-    bar = tqdm(total=cfg.grpo.steps, desc="grpo", disable=not progress, dynamic_ncols=True)
+
+    store = CheckpointStore(checkpoints_root(cfg), _broadcast(acc, training_key(cfg) if main else None),
+                            keep=cfg.grpo.keep_checkpoints, params_hash=cfg.params_hash())
+    ckpt = None
+    if main:
+        store.warn_foreign()
+        store.clean_temporaries()
+        ckpt = store.latest()
+    path = _broadcast(acc, str(ckpt.path) if ckpt is not None else None)
+    if path is not None and ckpt is None:
+        ckpt = store.read(Path(path))
+    resumed_from, rng = 0, None
+    if ckpt is not None:
+        rng = restore(trainer, sampler, ckpt)
+        resumed_from = ckpt.step
+        log.info("resuming GRPO from checkpoint %s at step %d of %d", ckpt.path, ckpt.step, cfg.grpo.steps)
+        ckpt = None  # its tensors are in the model and optimizer now
+
+    every = cfg.grpo.checkpoint_every
+    bar = tqdm(total=cfg.grpo.steps, initial=trainer.step, desc="grpo", disable=not progress, dynamic_ncols=True)
 
     def on_step(step: int, metrics: dict[str, float], _rollout) -> None:
-        history.append(metrics)
-        mlflow.log_metrics({k: v for k, v in metrics.items()
-                            if math.isfinite(v)}, step=step)
-        bar.update(1)
-        bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.4f}")
+        if main:
+            _log_metrics(metrics, step)
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics.get('kl', 0.0):.4f}")
+        if step == cfg.grpo.steps or (every and step % every == 0):
+            store.save(trainer, sampler)  # every process: RNG states are gathered; the main one writes
 
-    with stage_run(cfg, "grpo"):
-        trainer.fit(sampler, cfg.grpo.steps, on_step=on_step)
+    run = stage_run(cfg, "grpo") if main else contextlib.nullcontext()
+    with run:
+        if main and resumed_from:
+            mlflow.set_tag("resumed_from_step", str(resumed_from))
+            for i, m in enumerate(trainer.history, start=1):  # this run's curve is complete, not only the tail
+                _log_metrics(m, i)
+        if rng is not None:  # last thing before sampling: the resumed run draws exactly what the first would have
+            set_rng_state(rng)
+        history = trainer.fit(sampler, cfg.grpo.steps, on_step=on_step)
         bar.close()
-        out = cfg.paths.grpo_policy()
-        with atomic_path(out) as tmp:
-            trainer.unwrapped.save_pretrained(str(tmp), safe_serialization=True)
-            tok.save_pretrained(str(tmp))
-        _write_curve(cfg.paths.reports() / "grpo_steps.csv", history)
+        if not trainer.weights_finite():  # the last checkpoint refuses too; this guards checkpoint-less paths
+            raise NonFiniteLossError("the policy has NaN/inf weights: models/grpo not written")
         first, last = history[0], history[-1]
         summary = {"steps": len(history), "reward_first": first["reward"], "reward_last": last["reward"],
-                   "skipped_steps": last["skipped_steps"]}
-        mlflow.log_metrics({f"summary/{k}": v for k, v in summary.items()})
+                   "skipped_steps": last["skipped_steps"], "resumed_from_step": resumed_from}
+        if main:
+            out = cfg.paths.grpo_policy()
+            with atomic_path(out) as tmp:
+                trainer.unwrapped.save_pretrained(str(tmp), safe_serialization=True)
+                tok.save_pretrained(str(tmp))
+            _write_curve(cfg.paths.reports() / "grpo_steps.csv", history)
+            mlflow.log_metrics({f"summary/{k}": v for k, v in summary.items()})
+    acc.wait_for_everyone()
     log.info("GRPO done: %s", summary)
     return summary

@@ -2,7 +2,11 @@
 
 One code path for one CPU, one GPU and many processes: `accelerate` wraps the model and optimizer; each
 process samples its shard of the step's prompts, and loss normalisers are global (summed over processes),
-so the update does not depend on how the batch is split across processes or micro-batches.
+so the update does not depend on how the batch is split across processes or micro-batches. Logged
+metrics are global too (gathered over processes); with one process nothing is gathered.
+
+`training_state()` / `load_training_state()` carry what a resumed run needs besides the weights and the
+optimizer (step, counters, metrics history); grpo_steps/checkpoint.py writes them to disk.
 """
 
 from __future__ import annotations
@@ -102,6 +106,7 @@ class GRPOTrainer:
         self.step = 0
         self.consecutive_nonfinite = 0
         self.skipped_steps = 0
+        self.history: list[dict[str, float]] = []
 
     @property
     def unwrapped(self) -> PreTrainedModel:
@@ -115,8 +120,31 @@ class GRPOTrainer:
         return rows[acc.process_index * per : (acc.process_index + 1) * per]
 
     def _global_sum(self, value: float) -> float:
+        if self.accelerator.num_processes == 1:
+            return value
         t = torch.tensor([value], dtype=torch.float64, device=self.accelerator.device)
         return float(self.accelerator.reduce(t, reduction="sum").item())
+
+    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Every process's rows of a per-completion tensor, concatenated (itself with one process)."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return t
+        return acc.gather(t.to(acc.device)).cpu()
+
+    def weights_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.unwrapped.parameters())
+
+    def training_state(self) -> dict[str, Any]:
+        """Counters and metrics history: with weights, optimizer and RNG, all a resumed run needs."""
+        return {"step": self.step, "skipped_steps": self.skipped_steps,
+                "consecutive_nonfinite": self.consecutive_nonfinite, "history": [dict(m) for m in self.history]}
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.skipped_steps = int(state["skipped_steps"])
+        self.consecutive_nonfinite = int(state["consecutive_nonfinite"])
+        self.history = [dict(m) for m in state["history"]]
 
     def train_step(self, rows: list[dict[str, Any]]) -> dict[str, float]:
         """One generation batch: sample, score, and `mu` optimizer updates on it."""
@@ -167,6 +195,8 @@ class GRPOTrainer:
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * weight
             grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
+            # Every process takes the same decision: the loss is summed over processes, the gradient is shared.
+            total_loss = self._global_sum(total_loss)
             if not (math.isfinite(total_loss) and math.isfinite(grad_norm)):
                 self.optimizer.zero_grad(set_to_none=True)
                 self.skipped_steps += 1
@@ -184,8 +214,16 @@ class GRPOTrainer:
             self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
 
-        tokens = float(mask.sum())
-        lengths = mask.sum(1).float()
+        # Metrics over the whole generation batch: gathered from every process (nothing to gather with one).
+        tokens = float(norm.num_tokens)
+        if acc.num_processes > 1 and sums:
+            keys = sorted(sums)
+            summed = acc.reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=acc.device),
+                                reduction="sum")
+            sums = dict(zip(keys, summed.tolist(), strict=True))
+        rewards, group_std, per_func = self._gather(rewards), self._gather(group_std), self._gather(per_func)
+        lengths = self._gather(mask.sum(1).float())
+        truncated = self._gather(rollout.truncated.float())
         metrics = {f"{k}": v / max(tokens * cfg.mu, 1.0) for k, v in sums.items()}
         metrics.update({
             "loss": total_loss,
@@ -196,7 +234,7 @@ class GRPOTrainer:
             "completions/mean_length": float(lengths.mean()),
             "completions/min_length": float(lengths.min()),
             "completions/max_length": float(lengths.max()),
-            "completions/clipped_ratio": float(rollout.truncated.float().mean()),
+            "completions/clipped_ratio": float(truncated.mean()),
             "num_tokens": tokens,
             "skipped_steps": float(self.skipped_steps),
             "step_time": time.perf_counter() - t0,
@@ -209,12 +247,12 @@ class GRPOTrainer:
 
     def fit(self, sampler: PromptSampler, steps: int,
             on_step: Callable[[int, dict[str, float], Rollout | None], None] | None = None) -> list[dict[str, float]]:
-        history = []
+        """Train until `steps` (from `self.step`, which a resumed run sets); the whole history is returned."""
         while self.step < steps:
             rows = sampler.next(self.cfg.prompts_per_step)
             metrics = self.train_step(rows)
-            history.append(metrics)
+            self.history.append(metrics)
             if on_step is not None:
                 on_step(self.step, metrics, None)
-        return history
+        return self.history
 
