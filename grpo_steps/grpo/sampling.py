@@ -20,6 +20,11 @@ class Rollout:
     completions: list[str]  # (N,), decoded without special tokens
     truncated: torch.Tensor  # (N,) bool: no EOS within the length budget
 
+    def __getitem__(self, rows: slice) -> Rollout:
+        """The rows `rows` of the batch (whole groups when the slice is group-aligned)."""
+        return Rollout(self.prompt_ids[rows], self.prompt_mask[rows], self.completion_ids[rows],
+                       self.completion_mask[rows], self.prompts[rows], self.completions[rows], self.truncated[rows])
+
     @property
     def input_ids(self) -> torch.Tensor:
         return torch.cat([self.prompt_ids, self.completion_ids], dim=1)

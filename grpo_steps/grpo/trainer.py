@@ -76,6 +76,17 @@ def _batched_logps(model, rollout: Rollout, cfg: GRPOConfig) -> torch.Tensor:
     return torch.cat(parts)
 
 
+@dataclass
+class GenerationBatch:
+    """One process's share of a generation batch, scored, with its group-relative advantages."""
+
+    rollout: Rollout
+    rewards: torch.Tensor  # (N,) weighted total, NaN where every function abstained
+    per_func: torch.Tensor  # (N, F)
+    advantages: torch.Tensor  # (N,)
+    group_std: torch.Tensor  # (N,)
+
+
 class GRPOTrainer:
     def __init__(
         self,
@@ -146,20 +157,23 @@ class GRPOTrainer:
         self.consecutive_nonfinite = int(state["consecutive_nonfinite"])
         self.history = [dict(m) for m in state["history"]]
 
-    def train_step(self, rows: list[dict[str, Any]]) -> dict[str, float]:
-        """One generation batch: sample, score, and `mu` optimizer updates on it."""
-        cfg, acc = self.cfg, self.accelerator
-        t0 = time.perf_counter()
+    def generate(self, rows: list[dict[str, Any]]) -> GenerationBatch:
+        """Sample G completions for this process's share of `rows`, score them, compute advantages."""
         rows = self._shard(rows)
-        G = cfg.num_generations
+        G = self.cfg.num_generations
         rollout = sample_groups(self.unwrapped, self.tokenizer, [r["prompt"] for r in rows], G,
-                                cfg.max_completion_length, cfg.temperature)
+                                self.cfg.max_completion_length, self.cfg.temperature)
         columns = {k: [r[k] for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
         per_func, rewards = score_completions(self.reward_funcs, self.reward_weights, rollout.prompts,
                                               rollout.completions, columns)
-        advantages, group_std = group_advantages(rewards, G, cfg.scale_rewards)
-        advantages = advantages.to(acc.device)
+        advantages, group_std = group_advantages(rewards, G, self.cfg.scale_rewards)
+        return GenerationBatch(rollout, rewards, per_func, advantages.to(self.accelerator.device), group_std)
 
+    def update(self, batch: GenerationBatch) -> tuple[dict[str, float], float, float, Normalizers]:
+        """`mu` optimizer updates on one generation batch; returns (token-weighted stat sums, loss, grad norm,
+        the batch's global normalisers). The update does not depend on how the batch is split over processes
+        or micro-batches: normalisers are global and DDP's gradient mean is undone."""
+        cfg, acc, rollout, advantages = self.cfg, self.accelerator, batch.rollout, batch.advantages
         mask = rollout.completion_mask
         n_local = mask.size(0)
         norm = Normalizers(
@@ -212,7 +226,18 @@ class GRPOTrainer:
             self.consecutive_nonfinite = 0
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        return sums, total_loss, grad_norm, norm
+
+    def train_step(self, rows: list[dict[str, Any]]) -> dict[str, float]:
+        """One generation batch: sample, score, and `mu` optimizer updates on it."""
+        cfg, acc = self.cfg, self.accelerator
+        t0 = time.perf_counter()
+        G = cfg.num_generations
+        batch = self.generate(rows)
+        sums, total_loss, grad_norm, norm = self.update(batch)
         self.step += 1
+        rollout, rewards, per_func, group_std = batch.rollout, batch.rewards, batch.per_func, batch.group_std
+        mask = rollout.completion_mask
 
         # Metrics over the whole generation batch: gathered from every process (nothing to gather with one).
         tokens = float(norm.num_tokens)
