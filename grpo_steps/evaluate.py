@@ -1,14 +1,20 @@
-"""Stage `evaluate`: the starting policy and the GRPO policy, side by side, on the held-out test split.
+"""Stage `evaluate`: the starting policy, the GRPO policy and the registry's champion, side by side, on the
+held-out test split.
 
 Metrics: greedy exact-match accuracy, pass@k with sampling, mean reward-model score, per-token KL (k3)
-of the GRPO policy to the starting policy, completion lengths. Writes reports/metrics.json (read by
-`dvc metrics`), sample completions, and a plot of the GRPO reward curve with both accuracies.
+of the GRPO policy to the starting policy, completion lengths. The current `champion` version of
+`registry.model_name` (when there is one and the tracking store answers) is downloaded and evaluated on the
+same split, so the promotion gate compares like with like. Writes reports/metrics.json (read by
+`dvc metrics`), reports/samples.jsonl (the completions side by side, also logged as an MLflow table), and
+reports/eval.png: the GRPO reward curve, the KL curve and the accuracies.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +29,7 @@ from grpo_steps.grpo.reward_model import RewardModelFunction
 from grpo_steps.grpo.rewards import exact_match
 from grpo_steps.grpo.sampling import Rollout, sample_groups
 from grpo_steps.io import atomic_path, read_jsonl, write_json, write_jsonl
+from grpo_steps.lineage import file_md5
 from grpo_steps.modeling import load_policy, load_reward_model, load_tokenizer, seed_everything
 from grpo_steps.tracking import stage_run
 
@@ -77,7 +84,47 @@ def policy_metrics(
     return metrics, samples
 
 
-def _plot(curve_csv: Path, metrics: dict[str, dict[str, float]], out: Path) -> None:
+@dataclass
+class Champion:
+    """The registry's current champion, loaded for evaluation (or why it was not)."""
+
+    version: str | None = None
+    model: PreTrainedModel | None = None
+    tokenizer: PreTrainedTokenizerBase | None = None
+    policy_md5: str | None = None
+    note: str | None = None
+
+
+def load_champion(cfg: Config, dst: Path) -> Champion:
+    """Download `models:/<name>@champion` into `dst` and load it with our safetensors-only loaders.
+
+    Never raises: no registered model, no champion alias, an unreachable store or an unloadable version
+    each come back as a note, and the evaluation goes on without the comparison.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    name = cfg.registry.model_name
+    try:
+        mv = MlflowClient().get_model_version_by_alias(name, "champion")
+    except MlflowException as e:
+        code = getattr(e, "error_code", "")
+        if code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return Champion(note=f"no champion of {name!r} in the registry yet")
+        return Champion(note=f"registry lookup of {name}@champion failed: {e}")
+    except Exception as e:  # noqa: BLE001 - network errors and the like: evaluate without the comparison
+        return Champion(note=f"tracking store unreachable, champion not compared: {e}")
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}",
+                                                         dst_path=str(dst)))
+        model = load_policy(local / "model", cfg.model.trust_remote_code).eval()
+        tok = load_tokenizer(local / "components" / "tokenizer", cfg.model.trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - a broken or foreign version must not fail the evaluation
+        return Champion(version=str(mv.version), note=f"could not load {name} v{mv.version} (champion): {e}")
+    return Champion(version=str(mv.version), model=model, tokenizer=tok, policy_md5=mv.tags.get("policy_md5"))
+
+
+def _plot(curve_csv: Path, metrics: dict[str, dict[str, float]], out: Path, k: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,21 +136,42 @@ def _plot(curve_csv: Path, metrics: dict[str, dict[str, float]], out: Path) -> N
             for row in csv.DictReader(f):
                 steps.append(int(row["step"]))
                 reward.append(float(row["reward"]))
-                kl.append(float(row["kl"] or 0))
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+                kl.append(float(row.get("kl") or 0))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     axes[0].plot(steps, reward, lw=1)
     axes[0].set(title="GRPO mean reward per step", xlabel="step", ylabel="reward")
     axes[1].plot(steps, kl, lw=1, color="tab:red")
     axes[1].set(title="KL to reference (k3)", xlabel="step")
     names = list(metrics)
-    axes[2].bar(names, [metrics[n]["accuracy"] for n in names], color=["tab:gray", "tab:green"][: len(names)])
-    axes[2].set(title="held-out exact-match accuracy", ylim=(0, 1))
-    for i, n in enumerate(names):
-        axes[2].text(i, metrics[n]["accuracy"] + 0.02, f"{metrics[n]['accuracy']:.3f}", ha="center")
+    colors = {"start": "tab:gray", "grpo": "tab:green"}
+    width = 0.38
+    xs = range(len(names))
+    for offset, key, label, alpha in ((-width / 2, "accuracy", "greedy accuracy", 1.0),
+                                      (width / 2, f"pass_at_{k}", f"pass@{k}", 0.5)):
+        values = [metrics[n].get(key, 0.0) for n in names]
+        bars = axes[2].bar([x + offset for x in xs], values, width, label=label, alpha=alpha,
+                           color=[colors.get(n.split(" ")[0], "tab:blue") for n in names])
+        for bar, v in zip(bars, values, strict=True):
+            axes[2].text(bar.get_x() + bar.get_width() / 2, v + 0.02, f"{v:.2f}", ha="center", fontsize=8)
+    axes[2].set_xticks(list(xs), names)
+    axes[2].set(title="held-out accuracy (solid) and pass@k (light)", ylim=(0, 1.1))
     fig.tight_layout()
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
+
+
+def _side_by_side(results: dict[str, list[dict[str, Any]]], limit: int) -> list[dict[str, Any]]:
+    """One row per prompt: the GRPO completion (`completion`, `correct`) beside the others' (`<name>_...`)."""
+    rows = []
+    for i, g in enumerate(results["grpo"][:limit]):
+        row = dict(g)
+        for name, samples in results.items():
+            if name != "grpo":
+                row[f"{name}_completion"] = samples[i]["completion"]
+                row[f"{name}_correct"] = samples[i]["correct"]
+        rows.append(row)
+    return rows
 
 
 def evaluate(cfg: Config) -> dict[str, Any]:
@@ -114,17 +182,37 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     trained = load_policy(cfg.paths.grpo_policy(), cfg.model.trust_remote_code).eval()
     rm = None
     if cfg.paths.reward_model().exists():
-        rm = RewardModelFunction(load_reward_model(cfg.paths.reward_model(), cfg.model.trust_remote_code), tok)
+        trust = cfg.reward_model.trust_remote_code or cfg.model.trust_remote_code
+        rm = RewardModelFunction(load_reward_model(cfg.paths.reward_model(), trust), tok)
     reports = cfg.paths.reports()
-    with stage_run(cfg, "evaluate"):
-        start_metrics, _ = policy_metrics(start, tok, rows, cfg, rm)
+    with stage_run(cfg, "evaluate"), tempfile.TemporaryDirectory(prefix="champion-") as scratch:
+        start_metrics, start_samples = policy_metrics(start, tok, rows, cfg, rm)
         grpo_metrics, samples = policy_metrics(trained, tok, rows, cfg, rm, reference=start)
-        result = {
+        result: dict[str, Any] = {
             "n_test": len(rows),
             "start": start_metrics,
             "grpo": grpo_metrics,
             "accuracy_gain": grpo_metrics["accuracy"] - start_metrics["accuracy"],
         }
+        by_policy = {"grpo": samples, "start": start_samples}
+        champ = (load_champion(cfg, Path(scratch)) if cfg.evaluate.compare_champion
+                 else Champion(note="evaluate.compare_champion is off"))
+        if champ.model is not None:
+            if champ.policy_md5 and champ.policy_md5 == file_md5(cfg.paths.grpo_policy() / "model.safetensors"):
+                champ_metrics, champ_samples = dict(grpo_metrics), samples  # the champion is this very policy
+                champ_metrics.pop("kl_to_reference", None)
+            else:
+                champ_metrics, champ_samples = policy_metrics(champ.model, champ.tokenizer, rows, cfg, rm)
+            result["champion"] = champ_metrics
+            result["champion_version"] = champ.version
+            result["accuracy_gain_over_champion"] = grpo_metrics["accuracy"] - champ_metrics["accuracy"]
+            by_policy["champion"] = champ_samples
+            mlflow.log_metrics({f"eval/champion/{k}": v for k, v in champ_metrics.items()})
+            mlflow.log_metric("eval/accuracy_gain_over_champion", result["accuracy_gain_over_champion"])
+            mlflow.set_tag("champion_version", champ.version)
+        else:
+            log.info("champion comparison skipped: %s", champ.note)
+        result["champion_note"] = champ.note
         warning = None
         if "reward_model_score" in grpo_metrics and (
             grpo_metrics["reward_model_score"] > start_metrics["reward_model_score"]
@@ -134,25 +222,36 @@ def evaluate(cfg: Config) -> dict[str, Any]:
             log.warning(warning)
         result["reward_hacking_warning"] = warning
         write_json(reports / "metrics.json", result)
-        write_jsonl(reports / "samples.jsonl", samples[: max(cfg.evaluate.n_samples_logged, 0)] or samples[:0])
-        _plot(reports / "grpo_steps.csv", {"start": start_metrics, "grpo": grpo_metrics}, reports / "eval.png")
+        table = _side_by_side(by_policy, cfg.evaluate.n_samples_logged)
+        write_jsonl(reports / "samples.jsonl", table)
+        plotted = {"start": start_metrics, "grpo": grpo_metrics}
+        if "champion" in result:
+            plotted[f"champion v{champ.version}"] = result["champion"]
+        _plot(reports / "grpo_steps.csv", plotted, reports / "eval.png", cfg.evaluate.pass_k)
         mlflow.log_metrics({f"eval/start/{k}": v for k, v in start_metrics.items()})
         mlflow.log_metrics({f"eval/grpo/{k}": v for k, v in grpo_metrics.items()})
         mlflow.log_metric("eval/accuracy_gain", result["accuracy_gain"])
-        mlflow.log_artifact(str(reports / "metrics.json"))
-        mlflow.log_artifact(str(reports / "eval.png"))
-        mlflow.log_table({k: [s[k] for s in samples[:50]] for k in ("prompt", "answer", "completion", "correct")},
-                         artifact_file="samples.json")
+        for artifact in ("metrics.json", "eval.png", "samples.jsonl"):
+            mlflow.log_artifact(str(reports / artifact))
+        if table:
+            mlflow.log_table({k: [r[k] for r in table] for k in table[0]}, artifact_file="samples.json")
     print(format_comparison(result))
     return result
 
 
 def format_comparison(result: dict[str, Any]) -> str:
+    cols = ["start", "grpo"] + (["champion"] if "champion" in result else [])
     keys = [k for k in result["grpo"] if k in result["start"]]
-    lines = [f"held-out evaluation on {result['n_test']} test prompts", f"{'metric':<24}{'start':>10}{'grpo':>10}"]
+    header = "".join(f"{c:>10}" for c in cols)
+    lines = [f"held-out evaluation on {result['n_test']} test prompts", f"{'metric':<24}{header}"]
     for k in keys:
-        lines.append(f"{k:<24}{result['start'][k]:>10.4f}{result['grpo'][k]:>10.4f}")
+        lines.append(f"{k:<24}" + "".join(f"{result[c].get(k, float('nan')):>10.4f}" for c in cols))
     if "kl_to_reference" in result["grpo"]:
         lines.append(f"{'kl_to_reference':<24}{'':>10}{result['grpo']['kl_to_reference']:>10.4f}")
     lines.append(f"accuracy gain (grpo - start): {result['accuracy_gain']:+.4f}")
+    if "champion" in result:
+        lines.append(f"accuracy gain (grpo - champion v{result['champion_version']}): "
+                     f"{result['accuracy_gain_over_champion']:+.4f}")
+    elif result.get("champion_note"):
+        lines.append(f"champion: not compared ({result['champion_note']})")
     return "\n".join(lines)

@@ -1,13 +1,21 @@
-"""Where a model came from: git commit, params hash, data hashes, MLflow run, Prefect flow run."""
+"""Where a model came from: git commit, params hash, data hashes (validated files and dvc.lock outs), the
+reward model and starting policy it was trained from, MLflow runs, Prefect flow run."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from grpo_steps.config import Config
+from grpo_steps.tracking import PARENT_RUN_ENV
+
+log = logging.getLogger(__name__)
 
 
 def git_commit() -> str:
@@ -34,6 +42,29 @@ def data_hashes(cfg: Config) -> dict[str, str]:
     return {p.name: file_md5(p) for p in sorted(folder.glob("*.jsonl"))}
 
 
+def dvc_lock_hashes(lock_path: str | Path = "dvc.lock") -> dict[str, str]:
+    """`{out path: md5}` of every stage's outs recorded in dvc.lock (empty when there is none).
+
+    Directory outs carry DVC's `<md5>.dir` hash, so a registered model can be matched to the exact DVC-cached
+    data and checkpoints it came from (`dvc checkout` of the commit with this dvc.lock restores them).
+    """
+    lock_path = Path(lock_path)
+    if not lock_path.is_file():
+        return {}
+    try:
+        lock: Any = yaml.safe_load(lock_path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        log.warning("could not read %s for lineage: %s", lock_path, e)
+        return {}
+    stages = lock.get("stages") if isinstance(lock, dict) else None
+    out: dict[str, str] = {}
+    for stage in (stages or {}).values():
+        for entry in (stage or {}).get("outs") or []:
+            if isinstance(entry, dict) and entry.get("path") and entry.get("md5"):
+                out[str(entry["path"])] = str(entry["md5"])
+    return out
+
+
 def prefect_flow_run_id() -> str:
     try:
         from prefect.runtime import flow_run
@@ -52,5 +83,13 @@ def lineage_tags(cfg: Config, mlflow_run_id: str) -> dict[str, str]:
         "mlflow_run_id": mlflow_run_id,
         "prefect_flow_run_id": prefect_flow_run_id(),
     }
+    parent = os.environ.get(PARENT_RUN_ENV)
+    if parent:
+        tags["mlflow_pipeline_run_id"] = parent
     tags.update({f"data_md5/{name}": h for name, h in data_hashes(cfg).items()})
+    for what, folder in (("reward_model", cfg.paths.reward_model()), ("start_policy", cfg.paths.sft_policy())):
+        weights = folder / "model.safetensors"
+        if weights.is_file():
+            tags[f"{what}_md5"] = file_md5(weights)
+    tags.update({f"dvc_lock/{path}": h for path, h in dvc_lock_hashes().items()})
     return tags

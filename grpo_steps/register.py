@@ -25,13 +25,23 @@ from grpo_steps.tracking import stage_run
 log = logging.getLogger(__name__)
 
 
-def _champion_accuracy(client: MlflowClient, name: str) -> tuple[str | None, float | None]:
+def _champion_accuracy(
+    client: MlflowClient, name: str, metrics: dict[str, Any] | None = None
+) -> tuple[str | None, float | None, str]:
+    """The champion's version and held-out accuracy, and where that accuracy comes from.
+
+    Preferred: the evaluate stage's measurement of that same version on this test split (metrics.json
+    `champion`); otherwise the accuracy recorded on the version when it was registered.
+    """
     try:
         mv = client.get_model_version_by_alias(name, "champion")
     except mlflow.exceptions.MlflowException:
-        return None, None
+        return None, None, "none"
+    metrics = metrics or {}
+    if str(metrics.get("champion_version")) == str(mv.version) and "accuracy" in (metrics.get("champion") or {}):
+        return str(mv.version), float(metrics["champion"]["accuracy"]), "same_test_split"
     acc = mv.tags.get("eval_accuracy")
-    return mv.version, float(acc) if acc is not None else None
+    return str(mv.version), float(acc) if acc is not None else None, "version_tag"
 
 
 def promotion_decision(new_acc: float, champion_acc: float | None, margin: float) -> str:
@@ -52,10 +62,15 @@ def register(cfg: Config) -> dict[str, Any]:
         existing = [mv for mv in client.search_model_versions(f"name='{name}'")
                     if mv.tags.get("policy_md5") == policy_md5]
         if existing:
-            mv = existing[0]
-            log.info("this policy (md5 %s) is already registered as %s v%s", policy_md5, name, mv.version)
-            result = {"model_name": name, "version": mv.version, "alias": mv.tags.get("gate_decision"),
-                      "accuracy": new_acc, "model_uri": f"models:/{name}/{mv.version}", "already_registered": True}
+            mv = min(existing, key=lambda v: int(v.version))
+            version = str(mv.version)
+            aliases = set(client.get_model_version(name, version).aliases or [])
+            alias = "champion" if "champion" in aliases else mv.tags.get("gate_decision")
+            log.info("this policy (md5 %s) is already registered as %s v%s", policy_md5, name, version)
+            mlflow.set_tags({"registered_model": name, "registered_version": version, "already_registered": "true"})
+            result = {"model_name": name, "version": version, "alias": alias, "accuracy": new_acc,
+                      "model_uri": f"models:/{name}/{version}", "already_registered": True,
+                      "mlflow_run_id": run_id}
             write_json(cfg.paths.reports() / "registration.json", result)
             return result
         tok = load_tokenizer(cfg.paths.grpo_policy())
@@ -68,27 +83,35 @@ def register(cfg: Config) -> dict[str, Any]:
             registered_model_name=name,
         )
         version = str(info.registered_model_version)
-        champ_version, champ_acc = _champion_accuracy(client, name)
+        champ_version, champ_acc, champ_source = _champion_accuracy(client, name, metrics)
         decision = promotion_decision(new_acc, champ_acc, cfg.registry.promotion_margin)
         tags = {
             "eval_accuracy": f"{new_acc:.6f}",
             "eval_start_accuracy": f"{metrics['start']['accuracy']:.6f}",
             "eval_accuracy_gain": f"{metrics['accuracy_gain']:.6f}",
+            "eval_n_test": str(metrics.get("n_test")),
+            **{f"eval_grpo/{k}": f"{v:.6f}" for k, v in metrics["grpo"].items() if isinstance(v, int | float)},
             "gate_decision": decision,
             "gate_champion_version": str(champ_version),
             "gate_champion_accuracy": "none" if champ_acc is None else f"{champ_acc:.6f}",
+            "gate_champion_accuracy_source": champ_source,
             "gate_margin": str(cfg.registry.promotion_margin),
             "policy_md5": policy_md5,
             **lineage_tags(cfg, run_id),
         }
+        if metrics.get("reward_hacking_warning"):
+            tags["eval_reward_hacking_warning"] = str(metrics["reward_hacking_warning"])
         for k, v in tags.items():
             client.set_model_version_tag(name, version, k, v)
         client.set_registered_model_alias(name, decision, version)
         mlflow.set_tags({"registered_model": name, "registered_version": version, "gate_decision": decision})
+        mlflow.log_metrics({"register/accuracy": new_acc, "register/promoted": float(decision == "champion")})
         result = {"model_name": name, "version": version, "alias": decision, "accuracy": new_acc,
                   "champion_version_before": champ_version, "champion_accuracy_before": champ_acc,
+                  "champion_accuracy_source": champ_source, "promotion_margin": cfg.registry.promotion_margin,
                   "model_uri": f"models:/{name}/{version}", "mlflow_run_id": run_id}
         write_json(cfg.paths.reports() / "registration.json", result)
+        mlflow.log_artifact(str(cfg.paths.reports() / "registration.json"))
     log.info("registered %s v%s as %s (accuracy %.4f, champion before: %s)", name, version, decision, new_acc,
              champ_acc)
     return result

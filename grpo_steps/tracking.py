@@ -1,30 +1,113 @@
-"""MLflow plumbing shared by the stages: one parent run per pipeline execution, one nested run per stage."""
+"""MLflow plumbing shared by the stages: one parent run per pipeline execution, one nested run per stage.
+
+The tracking URI comes from `tracking.tracking_uri`, unless the MLFLOW_TRACKING_URI environment variable is
+set (it wins, so a deployment can point every stage at its server without editing params.yaml). The parent
+run logs every setting and, with `tracking.system_metrics`, CPU/memory/disk/network (and GPU) metrics; each
+stage's nested run logs the settings of the sections that stage reads.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import mlflow
+from mlflow.exceptions import MlflowException
 
 from grpo_steps.config import Config
 
+log = logging.getLogger(__name__)
+
 PARENT_RUN_ENV = "GRPO_PARENT_RUN_ID"
+SAMPLING_INTERVAL_ENV = "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"
+
+# The params.yaml sections each stage reads: its nested run carries their settings.
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "prepare": ("seed", "paths", "task", "data"),
+    "validate": ("paths", "data", "validate"),
+    "train_reward": ("seed", "paths", "model", "reward_model"),
+    "sft": ("seed", "paths", "model", "sft"),
+    "grpo": ("seed", "paths", "model", "grpo"),
+    "evaluate": ("seed", "paths", "evaluate", "grpo", "registry"),
+    "register": ("paths", "registry", "tracking"),
+}
+
+# `scheme:` of at least two characters: s3://, mlflow-artifacts:/, file:/, http://; not a drive letter (C:\).
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")
+_REMOTE_TRACKING = ("http://", "https://", "databricks")
+_announced: set[tuple[str, str]] = set()
+
+
+def is_uri(location: str) -> bool:
+    """A location with a scheme (any scheme, with or without '//') rather than a local folder."""
+    return bool(_URI.match(location))
+
+
+def tracking_uri(cfg: Config) -> str:
+    """The tracking URI in effect: MLFLOW_TRACKING_URI when set, else `tracking.tracking_uri`."""
+    env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if env:
+        if env != cfg.tracking.tracking_uri and ("env", env) not in _announced:
+            _announced.add(("env", env))
+            log.info("MLFLOW_TRACKING_URI=%s overrides tracking.tracking_uri=%s", env, cfg.tracking.tracking_uri)
+        return env
+    return cfg.tracking.tracking_uri
+
+
+def artifact_location(cfg: Config, uri: str) -> str | None:
+    """Artifact root for a new experiment: URIs as given, local folders made absolute.
+
+    A relative folder means nothing to a remote tracking server, so there the server's default is used.
+    """
+    location = cfg.tracking.artifact_location
+    if location is None or is_uri(location):
+        return location
+    if uri.startswith(_REMOTE_TRACKING) and not os.path.isabs(location):
+        if ("artifacts", uri) not in _announced:
+            _announced.add(("artifacts", uri))
+            log.info("tracking.artifact_location=%r is a relative folder and %s a remote server: using the "
+                     "server's artifact root (set e.g. mlflow-artifacts:/<name> to choose)", location, uri)
+        return None
+    return os.path.abspath(location)
+
+
+def _set_tracking_uri(uri: str) -> None:
+    """mlflow.set_tracking_uri, without its side effect of exporting MLFLOW_TRACKING_URI to the environment.
+
+    Left exported, the variable would read as the user's override the next time a stage starts in this process
+    with another configuration (and be inherited by subprocesses such as `grpo run`).
+    """
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
 def setup(cfg: Config) -> str:
     """Point MLflow at the configured store and experiment; return the experiment id."""
-    mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
-    exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    uri = tracking_uri(cfg)
+    _set_tracking_uri(uri)
+    name = cfg.tracking.experiment
+    exp = mlflow.get_experiment_by_name(name)
     if exp is None:
-        location = cfg.tracking.artifact_location
-        if "://" not in location:
-            location = os.path.abspath(location)
-        exp_id = mlflow.create_experiment(cfg.tracking.experiment, artifact_location=location)
+        try:
+            exp_id = mlflow.create_experiment(name, artifact_location=artifact_location(cfg, uri))
+        except MlflowException:  # created meanwhile by another stage or process
+            exp = mlflow.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            exp_id = exp.experiment_id
     else:
         exp_id = exp.experiment_id
+        if exp.lifecycle_stage == "deleted":
+            log.warning("MLflow experiment %r was deleted; restoring it", name)
+            mlflow.MlflowClient().restore_experiment(exp_id)
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 
@@ -40,6 +123,36 @@ def flat_params(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+def stage_params(cfg: Config, stage: str) -> dict[str, str]:
+    """The flattened settings of the sections `stage` reads (every setting for an unknown stage)."""
+    tree = cfg.as_dict()
+    sections = STAGE_SECTIONS.get(stage)
+    if sections is None:
+        return flat_params(tree)
+    return flat_params({s: tree[s] for s in sections if s in tree})
+
+
+@contextmanager
+def _sampling_interval(seconds: float) -> Iterator[None]:
+    """MLflow reads the system-metrics interval from the environment when a run starts; set it for that."""
+    previous = os.environ.get(SAMPLING_INTERVAL_ENV)
+    mlflow.set_system_metrics_sampling_interval(seconds)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(SAMPLING_INTERVAL_ENV, None)
+        else:
+            os.environ[SAMPLING_INTERVAL_ENV] = previous
+
+
+def _start_top_level_run(cfg: Config, **kwargs: Any) -> mlflow.ActiveRun:
+    if not cfg.tracking.system_metrics:
+        return mlflow.start_run(log_system_metrics=False, **kwargs)
+    with _sampling_interval(cfg.tracking.system_metrics_interval_s):
+        return mlflow.start_run(log_system_metrics=True, **kwargs)
+
+
 @contextmanager
 def stage_run(cfg: Config, stage: str) -> Iterator[mlflow.ActiveRun]:
     """A run for one stage: nested under the pipeline's parent run when there is one (GRPO_PARENT_RUN_ID)."""
@@ -48,22 +161,26 @@ def stage_run(cfg: Config, stage: str) -> Iterator[mlflow.ActiveRun]:
     tags = {"stage": stage, "params_hash": cfg.params_hash()}
     active = mlflow.active_run()
     if parent and active is not None and active.info.run_id == parent:
-        with mlflow.start_run(run_name=stage, nested=True, tags=tags) as run:
-            yield run
-    elif parent:  # another thread or process of the same pipeline: resume the parent, then nest
-        with mlflow.start_run(run_id=parent), mlflow.start_run(run_name=stage, nested=True, tags=tags) as run:
-            yield run
-    else:
-        with mlflow.start_run(run_name=stage, tags=tags) as run:
-            mlflow.log_params(flat_params(cfg.as_dict()))
-            yield run
+        run_ctx = mlflow.start_run(run_name=stage, nested=True, tags=tags, log_system_metrics=False)
+    elif parent and active is None:
+        # another thread or process of the same pipeline: a child of the parent run, without resuming the parent
+        # (resuming and leaving it would mark the still-running pipeline as finished)
+        run_ctx = mlflow.start_run(run_name=stage, parent_run_id=parent, tags=tags, log_system_metrics=False)
+    elif active is not None:  # inside some other run (a notebook, a caller's own run): nest under it
+        run_ctx = mlflow.start_run(run_name=stage, nested=True, tags=tags, log_system_metrics=False)
+    else:  # a stage on its own (`grpo sft`, `dvc repro`): a top-level run with every setting
+        run_ctx = _start_top_level_run(cfg, run_name=stage, tags=tags)
+    with run_ctx as run:
+        mlflow.log_params(stage_params(cfg, stage) if parent else flat_params(cfg.as_dict()))
+        yield run
 
 
 @contextmanager
 def pipeline_run(cfg: Config, run_name: str = "pipeline", tags: dict[str, str] | None = None) -> Iterator[str]:
     """The parent run of one pipeline execution; stages started inside nest under it."""
     setup(cfg)
-    with mlflow.start_run(run_name=run_name, tags={"params_hash": cfg.params_hash(), **(tags or {})}) as run:
+    run_tags = {"params_hash": cfg.params_hash(), **(tags or {})}
+    with _start_top_level_run(cfg, run_name=run_name, tags=run_tags) as run:
         mlflow.log_params(flat_params(cfg.as_dict()))
         previous = os.environ.get(PARENT_RUN_ENV)
         os.environ[PARENT_RUN_ENV] = run.info.run_id

@@ -1,0 +1,131 @@
+"""The evaluate stage: metrics.json, plot, samples, MLflow logging, and the side-by-side champion comparison."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mlflow import MlflowClient
+
+from grpo_steps.evaluate import Champion, evaluate, format_comparison, load_champion
+from grpo_steps.register import register
+from tests.test_tracking_support import copy_project, load_tiny, perturb_policy, project_template, write_metrics
+
+KEPT_KEYS = {"start", "grpo", "accuracy_gain", "n_test", "reward_hacking_warning"}
+
+
+@pytest.fixture(autouse=True)
+def _no_tracking_uri_from_env(monkeypatch):
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; one left by another test would override params."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    return project_template(tmp_path_factory)
+
+
+@pytest.fixture
+def project(workdir, template):
+    copy_project(template, workdir)
+    return workdir
+
+
+def _evaluate_run(cfg):
+    client = MlflowClient(tracking_uri=cfg.tracking.tracking_uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = client.search_runs([exp.experiment_id], "tags.stage = 'evaluate'", order_by=["attributes.start_time DESC"])
+    return client, runs[0]
+
+
+def test_evaluate_without_champion_writes_reports_and_logs(project, capsys):
+    cfg = load_tiny(project)
+    result = evaluate(cfg)
+
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    assert KEPT_KEYS <= set(metrics) and "champion" not in metrics
+    assert "no champion" in metrics["champion_note"]
+    assert metrics["n_test"] == len((project / "data/validated/test.jsonl").read_text().splitlines())
+    for key in ("accuracy", "pass_at_2", "sampled_accuracy", "reward_model_score", "mean_completion_length"):
+        assert key in metrics["start"] and key in metrics["grpo"], key
+    assert "kl_to_reference" in metrics["grpo"]
+    assert result["accuracy_gain"] == pytest.approx(metrics["grpo"]["accuracy"] - metrics["start"]["accuracy"])
+    assert (project / "reports/eval.png").stat().st_size > 1000
+
+    samples = [json.loads(line) for line in (project / "reports/samples.jsonl").read_text().splitlines()]
+    assert len(samples) == cfg.evaluate.n_samples_logged
+    assert {"prompt", "answer", "completion", "correct", "start_completion", "start_correct"} <= set(samples[0])
+
+    client, run = _evaluate_run(cfg)
+    assert run.data.metrics["eval/grpo/accuracy"] == pytest.approx(metrics["grpo"]["accuracy"])
+    assert "eval/accuracy_gain" in run.data.metrics and "eval/start/pass_at_2" in run.data.metrics
+    assert {"metrics.json", "eval.png", "samples.jsonl", "samples.json"} <= {a.path for a in
+                                                                            client.list_artifacts(run.info.run_id)}
+    assert run.data.params["evaluate.pass_k"] == "2"  # a stage on its own: the run carries the settings
+    out = capsys.readouterr().out
+    assert "held-out evaluation" in out and "champion: not compared" in out
+
+
+def test_evaluate_compares_against_the_registered_champion(project):
+    cfg = load_tiny(project)
+    # a champion in the registry: the current GRPO weights, slightly changed, registered with a made-up accuracy
+    grpo = cfg.paths.grpo_policy() / "model.safetensors"
+    original = grpo.read_bytes()
+    perturb_policy(cfg.paths.grpo_policy(), 0.05)
+    write_metrics(cfg, accuracy=0.9)
+    assert register(cfg)["alias"] == "champion"
+    grpo.write_bytes(original)
+
+    result = evaluate(cfg)
+    assert result["champion_version"] == "1" and result["champion_note"] is None
+    assert {"accuracy", "pass_at_2", "reward_model_score"} <= set(result["champion"])
+    assert result["accuracy_gain_over_champion"] == pytest.approx(
+        result["grpo"]["accuracy"] - result["champion"]["accuracy"])
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    assert KEPT_KEYS | {"champion", "champion_version"} <= set(metrics)
+    sample = json.loads((project / "reports/samples.jsonl").read_text().splitlines()[0])
+    assert {"champion_completion", "champion_correct", "start_completion"} <= set(sample)
+    _, run = _evaluate_run(cfg)
+    assert "eval/champion/accuracy" in run.data.metrics and run.data.tags["champion_version"] == "1"
+    assert "champion" in format_comparison(result)
+
+    # the gate now compares against the champion as measured on this very test split, not its old tag of 0.9
+    reg = register(cfg)
+    assert reg["champion_accuracy_source"] == "same_test_split"
+    assert reg["champion_accuracy_before"] == pytest.approx(result["champion"]["accuracy"])
+
+
+def test_champion_lookup_problems_become_notes(project, monkeypatch):
+    cfg = load_tiny(project)
+    from grpo_steps.tracking import setup
+
+    setup(cfg)
+    assert "no champion" in load_champion(cfg, project / "scratch").note  # nothing registered yet
+
+    def unreachable(self, name, alias):
+        raise ConnectionError("connection refused")
+
+    monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", unreachable)
+    champ = load_champion(cfg, project / "scratch")
+    assert champ.model is None and "unreachable" in champ.note and "connection refused" in champ.note
+
+
+def test_compare_champion_can_be_switched_off(project, monkeypatch):
+    cfg = load_tiny(project, "evaluate.compare_champion=false", "evaluate.n_samples_logged=0")
+
+    def must_not_run(*_a, **_k):
+        raise AssertionError("champion looked up although compare_champion is off")
+
+    monkeypatch.setattr("grpo_steps.evaluate.load_champion", must_not_run)
+    result = evaluate(cfg)
+    assert result["champion_note"] == "evaluate.compare_champion is off" and "champion" not in result
+    assert (project / "reports/samples.jsonl").read_text() == ""
+
+
+def test_format_comparison_lists_every_policy():
+    result = {"n_test": 3, "start": {"accuracy": 0.1}, "grpo": {"accuracy": 0.5, "kl_to_reference": 0.02},
+              "champion": {"accuracy": 0.4}, "champion_version": "7", "accuracy_gain": 0.4,
+              "accuracy_gain_over_champion": 0.1}
+    text = format_comparison(result)
+    assert "champion" in text.splitlines()[1] and "0.4000" in text and "grpo - champion v7" in text
+    assert Champion().model is None
