@@ -60,22 +60,29 @@ class TaskConfig(_Section):
     n_test: int = Field(400, ge=1, description="held-out prompts for the final evaluation")
     n_preference_pairs: int = Field(3000, ge=1, description="(prompt, chosen, rejected) pairs for the reward model")
     max_operand: int = Field(99, ge=1, description="operands are drawn from [0, max_operand]")
-    operations: list[Literal["+", "-", "*"]] = Field(default_factory=lambda: ["+", "-"])
+    operations: list[Literal["+", "-", "*"]] = Field(default_factory=lambda: ["+"])
+    demo_error_rate: float = Field(
+        0.6, ge=0, le=1,
+        description="share of slip-prone train problems whose cold-start demonstration is a weak teacher's "
+        "systematic slip (no carry / no borrow); GRPO's verifier reward is always the true answer",
+    )
 
 
 class ModelConfig(_Section):
     """The policy (and reward-model backbone) architecture, built from a config: no hub download."""
 
     architecture: Literal["qwen2", "llama"] = "qwen2"
-    hidden_size: int = Field(96, ge=8)
-    num_layers: int = Field(3, ge=1)
+    hidden_size: int = Field(128, ge=8)
+    num_layers: int = Field(4, ge=1)
     num_heads: int = Field(4, ge=1)
-    intermediate_size: int = Field(256, ge=8)
+    intermediate_size: int = Field(384, ge=8)
     max_position_embeddings: int = Field(64, ge=8)
     pretrained: str | None = Field(
         None, description="a local path or hub name of a pretrained policy; when set, the SFT cold start is skipped"
     )
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(
+        False, description="run Python code shipped with a model directory (config auto_map); off unless set here"
+    )
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> ModelConfig:
@@ -152,19 +159,40 @@ class ValidateConfig(_Section):
 
 
 class RewardModelConfig(_Section):
+    """The Bradley-Terry reward model (TRL RewardTrainer): a sequence-classification head on a backbone."""
+
+    backbone: str | None = Field(
+        None, description="null: built from the `model` section (no download); or a local path / hub name "
+        "loaded with AutoModelForSequenceClassification(num_labels=1), safetensors only, with its own tokenizer"
+    )
+    trust_remote_code: bool = Field(False, description="allow the backbone's custom code (or model.trust_remote_code)")
     epochs: float = Field(2.0, gt=0)
     learning_rate: float = Field(1e-3, gt=0)
     batch_size: int = Field(64, ge=1)
-    center_rewards_coefficient: float | None = Field(None, ge=0)
+    center_rewards_coefficient: float | None = Field(
+        None, ge=0, description="pull rewards towards zero mean: + coef * mean((r_chosen + r_rejected)^2)"
+    )
+    margin: float | None = Field(
+        None, description="a constant margin for every pair: loss = -log sigmoid(r_chosen - r_rejected - margin)"
+    )
+    margin_column: str | None = Field(
+        None, description="a numeric column of the preference pairs holding each pair's margin"
+    )
     min_pairwise_accuracy: float = Field(
         0.55, ge=0, le=1, description="gate: the pipeline stops before GRPO when held-out accuracy is below this"
     )
+
+    @model_validator(mode="after")
+    def _one_margin(self) -> RewardModelConfig:
+        if self.margin is not None and self.margin_column is not None:
+            raise ValueError("set margin (a constant) or margin_column (per pair), not both")
+        return self
 
 
 class SFTConfig(_Section):
     """Cold start: a short supervised run so GRPO starts from a policy that is sometimes right."""
 
-    max_steps: int = Field(150, ge=1)
+    max_steps: int = Field(2000, ge=1)
     learning_rate: float = Field(3e-3, gt=0)
     batch_size: int = Field(64, ge=1)
     warmup_ratio: float = Field(0.05, ge=0, le=1)
@@ -178,14 +206,18 @@ class RewardFunctionConfig(_Section):
 
 
 class GRPOConfig(_Section):
-    steps: int = Field(120, ge=1, description="optimizer steps (one generation batch per step when mu = 1)")
-    prompts_per_step: int = Field(16, ge=1, description="distinct prompts per generation batch")
+    steps: int = Field(100, ge=1, description="optimizer steps (one generation batch per step when mu = 1)")
+    prompts_per_step: int = Field(32, ge=1, description="distinct prompts per generation batch")
     num_generations: int = Field(8, ge=2, description="G: completions sampled per prompt")
-    micro_batch_size: int = Field(64, ge=1, description="sequences per forward/backward (gradient accumulation)")
+    micro_batch_size: int = Field(
+        128, ge=1,
+        description="sequences per forward/backward (gradient accumulation); it need not divide the batch: the "
+        "last micro-batch is then smaller, and since losses use whole-batch normalisers the update is the same",
+    )
     mu: int = Field(1, ge=1, description="policy updates per generation batch (old log-probs stored when > 1)")
     max_completion_length: int = Field(6, ge=1)
     temperature: float = Field(1.0, gt=0)
-    learning_rate: float = Field(1e-3, gt=0)
+    learning_rate: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     beta: float = Field(0.02, ge=0, description="KL coefficient to the frozen reference (k3); 0 loads no reference")
@@ -204,11 +236,36 @@ class GRPOConfig(_Section):
         ]
     )
     max_consecutive_nonfinite: int = Field(3, ge=1, description="stop after this many skipped non-finite steps")
+    checkpoint_every: int = Field(
+        25, ge=0, description="save a resumable checkpoint every N steps (0: only at the end); a rerun resumes"
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept (older ones are deleted)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GRPOConfig:
+        if self.epsilon_high is not None and self.epsilon_high < self.epsilon:
+            raise ValueError(f"grpo.epsilon_high ({self.epsilon_high}) must be >= grpo.epsilon ({self.epsilon})")
+        if not self.reward_functions:
+            raise ValueError("grpo.reward_functions is empty: configure at least one reward function")
+        seen: dict[str, int] = {}
+        for i, rf in enumerate(self.reward_functions):
+            if not rf.name.strip():
+                raise ValueError(f"grpo.reward_functions[{i}].name is empty")
+            if rf.name in seen:
+                raise ValueError(f"grpo.reward_functions[{i}].name {rf.name!r} repeats "
+                                 f"grpo.reward_functions[{seen[rf.name]}] (names must be unique)")
+            seen[rf.name] = i
+            if rf.weight != rf.weight or rf.weight in (float("inf"), float("-inf")):
+                raise ValueError(f"grpo.reward_functions[{i}].weight must be a finite number (got {rf.weight})")
+        return self
 
 
 class EvaluateConfig(_Section):
     pass_k: int = Field(4, ge=1, description="k for pass@k (sampled at temperature 1)")
     n_samples_logged: int = Field(20, ge=0)
+    compare_champion: bool = Field(
+        True, description="also evaluate the registry's current `champion` version on the same test split"
+    )
 
 
 class RegisterConfig(_Section):
@@ -217,9 +274,18 @@ class RegisterConfig(_Section):
 
 
 class TrackingConfig(_Section):
-    tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI (a server URL in production)")
+    tracking_uri: str = Field(
+        "sqlite:///mlflow.db",
+        description="MLflow tracking URI (a server URL in production); the MLFLOW_TRACKING_URI variable overrides it",
+    )
     experiment: str = "grpo-pipeline"
-    artifact_location: str = Field("mlartifacts", description="artifact root for a newly created experiment")
+    artifact_location: str | None = Field(
+        "mlartifacts",
+        description="artifact root for a newly created experiment: a local folder, or a URI with a scheme "
+        "(mlflow-artifacts:/..., s3://...); null: the tracking store's default",
+    )
+    system_metrics: bool = Field(True, description="log CPU/memory/disk/network (and GPU) metrics on the parent run")
+    system_metrics_interval_s: float = Field(5.0, gt=0, description="seconds between system-metric samples")
 
 
 class Config(_Section):
@@ -240,6 +306,10 @@ class Config(_Section):
 
     def as_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
+
+    def reward_trust_remote_code(self) -> bool:
+        """Custom model code may run for the reward model when either section allows it."""
+        return self.reward_model.trust_remote_code or self.model.trust_remote_code
 
     def params_hash(self) -> str:
         """A stable hash of every setting: part of each registered model's lineage."""

@@ -13,7 +13,7 @@ from typing import Any
 
 from grpo_steps.config import Config
 from grpo_steps.io import atomic_path, write_jsonl
-from grpo_steps.task import make_preference_pairs, make_splits
+from grpo_steps.task import demonstrations, make_preference_pairs, make_splits
 from grpo_steps.tokenizer import save_tokenizer
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,10 @@ def synthetic_rows(cfg: Config) -> dict[str, list[dict[str, Any]]]:
     for name in SPLITS:
         out[name] = [{"id": f"{name}-{i:06d}", "prompt": p.prompt, "answer": p.answer, "split": name}
                      for i, p in enumerate(splits[name])]
+    if t.demo_error_rate > 0:  # the SFT target; GRPO and evaluation keep scoring against `answer`
+        demos = demonstrations(cfg.seed, splits["train"], t.demo_error_rate)
+        for row, demo in zip(out["train"], demos, strict=True):
+            row["demonstration"] = demo
     # Preference pairs come from train and eval prompts only: the test split stays unseen by every model.
     n_eval_pairs = max(1, t.n_preference_pairs // 10)
     pairs = {

@@ -14,7 +14,7 @@ import copy
 import json
 import re
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Optional
 
 import pandas as pd
 import pandera.pandas as pa
@@ -24,7 +24,7 @@ VALID_SPLITS = ("train", "eval", "test")
 ANSWER_PATTERN = r"^-?\d+(\.\d+)?$"
 _ANSWER = re.compile(ANSWER_PATTERN)
 
-PROMPT_COLUMNS = ("id", "prompt", "answer", "split")
+PROMPT_COLUMNS = ("id", "prompt", "answer", "split", "demonstration")
 PREFERENCE_COLUMNS = ("id", "prompt", "chosen", "rejected")
 
 # Turns a list of strings into their token counts (the pipeline's tokenizer, without special tokens).
@@ -152,6 +152,16 @@ class PromptSchema(pa.DataFrameModel):
     prompt: Series[object] = pa.Field(nullable=False)
     answer: Series[object] = pa.Field(nullable=False)
     split: Series[object] = pa.Field(nullable=False)
+    # The cold-start SFT target when it differs from the verified answer (a teacher's demonstration).
+    demonstration: Optional[Series[object]] = pa.Field(nullable=False)  # noqa: UP045 - pandera needs Optional
+
+    @pa.check("demonstration", name="is_string")
+    def demonstration_is_string(cls, s: pd.Series) -> Series[bool]:
+        return _mask(s, _is_str)
+
+    @pa.check("demonstration", name="answer_is_number")
+    def demonstration_is_number(cls, s: pd.Series) -> Series[bool]:
+        return _mask(s, lambda v: not _is_str(v) or _ANSWER.match(v) is not None)
 
     @pa.check("id", "prompt", "answer", "split", name="is_string")
     def is_string(cls, s: pd.Series) -> Series[bool]:

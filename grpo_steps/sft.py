@@ -55,7 +55,9 @@ def sft(cfg: Config) -> dict[str, float]:
             trainer = SFTTrainer(
                 model=policy,
                 args=args,
-                train_dataset=Dataset.from_list([{"prompt": r["prompt"], "completion": r["answer"]} for r in rows]),
+                train_dataset=Dataset.from_list(
+                    [{"prompt": r["prompt"], "completion": r.get("demonstration", r["answer"])} for r in rows]
+                ),
                 processing_class=tok,
             )
             result = trainer.train()

@@ -47,11 +47,54 @@ def make_splits(
     return out
 
 
-def wrong_answer(rng: random.Random, answer: str) -> str:
+def _digits(a: int, b: int) -> list[tuple[int, int]]:
+    width = max(len(str(a)), len(str(b)))
+    return list(zip(map(int, str(a).zfill(width)), map(int, str(b).zfill(width)), strict=True))
+
+
+def sloppy_answer(prompt: str) -> str | None:
+    """The classic systematic slips of a weak teacher: addition without carrying, subtraction taking the
+    smaller digit from the larger in each column (no borrowing). None where the slip changes nothing or
+    no slip is modelled (multiplication, negative operands)."""
+    expr = prompt.rstrip("=")
+    for op in "+-":
+        a, sep, b = expr.partition(op)
+        if sep and a.isdigit() and b.isdigit():
+            break
+    else:
+        return None
+    a_i, b_i = int(a), int(b)
+    cols = _digits(a_i, b_i)
+    if op == "+":
+        slip = int("".join(str((x + y) % 10) for x, y in cols))
+        right = a_i + b_i
+    else:
+        if a_i < b_i:
+            return None
+        slip = int("".join(str(abs(x - y)) for x, y in cols))
+        right = a_i - b_i
+    return str(slip) if slip != right else None
+
+
+def demonstrations(seed: int, problems: list[Problem], error_rate: float) -> list[str]:
+    """Cold-start completions from a weak teacher: each problem its teacher can slip on is answered with the
+    slip with probability `error_rate`, else correctly. The errors are systematic, as a weaker model's are,
+    so a policy imitating them is confidently wrong where a verifier can tell."""
+    rng = random.Random(seed + 2)
+    out = []
+    for p in problems:
+        slip = sloppy_answer(p.prompt)
+        out.append(slip if slip is not None and rng.random() < error_rate else p.answer)
+    return out
+
+
+def wrong_answer(rng: random.Random, answer: str, prompt: str = "") -> str:
     """A plausible but wrong answer: off by a small amount or a digit changed, never equal to the right one."""
     value = int(answer)
     while True:
         kind = rng.random()
+        if kind < 0.2 and (slip := sloppy_answer(prompt)) is not None:
+            return slip
         if kind < 0.35:
             cand = rng.randint(min(-10, value - 100), value + 100)
         elif kind < 0.7:
@@ -71,5 +114,5 @@ def make_preference_pairs(seed: int, problems: list[Problem], n: int) -> list[di
     pairs = []
     for i in range(n):
         p = problems[i % len(problems)]
-        pairs.append({"prompt": p.prompt, "chosen": p.answer, "rejected": wrong_answer(rng, p.answer)})
+        pairs.append({"prompt": p.prompt, "chosen": p.answer, "rejected": wrong_answer(rng, p.answer, p.prompt)})
     return pairs

@@ -19,6 +19,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from grpo_steps.config import Config
+from grpo_steps.secrets import redact_secrets, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,8 @@ def tracking_uri(cfg: Config) -> str:
     if env:
         if env != cfg.tracking.tracking_uri and ("env", env) not in _announced:
             _announced.add(("env", env))
-            log.info("MLFLOW_TRACKING_URI=%s overrides tracking.tracking_uri=%s", env, cfg.tracking.tracking_uri)
+            log.info("MLFLOW_TRACKING_URI=%s overrides tracking.tracking_uri=%s", redact_url(env),
+                     redact_url(cfg.tracking.tracking_uri))
         return env
     return cfg.tracking.tracking_uri
 
@@ -125,7 +127,7 @@ def flat_params(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 def stage_params(cfg: Config, stage: str) -> dict[str, str]:
     """The flattened settings of the sections `stage` reads (every setting for an unknown stage)."""
-    tree = cfg.as_dict()
+    tree = redact_secrets(cfg.as_dict())
     sections = STAGE_SECTIONS.get(stage)
     if sections is None:
         return flat_params(tree)
@@ -171,7 +173,7 @@ def stage_run(cfg: Config, stage: str) -> Iterator[mlflow.ActiveRun]:
     else:  # a stage on its own (`grpo sft`, `dvc repro`): a top-level run with every setting
         run_ctx = _start_top_level_run(cfg, run_name=stage, tags=tags)
     with run_ctx as run:
-        mlflow.log_params(stage_params(cfg, stage) if parent else flat_params(cfg.as_dict()))
+        mlflow.log_params(stage_params(cfg, stage) if parent else flat_params(redact_secrets(cfg.as_dict())))
         yield run
 
 
@@ -181,7 +183,7 @@ def pipeline_run(cfg: Config, run_name: str = "pipeline", tags: dict[str, str] |
     setup(cfg)
     run_tags = {"params_hash": cfg.params_hash(), **(tags or {})}
     with _start_top_level_run(cfg, run_name=run_name, tags=run_tags) as run:
-        mlflow.log_params(flat_params(cfg.as_dict()))
+        mlflow.log_params(flat_params(redact_secrets(cfg.as_dict())))
         previous = os.environ.get(PARENT_RUN_ENV)
         os.environ[PARENT_RUN_ENV] = run.info.run_id
         try:

@@ -51,7 +51,7 @@ def build_reward_functions(cfg: Config, tokenizer) -> tuple[list[RewardFunction]
     funcs, weights = [], []
     for rf in cfg.grpo.reward_functions:
         if rf.name == "reward_model":
-            model = load_reward_model(cfg.paths.reward_model(), cfg.model.trust_remote_code)
+            model = load_reward_model(cfg.paths.reward_model(), cfg.reward_trust_remote_code())
             funcs.append(RewardModelFunction(model, tokenizer))
         elif rf.name in BUILTIN:
             funcs.append(BUILTIN[rf.name])

@@ -43,7 +43,7 @@ def pairwise_accuracy(scorer: RewardModelFunction, pairs: list[dict]) -> float:
 
 
 def trust_remote_code(cfg: Config) -> bool:
-    return cfg.reward_model.trust_remote_code or cfg.model.trust_remote_code
+    return cfg.reward_trust_remote_code()
 
 
 def build_reward_model(cfg: Config) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -32,7 +32,25 @@ def number_format(prompts: list[str], completions: list[str], **_: Any) -> list[
     return [0.1 if _NUMBER.fullmatch(c.strip() or "x") else 0.0 for c in completions]
 
 
-BUILTIN: dict[str, RewardFunction] = {"exact_match": exact_match, "number_format": number_format}
+def digit_match(prompts: list[str], completions: list[str], answer: list[str], **_: Any) -> list[float | None]:
+    """Partial credit: the fraction of the answer's characters matched position by position from the right
+    (units against units), divided by the longer length so extra or missing digits cost. 1.0 iff exact."""
+    out: list[float | None] = []
+    for c, a in zip(completions, answer, strict=True):
+        c, a = c.strip(), str(a).strip()
+        if not c or not a:
+            out.append(0.0)
+            continue
+        hits = sum(x == y for x, y in zip(reversed(c), reversed(a), strict=False))
+        out.append(hits / max(len(c), len(a)))
+    return out
+
+
+BUILTIN: dict[str, RewardFunction] = {
+    "exact_match": exact_match,
+    "digit_match": digit_match,
+    "number_format": number_format,
+}
 
 
 def import_reward_function(path: str) -> RewardFunction:
