@@ -1,23 +1,87 @@
-"""The whole pipeline as one Prefect flow: each stage a task, one MLflow parent run around them all."""
+"""The whole pipeline as one Prefect flow: each stage a task, one MLflow parent run around them all.
+
+* Retries: the training stages retry once after a pause (a flaky node, an MLflow server hiccup; the grpo
+  stage resumes from its last checkpoint). Errors a user must fix (bad params or data, the reward-model gate)
+  are not retried.
+* Caching across runs: a stage whose params, inputs and source files are unchanged since an earlier run in
+  this project directory is skipped, provided the outputs that run wrote are still on disk unchanged
+  (flows/cache.py). Results are persisted under .prefect/results. `grpo run --refresh-cache` (flow parameter
+  `refresh_cache`) runs every stage regardless. `register` always runs: it is a side effect on the registry
+  and returns the existing version when the weights are already registered.
+* Every stage logs its start, end and duration; each run publishes a markdown artifact
+  (`grpo-pipeline-summary`) with the evaluation table, the gate decisions and the MLflow run.
+"""
 
 from __future__ import annotations
 
+import time
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.cache import cache_key_fn, output_manifest, results_dir, stale_outputs
+from flows.report import summary_markdown
 from grpo_steps.config import Config, load_config
 from grpo_steps.stages import STAGES
 from grpo_steps.tracking import pipeline_run
 
+SUMMARY_ARTIFACT_KEY = "grpo-pipeline-summary"
+
+
+def _retry_unless_user_error(task, task_run, state) -> bool:
+    """Retry only failures a second attempt can fix: not bad params or data, not a failed gate."""
+    from grpo_steps.cli import user_errors
+
+    try:
+        state.result()
+    except user_errors():
+        return False
+    except BaseException:  # noqa: BLE001 - anything else (OOM, I/O, a lost server) may pass on a retry
+        return True
+    return True
+
+
+# name: (retries, cached, log_prints). Stages that run TRL trainers keep print() off Prefect's logger:
+# `datasets` fingerprints map functions with dill, which disassembles them by capturing print() output of
+# dis.dis, and Prefect's log_prints would log those hundreds of lines of bytecode instead (and break dill's
+# capture). Their progress bars go to stderr either way.
+STAGE_OPTIONS: dict[str, tuple[int, bool, bool]] = {
+    "prepare": (0, True, True),
+    "validate": (0, True, True),
+    "train_reward": (1, True, False),
+    "sft": (1, True, False),
+    "grpo": (1, True, False),  # a retry resumes from the stage's checkpoints
+    "evaluate": (1, True, True),  # prints the comparison table
+    "register": (2, False, True),  # a side effect on the registry: never skipped
+}
+RETRY_DELAY_S = 30
+
 
 def _stage_task(name: str):
-    fn, description = STAGES[name]
+    description = STAGES[name][1]
+    retries, cached, log_prints = STAGE_OPTIONS[name]
+    caching: dict[str, Any] = (
+        {"cache_key_fn": cache_key_fn(name), "persist_result": True} if cached else {"cache_policy": NO_CACHE}
+    )
 
-    @task(name=name, description=description, cache_policy=NO_CACHE, retries=0)
-    def run_stage(cfg: Config) -> Any:
-        return fn(cfg)
+    @task(name=name, description=description, retries=retries, retry_delay_seconds=RETRY_DELAY_S,
+          retry_condition_fn=_retry_unless_user_error, log_prints=log_prints, **caching)
+    def run_stage(cfg: Config) -> dict[str, Any]:
+        logger = get_run_logger()
+        logger.info("stage %s: started", name)
+        t0 = time.perf_counter()
+        result = STAGES[name][0](cfg)  # looked up at run time
+        outputs = output_manifest(name, cfg)
+        missing = [p for p, md5 in outputs.items() if md5 is None]
+        if missing:
+            raise RuntimeError(f"stage {name} finished without writing {', '.join(missing)}")
+        duration = time.perf_counter() - t0
+        logger.info("stage %s: finished in %.1f s", name, duration)
+        return {"stage": name, "result": result, "outputs": outputs, "duration_s": duration,
+                "finished_at": datetime.now(UTC).isoformat(timespec="seconds")}
 
     return run_stage
 
@@ -25,20 +89,87 @@ def _stage_task(name: str):
 STAGE_TASKS = {name: _stage_task(name) for name in STAGES}
 
 
+def _run_stage(name: str, cfg: Config, storage: Path, refresh: bool) -> tuple[dict[str, Any], str]:
+    """Run one stage task (or take its cached result); returns (record, 'ran' | 'cached')."""
+    logger = get_run_logger()
+    stage = STAGE_TASKS[name].with_options(result_storage=storage, refresh_cache=True if refresh else None)
+    state = stage(cfg, return_state=True)
+    record = state.result()  # raises the stage's error when it failed
+    if state.name != "Cached":
+        return record, "ran"
+    stale = stale_outputs(record["outputs"])
+    if stale:
+        logger.warning("stage %s: unchanged inputs, but outputs of the cached run are missing or changed "
+                       "(%s): running it again", name, ", ".join(stale))
+        record = stage.with_options(refresh_cache=True)(cfg, return_state=True).result()
+        return record, "ran"
+    logger.info("stage %s: skipped: params, inputs and code unchanged since the run that finished at %s "
+                "(%.1f s), its outputs verified", name, record["finished_at"], record["duration_s"])
+    return record, "cached"
+
+
 @flow(name="grpo-pipeline", log_prints=True)
-def grpo_pipeline(params_path: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
-    """prepare -> validate -> train_reward -> sft -> grpo -> evaluate -> register."""
+def grpo_pipeline(
+    params_path: str = "params.yaml", overrides: list[str] | None = None, refresh_cache: bool = False
+) -> dict[str, Any]:
+    """prepare -> validate -> train_reward -> sft -> grpo -> evaluate -> register.
+
+    refresh_cache: run every stage even when an earlier run's cached result matches.
+    """
     logger = get_run_logger()
     cfg = load_config(params_path, overrides or [])
     from grpo_steps.lineage import prefect_flow_run_id
 
+    storage = results_dir()
     results: dict[str, Any] = {}
-    with pipeline_run(cfg, tags={"prefect_flow_run_id": prefect_flow_run_id()}) as run_id:
-        logger.info("MLflow parent run %s at %s", run_id, cfg.tracking.tracking_uri)
-        for name, stage in STAGE_TASKS.items():
-            results[name] = stage(cfg)
+    records: dict[str, dict[str, Any]] = {}
+    status: dict[str, str] = {name: "not run" for name in STAGES}
+    run_id: str | None = None
+    error: BaseException | None = None
+    t0 = time.perf_counter()
+    try:
+        with pipeline_run(cfg, tags={"prefect_flow_run_id": prefect_flow_run_id()}) as run_id:
+            logger.info("MLflow parent run %s at %s; stage results cached in %s", run_id,
+                        cfg.tracking.tracking_uri, storage)
+            for name in STAGES:
+                status[name] = "failed"
+                records[name], status[name] = _run_stage(name, cfg, storage, refresh_cache)
+                results[name] = records[name]["result"]
+            _tag_parent_run(run_id, status)
+    except BaseException as e:
+        error = e
+        raise
+    finally:
+        _publish_summary(cfg, run_id, records, status, error, time.perf_counter() - t0)
+
     ev, reg = results["evaluate"], results["register"]
-    logger.info("held-out accuracy: start %.4f -> grpo %.4f (%+.4f); registered %s v%s as %s",
+    if status["evaluate"] == "cached":  # the stage printed it in an earlier run: show it for this one too
+        from grpo_steps.evaluate import format_comparison
+
+        logger.info("%s", format_comparison(ev))
+    logger.info("held-out accuracy: start %.4f -> grpo %.4f (%+.4f); registered %s v%s as %s; cached stages: %s",
                 ev["start"]["accuracy"], ev["grpo"]["accuracy"], ev["accuracy_gain"],
-                reg["model_name"], reg["version"], reg["alias"])
+                reg["model_name"], reg["version"], reg["alias"],
+                ", ".join(n for n, s in status.items() if s == "cached") or "none")
     return results
+
+
+def _tag_parent_run(run_id: str, status: dict[str, str]) -> None:
+    from mlflow import MlflowClient
+
+    cached = [n for n, s in status.items() if s == "cached"]
+    MlflowClient().set_tag(run_id, "cached_stages", ",".join(cached) or "none")
+
+
+def _publish_summary(cfg: Config, run_id: str | None, records: dict[str, dict[str, Any]], status: dict[str, str],
+                     error: BaseException | None, duration_s: float) -> None:
+    """The run's markdown artifact; a failure to publish it never hides the run's own outcome."""
+    logger = get_run_logger()
+    try:
+        from prefect.artifacts import create_markdown_artifact
+
+        markdown = summary_markdown(cfg, run_id, records, status, error, duration_s)
+        create_markdown_artifact(markdown=markdown, key=SUMMARY_ARTIFACT_KEY,
+                                 description="GRPO pipeline run: evaluation, gates, MLflow run")
+    except Exception as e:  # noqa: BLE001
+        logger.warning("could not publish the run summary artifact: %s", e)
