@@ -55,11 +55,11 @@ class PathsConfig(_Section):
 class TaskConfig(_Section):
     """The embedded synthetic task: arithmetic prompts like `37+48=` with an exact integer answer."""
 
-    n_train: int = Field(4000, ge=1, description="training prompts (SFT demonstrations and GRPO prompts)")
+    n_train: int = Field(1800, ge=1, description="training prompts (SFT demonstrations and GRPO prompts)")
     n_eval: int = Field(200, ge=1, description="validation prompts (reward-model gate, monitoring)")
     n_test: int = Field(400, ge=1, description="held-out prompts for the final evaluation")
     n_preference_pairs: int = Field(3000, ge=1, description="(prompt, chosen, rejected) pairs for the reward model")
-    max_operand: int = Field(99, ge=1, description="operands are drawn from [0, max_operand]")
+    max_operand: int = Field(49, ge=1, description="operands are drawn from [0, max_operand]")
     operations: list[Literal["+", "-", "*"]] = Field(default_factory=lambda: ["+"])
     demo_error_rate: float = Field(
         0.6, ge=0, le=1,
@@ -227,7 +227,11 @@ class GRPOConfig(_Section):
     importance_sampling_level: Literal["token", "sequence"] = Field(
         "token", description="'sequence' gives GSPO's length-normalised sequence ratio"
     )
-    scale_rewards: Literal["group", "batch", "none"] = "group"
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "batch",
+        description="advantage denominator: the group's reward std (GRPO), the batch's (keeps a small-weight "
+        "reward small when the others tie within a group), or none (Dr. GRPO)",
+    )
     logprob_chunk_size: int = Field(0, ge=0, description="rows per log-prob chunk; 0 computes all at once")
     reward_functions: list[RewardFunctionConfig] = Field(
         default_factory=lambda: [
