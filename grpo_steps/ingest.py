@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from grpo_steps.config import Config, DataConfig
-from grpo_steps.io import DataFileError
+from grpo_steps.io import DataFileError, parse_jsonl
 from grpo_steps.task import wrong_answer
 
 log = logging.getLogger(__name__)
@@ -84,15 +84,7 @@ def _decode(path: Path) -> str:
 def _read_jsonl(path: Path, text: str) -> tuple[list[str], list[Record]]:
     records: list[Record] = []
     columns: dict[str, None] = {}
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataFileError(f"{path}: line {lineno}: not valid JSON: {e.msg} (column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise DataFileError(f"{path}: line {lineno}: expected a JSON object, got {type(row).__name__}")
+    for lineno, row in parse_jsonl(path, text):
         columns.update(dict.fromkeys(row))
         records.append((f"line {lineno}", row))
     return list(columns), records

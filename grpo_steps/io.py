@@ -52,26 +52,29 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    path = Path(path)
-    if not path.is_file():
-        raise DataFileError(f"data file not found: {path.resolve()}")
-    rows = []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataFileError(f"{path}: not UTF-8 text (byte {e.start}): {e.reason}") from None
+def parse_jsonl(path: str | Path, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of `text`, read from `path` (named in errors)."""
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataFileError(f"{path}:{lineno}: not valid JSON: {e.msg}") from None
+            raise DataFileError(f"{path}: line {lineno}: not valid JSON: {e.msg} (column {e.colno})") from None
         if not isinstance(row, dict):
-            raise DataFileError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    return rows
+            raise DataFileError(f"{path}: line {lineno}: expected a JSON object, got {type(row).__name__}")
+        yield lineno, row
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataFileError(f"data file not found: {path.resolve()}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataFileError(f"{path}: not UTF-8 text (byte {e.start}): {e.reason}") from None
+    return [row for _, row in parse_jsonl(path, text)]
 
 
 def read_json(path: str | Path) -> Any:

@@ -17,24 +17,11 @@ import torch
 
 from tests.test_reliability_helpers import (
     assert_identical,
-    build_inputs,
     config,
-    install_inputs,
     output_of,
     popen_grpo,
     weights,
 )
-
-
-@pytest.fixture(scope="session")
-def grpo_inputs(tmp_path_factory):
-    return build_inputs(tmp_path_factory)
-
-
-@pytest.fixture
-def ready(workdir, grpo_inputs):
-    install_inputs(grpo_inputs, workdir)
-    return workdir
 
 
 def _step_dirs(workdir):

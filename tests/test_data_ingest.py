@@ -179,14 +179,17 @@ def test_custom_column_names_and_ids(workdir, mlflow_uri):
 
 
 def test_synthetic_default_is_unchanged(workdir, mlflow_uri):
-    from grpo_steps.task import make_splits
+    from grpo_steps.task import demonstrations, make_splits
 
     cfg = _cfg(mlflow_uri, "task.n_train=50", "task.n_eval=5", "task.n_test=5", "task.n_preference_pairs=20")
     counts = prepare(cfg)
     assert counts == {"train": 50, "eval": 5, "test": 5, "preferences_train": 18, "preferences_eval": 2}
-    splits = make_splits(0, {"train": 50, "eval": 5, "test": 5}, 99, ["+", "-"])
+    splits = make_splits(0, {"train": 50, "eval": 5, "test": 5}, cfg.task.max_operand, list(cfg.task.operations))
+    demos = demonstrations(0, splits["train"], cfg.task.demo_error_rate)
     assert _prepared("train")[3] == {"id": "train-000003", "prompt": splits["train"][3].prompt,
-                                     "answer": splits["train"][3].answer, "split": "train"}
+                                     "answer": splits["train"][3].answer, "split": "train",
+                                     "demonstration": demos[3]}
+    assert "demonstration" not in _prepared("test")[0]  # only the cold start imitates the teacher
     assert sorted(p.name for p in Path("data/prepared").iterdir()) == sorted(
         f"{n}.jsonl" for n in (*PROMPT_FILES, *PREF_FILES))
 

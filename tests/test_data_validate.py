@@ -324,7 +324,7 @@ def test_unreadable_prepared_file_is_a_data_file_error(make_cfg):
     rows = clean_rows()
     write_prepared(rows)
     Path("data/prepared/eval.jsonl").write_text('{"id": "eval-0"\n')
-    with pytest.raises(DataFileError, match="eval.jsonl:1"):
+    with pytest.raises(DataFileError, match="eval.jsonl: line 1"):
         validate(make_cfg())
 
 

@@ -9,26 +9,9 @@ from mlflow import MlflowClient
 
 from grpo_steps.evaluate import Champion, evaluate, format_comparison, load_champion
 from grpo_steps.register import register
-from tests.test_tracking_support import copy_project, load_tiny, perturb_policy, project_template, write_metrics
+from tests.test_tracking_support import load_tiny, perturb_policy, write_metrics
 
 KEPT_KEYS = {"start", "grpo", "accuracy_gain", "n_test", "reward_hacking_warning"}
-
-
-@pytest.fixture(autouse=True)
-def _no_tracking_uri_from_env(monkeypatch):
-    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; one left by another test would override params."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    return project_template(tmp_path_factory)
-
-
-@pytest.fixture
-def project(workdir, template):
-    copy_project(template, workdir)
-    return workdir
 
 
 def _evaluate_run(cfg):

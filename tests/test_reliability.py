@@ -21,25 +21,12 @@ import torch
 from tests.conftest import ROOT
 from tests.test_reliability_helpers import (
     SUBPROCESS_ENV,
-    build_inputs,
     config,
-    install_inputs,
     output_of,
     overrides,
     popen_grpo,
     weights,
 )
-
-
-@pytest.fixture(scope="session")
-def grpo_inputs(tmp_path_factory):
-    return build_inputs(tmp_path_factory)
-
-
-@pytest.fixture
-def ready(workdir, grpo_inputs):
-    install_inputs(grpo_inputs, workdir)
-    return workdir
 
 
 def _tree_digest(path: Path) -> dict[str, bytes]:

@@ -18,28 +18,9 @@ from grpo_steps.io import DataFileError
 from grpo_steps.modeling import load_reward_model, load_tokenizer
 from tests.test_tracking_support import (
     ROOT,
-    copy_project,
     load_tiny,
-    project_template,
     tiny_overrides,
 )
-
-
-@pytest.fixture(autouse=True)
-def _no_tracking_uri_from_env(monkeypatch):
-    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; one left by another test would override params."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    return project_template(tmp_path_factory)
-
-
-@pytest.fixture
-def project(workdir, template):
-    copy_project(template, workdir)
-    return workdir
 
 
 class SpyTrainer(stage.RewardTrainer):

@@ -15,29 +15,10 @@ from mlflow import MlflowClient
 
 from grpo_steps import tracking
 from tests.test_tracking_support import (
-    copy_project,
     load_tiny,
     mlflow_server,
-    project_template,
     write_metrics,
 )
-
-
-@pytest.fixture(autouse=True)
-def _no_tracking_uri_from_env(monkeypatch):
-    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; one left by another test would override params."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    return project_template(tmp_path_factory)
-
-
-@pytest.fixture
-def project(workdir, template):
-    copy_project(template, workdir)
-    return workdir
 
 
 def _runs(client: MlflowClient, cfg) -> list:

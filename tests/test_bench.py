@@ -1,0 +1,91 @@
+"""bench/grpo_vs_trl.py (ours vs TRL's GRPOTrainer) and bench/profile_step.py: the table they print, end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.grpo_vs_trl import LABELS, RATIO_LABEL, summarise  # noqa: E402
+from bench.profile_step import PhaseTimer  # noqa: E402
+
+
+def _table_rows(text: str) -> dict[str, list[str]]:
+    """The markdown table in `text`: first cell -> the other cells."""
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("|") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def _ratio(cell: str) -> float:
+    assert cell.endswith("x"), cell
+    value = float(cell[:-1])
+    assert math.isfinite(value) and value > 0, cell
+    return value
+
+
+@pytest.mark.parametrize("script", ["grpo_vs_trl.py", "logprob_memory.py", "profile_step.py"])
+def test_scripts_have_help(script):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--device" in proc.stdout
+
+
+def test_summary_table_has_both_rows_and_ratios():
+    def run(steps_per_s, rss):
+        return {"steps_per_s": steps_per_s, "tokens_per_s": 10 * steps_per_s, "steps_per_cpu_s": steps_per_s,
+                "peak_rss_mib": rss, "peak_rss_above_imports_mib": rss / 2}
+
+    results = {"ours": [run(2.0, 500), run(4.0, 502)], "trl": [run(1.0, 1000), run(2.0, 1000)]}
+    summary = summarise(results, "cpu")
+    rows = _table_rows(summary["markdown"])
+    assert rows[LABELS["ours"]][0] == "3.000 (2.000-4.000)"  # median (min-max)
+    ratios = [_ratio(c) for c in rows[RATIO_LABEL]]
+    assert ratios == [2.0, 2.0, 2.0, 0.5, 0.5]
+    assert summary["ratios"]["steps_per_s"] == 2.0
+
+
+def test_phase_timer_charges_nested_phases_exclusively():
+    timer = PhaseTimer()
+    inner = timer.wrap(lambda: time.sleep(0.05), "inner")
+    outer = timer.wrap(lambda: (time.sleep(0.05), inner()), "outer")
+    outer()  # disabled: nothing recorded
+    assert timer.wall == {}
+    timer.enabled = True
+    outer()
+    assert 0.04 < timer.wall["inner"] < 0.2 and 0.04 < timer.wall["outer"] < 0.2
+    assert timer.wall["outer"] + timer.wall["inner"] >= 0.1
+
+
+@pytest.mark.slow  # 20 s on 2 idle cores, 45 s at load 5: two subprocesses importing torch, transformers, TRL
+def test_grpo_vs_trl_runs_both_and_prints_numeric_ratios(tmp_path):
+    out = tmp_path / "bench"
+    cmd = [sys.executable, str(ROOT / "bench" / "grpo_vs_trl.py"), "--model-preset", "micro", "--steps", "2",
+           "--warmup-steps", "1", "--repeats", "1", "--completion-length", "8", "--prompts-per-step", "2",
+           "--num-generations", "4", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = _table_rows(proc.stdout)
+    assert LABELS["ours"] in rows and LABELS["trl"] in rows, proc.stdout
+    for impl in ("ours", "trl"):
+        assert all(float(cell) > 0 for cell in rows[LABELS[impl]]), rows[LABELS[impl]]
+    assert len(rows[RATIO_LABEL]) == len(rows[LABELS["ours"]]) >= 3
+    for cell in rows[RATIO_LABEL]:
+        _ratio(cell)
+    assert "load average" in proc.stdout
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert {len(saved["runs"]["ours"]), len(saved["runs"]["trl"])} == {1}
+    assert saved["runs"]["trl"][0]["mean_completion_tokens_per_step"] > 0
+    assert (tmp_path / "bench.md").read_text().count("|") > 10
