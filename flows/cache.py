@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from grpo_steps.config import Config
+from grpo_steps.lineage import file_md5 as lineage_file_md5
 from grpo_steps.stages import STAGE_SPECS, param_values
 
 # Bump to invalidate every cached stage result (e.g. when the record format below changes).
@@ -50,11 +51,7 @@ def file_md5(path: Path) -> str:
     cached = _memo.get(memo_key)
     if cached is not None:
         return cached
-    h = hashlib.md5()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    _memo[memo_key] = digest = h.hexdigest()
+    _memo[memo_key] = digest = lineage_file_md5(path)
     return digest
 
 

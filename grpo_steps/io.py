@@ -87,12 +87,17 @@ def read_json(path: str | Path) -> Any:
         raise DataFileError(f"{path}: not valid JSON: {e}") from None
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+def file_digest(path: str | Path, algorithm: str = "sha256", chunk: int = 1 << 20) -> str:
+    """Hex digest of a file's bytes, read in chunks (checkpoints can be large)."""
+    h = hashlib.new(algorithm)
     with Path(path).open("rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    return file_digest(path, "sha256")
 
 
 def fsync_tree(path: str | Path) -> None:

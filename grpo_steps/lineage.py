@@ -3,7 +3,6 @@ reward model and starting policy it was trained from, MLflow runs, Prefect flow 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import subprocess
@@ -13,6 +12,7 @@ from typing import Any
 import yaml
 
 from grpo_steps.config import Config
+from grpo_steps.io import file_digest
 from grpo_steps.tracking import PARENT_RUN_ENV
 
 log = logging.getLogger(__name__)
@@ -30,11 +30,7 @@ def git_commit() -> str:
 
 def file_md5(path: Path) -> str:
     """md5, the hash DVC records for a file, so our tags and dvc.lock can be compared directly."""
-    h = hashlib.md5()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_digest(path, "md5")
 
 
 def data_hashes(cfg: Config) -> dict[str, str]:

@@ -20,16 +20,20 @@ from grpo_steps.stages import STAGE_SPECS, STAGES, param_values
 # ------------------------------------------------------------------------------------------- cache keys
 
 
+def _write(p: Path, content: str, inner: str) -> None:
+    """A file at `p` when it has a suffix, else a folder `p` holding the file `inner`."""
+    if p.suffix:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(content)
+    else:
+        p.mkdir(parents=True, exist_ok=True)
+        (p / inner).write_text(content)
+
+
 def _write_outputs(name, cfg, tag=""):
     for p in STAGE_SPECS[name].outs(cfg):
-        p = Path(p)
         content = f"{name}:{json.dumps(param_values(cfg, STAGE_SPECS[name].params), sort_keys=True)}{tag}"
-        if p.suffix:
-            p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_text(content)
-        else:
-            p.mkdir(parents=True, exist_ok=True)
-            (p / "part.txt").write_text(content)
+        _write(Path(p), content, "part.txt")
 
 
 def test_path_md5_of_files_and_folders(tmp_path):
@@ -60,13 +64,7 @@ def test_cache_key_follows_params_inputs_code_and_output_paths(workdir, tmp_path
     cfg = load_config("params.yaml")
     root = tmp_path / "src"
     for c in STAGE_SPECS["grpo"].code:
-        p = root / c
-        if p.suffix:
-            p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_text(c)
-        else:
-            p.mkdir(parents=True, exist_ok=True)
-            (p / "x.py").write_text(c)
+        _write(root / c, c, "x.py")
     for name in ("prepare", "validate", "train_reward", "sft"):
         _write_outputs(name, cfg)
     key = stage_cache_key("grpo", cfg, root)
