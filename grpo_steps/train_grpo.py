@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from grpo_steps.checkpoint import CheckpointStore, checkpoints_root, restore, set_rng_state, training_key
 from grpo_steps.config import Config, ConfigError
 from grpo_steps.grpo.reward_model import RewardModelFunction
-from grpo_steps.grpo.rewards import BUILTIN, RewardFunction, function_name, import_reward_function
+from grpo_steps.grpo.rewards import RewardFunction, function_name, resolve_reward_function
 from grpo_steps.grpo.trainer import GRPOTrainer, NonFiniteLossError, PromptSampler
 from grpo_steps.io import OutputLockedError, atomic_path, exclusive_lock, read_jsonl
 from grpo_steps.modeling import load_policy, load_reward_model, load_tokenizer, seed_everything
@@ -53,10 +53,8 @@ def build_reward_functions(cfg: Config, tokenizer) -> tuple[list[RewardFunction]
         if rf.name == "reward_model":
             model = load_reward_model(cfg.paths.reward_model(), cfg.reward_trust_remote_code())
             funcs.append(RewardModelFunction(model, tokenizer))
-        elif rf.name in BUILTIN:
-            funcs.append(BUILTIN[rf.name])
         else:
-            funcs.append(import_reward_function(rf.name))
+            funcs.append(resolve_reward_function(rf.name))
         weights.append(rf.weight)
     return funcs, weights
 
@@ -66,15 +64,10 @@ def preflight(cfg: Config) -> None:
     and every input exists (FileNotFoundError naming each missing path). Runs before any work starts."""
     seen: dict[str, int] = {}
     for i, rf in enumerate(cfg.grpo.reward_functions):
-        if rf.name == "reward_model":
-            name = "reward_model"
-        elif rf.name in BUILTIN:
-            name = rf.name
-        else:
-            try:
-                name = function_name(import_reward_function(rf.name))
-            except ValueError as e:
-                raise ConfigError(f"grpo.reward_functions[{i}].name: {e}") from None
+        try:
+            name = "reward_model" if rf.name == "reward_model" else function_name(resolve_reward_function(rf.name))
+        except ValueError as e:
+            raise ConfigError(f"grpo.reward_functions[{i}].name: {e}") from None
         if name in seen:  # metrics are logged per function name: two functions must not share one
             raise ConfigError(f"grpo.reward_functions[{i}].name {rf.name!r}: its function is named {name!r}, like "
                               f"grpo.reward_functions[{seen[name]}]'s; metrics would mix (rename one)")

@@ -67,6 +67,11 @@ def import_reward_function(path: str) -> RewardFunction:
     return fn
 
 
+def resolve_reward_function(name: str) -> RewardFunction:
+    """A built-in reward function by name, else the `module:function` named in params.yaml."""
+    return BUILTIN[name] if name in BUILTIN else import_reward_function(name)
+
+
 def function_name(fn: RewardFunction) -> str:
     return getattr(fn, "__name__", type(fn).__name__)
 
