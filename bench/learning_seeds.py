@@ -1,11 +1,19 @@
-"""Does GRPO really learn? Held-out accuracy of the starting policy and of the GRPO policy, per seed.
+"""Does GRPO really learn, on any machine? The default pipeline per (seed, torch threads, reward setup).
 
-Runs prepare -> validate -> train_reward -> sft -> grpo -> evaluate with params.yaml (plus any --set
-overrides) once per seed, each in its own directory, and prints a table. Registration is skipped: this
-measures the algorithm, not the registry.
+For each seed and thread count (threads 1 vs 2 take different float paths: a cheap stand-in for another CPU),
+runs prepare -> validate -> sft -> train_reward once, then grpo -> evaluate once per reward setup:
 
-    python bench/learning_seeds.py --seeds 0 1 2
-    python bench/learning_seeds.py --seeds 0 --set grpo.loss_type=dr_grpo --set grpo.scale_rewards=none
+* `default`: params.yaml's grpo.reward_functions (the verifier plus the reward model);
+* `rm_only`: the reward model as the only reward function; the verifier only measures.
+
+Each (seed, threads) runs in its own process and directory; registration is skipped (this measures the
+algorithm, not the registry). Prints one table row per run: seed, threads, reward setup, the reward model's
+held-out pairwise accuracy (overall and per kind of rejected answer), start and GRPO held-out greedy accuracy,
+the gain, KL to the start policy, the reward-model score before and after, and wall time.
+
+    python bench/learning_seeds.py                                   # seeds 0 1 2 x threads 1 2, both setups
+    python bench/learning_seeds.py --seeds 0 --threads 1 --setups default --set grpo.steps=50
+    python bench/learning_seeds.py --jobs 2 --out reports/learning_seeds.json
 """
 
 from __future__ import annotations
@@ -14,57 +22,123 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("prepare", "validate", "train_reward", "sft", "grpo", "evaluate")
+SETUPS = {
+    "default": [],
+    "rm_only": ["grpo.reward_functions=[{name: reward_model, weight: 1.0}]"],
+}
+SHARED = ("prepare", "validate", "sft", "train_reward")
 
 
-def run_seed(seed: int, overrides: list[str], workdir: Path) -> dict:
+def run_one(seed: int, threads: int, setups: list[str], overrides: list[str], workdir: Path) -> list[dict]:
+    """In this process: the shared stages once, then grpo + evaluate per reward setup."""
+    import torch
+
+    torch.set_num_threads(threads)
     from grpo_steps.config import load_config
-    from grpo_steps.stages import STAGES as ALL
+    from grpo_steps.stages import STAGES
 
     workdir.mkdir(parents=True, exist_ok=True)
     shutil.copy(ROOT / "params.yaml", workdir / "params.yaml")
-    cwd = os.getcwd()
     os.chdir(workdir)
-    try:
-        cfg = load_config("params.yaml", [f"seed={seed}", f"tracking.tracking_uri=sqlite:///{workdir}/mlflow.db",
-                                          *overrides])
-        t0 = time.perf_counter()
-        for name in STAGES:
-            ALL[name][0](cfg)
-        metrics = json.loads(Path("reports/metrics.json").read_text())
-        metrics["seconds"] = time.perf_counter() - t0
-        return metrics
-    finally:
-        os.chdir(cwd)
+    base = [f"seed={seed}", f"tracking.tracking_uri=sqlite:///{workdir}/mlflow.db", "tracking.system_metrics=false",
+            "evaluate.compare_champion=false", *overrides]
+    cfg = load_config("params.yaml", base)
+    t0 = time.perf_counter()
+    for name in SHARED:
+        STAGES[name][0](cfg)
+    shared_s = time.perf_counter() - t0
+    rm = json.loads(Path(cfg.paths.reports() / "reward_model.json").read_text())
+    rows = []
+    for setup in setups:
+        t1 = time.perf_counter()
+        scfg = load_config("params.yaml", base + SETUPS[setup])
+        for name in ("grpo", "evaluate"):
+            STAGES[name][0](scfg)
+        m = json.loads(Path(scfg.paths.reports() / "metrics.json").read_text())
+        rows.append({
+            "seed": seed, "threads": threads, "setup": setup,
+            "rm_accuracy": rm["pairwise_accuracy"],
+            "rm_by_kind": {k: v["pairwise_accuracy"] for k, v in rm.get("by_kind", {}).items()},
+            "start": m["start"]["accuracy"], "grpo": m["grpo"]["accuracy"], "gain": m["accuracy_gain"],
+            "kl": m["grpo"].get("kl_to_reference", float("nan")),
+            "rm_score_start": m["start"].get("reward_model_score", float("nan")),
+            "rm_score_grpo": m["grpo"].get("reward_model_score", float("nan")),
+            "reward_hacking_warning": m.get("reward_hacking_warning"),
+            "seconds_shared": shared_s, "seconds_grpo_eval": time.perf_counter() - t1,
+        })
+        shutil.rmtree(scfg.paths.grpo_policy().parent / "grpo_checkpoints", ignore_errors=True)
+    return rows
+
+
+def _child(args: argparse.Namespace, seed: int, threads: int, base: Path) -> list[dict]:
+    out = base / f"seed{seed}-threads{threads}.json"
+    cmd = [sys.executable, __file__, "--child", str(seed), str(threads), "--workdir", str(base),
+           "--setups", *args.setups, *[x for o in args.overrides for x in ("--set", o)]]
+    log = (base / f"seed{seed}-threads{threads}.log").open("w")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"seed {seed} threads {threads} failed (exit {proc.returncode}); see {log.name}")
+    rows = json.loads(out.read_text())
+    for r in rows:
+        print(f"seed {seed} threads {threads} {r['setup']}: start {r['start']:.4f} -> grpo {r['grpo']:.4f}",
+              file=sys.stderr, flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    kinds = sorted({k for r in rows for k in r["rm_by_kind"]})
+    head = ["seed", "threads", "reward setup", "RM pairwise acc", *[f"RM acc {k}" for k in kinds], "start acc",
+            "GRPO acc", "gain (points)", "KL to start", "RM score start -> GRPO", "seconds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [str(r["seed"]), str(r["threads"]), r["setup"], f"{r['rm_accuracy']:.3f}",
+                 *[f"{r['rm_by_kind'].get(k, float('nan')):.3f}" for k in kinds],
+                 f"{r['start']:.4f}", f"{r['grpo']:.4f}", f"{100 * r['gain']:+.2f}", f"{r['kl']:.3f}",
+                 f"{r['rm_score_start']:.2f} -> {r['rm_score_grpo']:.2f}"
+                 + (" (reward hacking warning)" if r["reward_hacking_warning"] else ""),
+                 f"{r['seconds_shared'] + r['seconds_grpo_eval']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch threads per run")
+    p.add_argument("--setups", nargs="+", choices=sorted(SETUPS), default=["default", "rm_only"])
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--workdir", type=Path, default=None, help="keep each seed's outputs here (default: a temp dir)")
-    p.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (the wall times then share the cores)")
+    p.add_argument("--workdir", type=Path, default=None, help="keep each run's outputs here (default: a temp dir)")
+    p.add_argument("--out", type=Path, default=None, help="also write the rows as JSON")
+    p.add_argument("--child", type=int, nargs=2, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    base = args.workdir or Path(tempfile.mkdtemp(prefix="grpo-seeds-"))
-    rows = []
-    for seed in args.seeds:
-        m = run_seed(seed, args.overrides, base / f"seed-{seed}")
-        rows.append({"seed": seed, "start": m["start"]["accuracy"], "grpo": m["grpo"]["accuracy"],
-                     "gain": m["accuracy_gain"], "kl": m["grpo"].get("kl_to_reference", float("nan")),
-                     "seconds": m["seconds"]})
-        print(f"seed {seed}: start {rows[-1]['start']:.4f} -> grpo {rows[-1]['grpo']:.4f}", file=sys.stderr)
-    print("| seed | start accuracy | GRPO accuracy | gain (points) | KL to start | seconds |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['seed']} | {r['start']:.4f} | {r['grpo']:.4f} | {100 * r['gain']:+.1f} | {r['kl']:.4f} "
-              f"| {r['seconds']:.0f} |")
+    base = (args.workdir or Path(tempfile.mkdtemp(prefix="grpo-seeds-"))).resolve()
+    base.mkdir(parents=True, exist_ok=True)
+    if args.child:
+        seed, threads = args.child
+        rows = run_one(seed, threads, args.setups, args.overrides, base / f"seed{seed}-threads{threads}")
+        (base / f"seed{seed}-threads{threads}.json").write_text(json.dumps(rows, indent=2))
+        return 0
+    runs = [(s, t) for s in args.seeds for t in args.threads]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        results = list(pool.map(lambda st: _child(args, st[0], st[1], base), runs))
+    rows = [r for rs in results for r in rs]
+    print(table(rows))
+    for setup in args.setups:
+        gains = [r["gain"] for r in rows if r["setup"] == setup]
+        print(f"{setup}: worst gain {100 * min(gains):+.2f} points over {len(gains)} runs; "
+              f"worst RM accuracy {min(r['rm_accuracy'] for r in rows):.3f}")
     if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rows, indent=2))
     return 0
 

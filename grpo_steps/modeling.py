@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -30,6 +31,31 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def begin_stage(seed: int) -> None:
+    """A stage starts from no one else's global state: seeded, and accelerate's process-wide state cleared.
+
+    `AcceleratorState` is a singleton that keeps the first trainer's mixed precision: after an in-process
+    SFT under bf16, the grpo stage would train under bf16 autocast too, unlike `grpo grpo` or `dvc repro`.
+    The process group (PartialState) is kept, so this is safe under `accelerate launch`.
+    """
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    seed_everything(seed)
+
+
+def trainer_precision(cfg: ModelConfig) -> dict[str, bool]:
+    """The precision and checkpointing flags every TRL config gets, so none falls back to TRL's own defaults
+    (bf16 autocast and gradient checkpointing on)."""
+    return {"bf16": cfg.precision == "bf16", "fp16": cfg.precision == "fp16",
+            "gradient_checkpointing": cfg.activation_checkpointing}
+
+
+def accelerate_precision(cfg: ModelConfig) -> str:
+    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision]
 
 
 def tiny_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, num_labels: int | None = None):
@@ -127,7 +153,11 @@ def load_reward_model(path: str | Path, trust_remote_code: bool = False) -> PreT
     require_safetensors(path, "reward model checkpoint")
     _warn_remote_code(trust_remote_code, path)
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
+        archs = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code).architectures or []
+        # a likelihood reward model is a causal LM; a scalar one a sequence classifier (grpo/reward_model.py)
+        auto = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in archs) else \
+            AutoModelForSequenceClassification
+        return auto.from_pretrained(
             str(path), use_safetensors=True, trust_remote_code=trust_remote_code, dtype=torch.float32
         )
     except (OSError, ValueError) as e:

@@ -39,8 +39,9 @@ def synthetic_rows(cfg: Config) -> dict[str, list[dict[str, Any]]]:
     # Preference pairs come from train and eval prompts only: the test split stays unseen by every model.
     n_eval_pairs = max(1, t.n_preference_pairs // 10)
     pairs = {
-        "preferences_train": make_preference_pairs(cfg.seed, splits["train"], t.n_preference_pairs - n_eval_pairs),
-        "preferences_eval": make_preference_pairs(cfg.seed + 7, splits["eval"], n_eval_pairs),
+        "preferences_train": make_preference_pairs(cfg.seed, splits["train"], t.n_preference_pairs - n_eval_pairs,
+                                                   t.rejected_mix),
+        "preferences_eval": make_preference_pairs(cfg.seed + 7, splits["eval"], n_eval_pairs, t.rejected_mix),
     }
     for name, rows in pairs.items():
         out[name] = [{"id": f"{name}-{i:06d}", **r} for i, r in enumerate(rows)]

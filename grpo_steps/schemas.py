@@ -25,7 +25,7 @@ ANSWER_PATTERN = r"^-?\d+(\.\d+)?$"
 _ANSWER = re.compile(ANSWER_PATTERN)
 
 PROMPT_COLUMNS = ("id", "prompt", "answer", "split", "demonstration")
-PREFERENCE_COLUMNS = ("id", "prompt", "chosen", "rejected")
+PREFERENCE_COLUMNS = ("id", "prompt", "chosen", "rejected", "kind")
 
 # Turns a list of strings into their token counts (the pipeline's tokenizer, without special tokens).
 TokenCounter = Callable[[list[str]], list[int]]
@@ -206,6 +206,13 @@ class PreferenceSchema(pa.DataFrameModel):
     prompt: Series[object] = pa.Field(nullable=False)
     chosen: Series[object] = pa.Field(nullable=False)
     rejected: Series[object] = pa.Field(nullable=False)
+    # What kind of wrong answer `rejected` is (the embedded task's `slip`, `offset`, ...): the reward model's
+    # held-out accuracy is reported per kind.
+    kind: Optional[Series[object]] = pa.Field(nullable=False)  # noqa: UP045 - pandera needs Optional
+
+    @pa.check("kind", name="is_string")
+    def kind_is_string(cls, s: pd.Series) -> Series[bool]:
+        return _mask(s, _is_str)
 
     @pa.check("id", "prompt", "chosen", "rejected", name="is_string")
     def is_string(cls, s: pd.Series) -> Series[bool]:

@@ -14,14 +14,14 @@ from trl import SFTConfig, SFTTrainer
 
 from grpo_steps.config import Config
 from grpo_steps.io import atomic_path, read_jsonl
-from grpo_steps.modeling import build_policy, load_tokenizer, seed_everything
+from grpo_steps.modeling import begin_stage, build_policy, load_tokenizer, trainer_precision
 from grpo_steps.tracking import stage_run
 
 log = logging.getLogger(__name__)
 
 
 def sft(cfg: Config) -> dict[str, float]:
-    seed_everything(cfg.seed)
+    begin_stage(cfg.seed)
     if cfg.model.pretrained:
         tok = load_tokenizer(cfg.model.pretrained, cfg.model.trust_remote_code, allow_hub=True)
     else:
@@ -41,6 +41,7 @@ def sft(cfg: Config) -> dict[str, float]:
                 max_steps=sc.max_steps,
                 per_device_train_batch_size=sc.batch_size,
                 learning_rate=sc.learning_rate,
+                weight_decay=sc.weight_decay,
                 lr_scheduler_type="cosine",
                 warmup_steps=sc.warmup_ratio,
                 completion_only_loss=True,
@@ -51,6 +52,7 @@ def sft(cfg: Config) -> dict[str, float]:
                 seed=cfg.seed,
                 use_cpu=not torch.cuda.is_available(),
                 dataloader_num_workers=0,
+                **trainer_precision(cfg.model),
             )
             trainer = SFTTrainer(
                 model=policy,

@@ -72,8 +72,9 @@ def _register(cfg: Config) -> Any:
 STAGES: dict[str, tuple[Callable[[Config], Any], str]] = {
     "prepare": (_prepare, "generate the task's train/eval/test prompts, preference pairs and the tokenizer"),
     "validate": (_validate, "check every prepared file against its pandera schema (all failures listed)"),
-    "train_reward": (_train_reward, "train the Bradley-Terry reward model (TRL RewardTrainer) and gate on it"),
     "sft": (_sft, "cold-start the policy with supervised fine-tuning (TRL SFTTrainer)"),
+    "train_reward": (_train_reward, "train the Bradley-Terry reward model (TRL RewardTrainer) from the starting "
+                     "policy and gate on its held-out pairwise accuracy"),
     "grpo": (_grpo, "optimise the policy with GRPO against the weighted reward functions"),
     "evaluate": (_evaluate, "compare the starting and GRPO policies on the held-out test split"),
     "register": (_register, "register the GRPO policy in the MLflow registry behind the promotion gate"),
@@ -114,6 +115,14 @@ def _local_model(name: str | None) -> list[Path]:
     return [Path(name)] if name and Path(name).is_dir() else []
 
 
+def _reward_init_model(cfg: Config) -> list[Path]:
+    """The weights the reward model starts from: a local backbone, or the starting policy (models/sft)."""
+    rc = cfg.reward_model
+    if rc.backbone:
+        return _local_model(rc.backbone)
+    return [cfg.paths.sft_policy()] if rc.init == "policy" else []
+
+
 _TRAIN_LENGTHS = ("validate.max_prompt_tokens", "validate.max_answer_tokens")  # the trainers' max_length
 
 STAGE_SPECS: dict[str, StageSpec] = {s.name: s for s in [
@@ -132,14 +141,6 @@ STAGE_SPECS: dict[str, StageSpec] = {s.name: s for s in [
         outs=lambda cfg: [cfg.paths.validated(), *_r(cfg, "validation.json", "validation.md", "quarantine")],
     ),
     StageSpec(
-        "train_reward",
-        code=("grpo_steps/train_reward.py", "grpo_steps/modeling.py", "grpo_steps/grpo/reward_model.py"),
-        params=("seed", "model", "reward_model", *_TRAIN_LENGTHS),
-        deps=lambda cfg: [*_v(cfg, "preferences_train", "preferences_eval"), cfg.paths.tokenizer(),
-                          *_local_model(getattr(cfg.reward_model, "backbone", None))],
-        outs=lambda cfg: [cfg.paths.reward_model(), *_r(cfg, "reward_model.json")],
-    ),
-    StageSpec(
         "sft",
         code=("grpo_steps/sft.py", "grpo_steps/modeling.py"),
         params=("seed", "model", "sft", *_TRAIN_LENGTHS),
@@ -147,9 +148,17 @@ STAGE_SPECS: dict[str, StageSpec] = {s.name: s for s in [
         outs=lambda cfg: [cfg.paths.sft_policy()],
     ),
     StageSpec(
+        "train_reward",
+        code=("grpo_steps/train_reward.py", "grpo_steps/modeling.py", "grpo_steps/grpo/reward_model.py"),
+        params=("seed", "model", "reward_model", *_TRAIN_LENGTHS),
+        deps=lambda cfg: [*_v(cfg, "preferences_train", "preferences_eval"), cfg.paths.tokenizer(),
+                          *_reward_init_model(cfg)],
+        outs=lambda cfg: [cfg.paths.reward_model(), *_r(cfg, "reward_model.json")],
+    ),
+    StageSpec(
         "grpo",
         code=("grpo_steps/grpo", "grpo_steps/train_grpo.py", "grpo_steps/checkpoint.py", "grpo_steps/modeling.py"),
-        params=("seed", "grpo", "model.trust_remote_code"),
+        params=("seed", "grpo", "model.trust_remote_code", "model.precision", "model.activation_checkpointing"),
         deps=lambda cfg: [*_v(cfg, "train"), cfg.paths.sft_policy(), cfg.paths.reward_model()],
         outs=lambda cfg: [cfg.paths.grpo_policy(), *_r(cfg, "grpo_steps.csv")],
         persistent_outs=lambda cfg: [grpo_checkpoint_dir(cfg)],

@@ -88,31 +88,57 @@ def demonstrations(seed: int, problems: list[Problem], error_rate: float) -> lis
     return out
 
 
-def wrong_answer(rng: random.Random, answer: str, prompt: str = "") -> str:
-    """A plausible but wrong answer: off by a small amount or a digit changed, never equal to the right one."""
+# The kinds of wrong answer a preference pair's `rejected` can be, and their default shares. `slip` is the weak
+# teacher's systematic error, the one the starting policy makes and GRPO must correct; a reward model that
+# only spots `random` digits would be no scorer, so its held-out accuracy is reported per kind.
+REJECTED_KINDS: dict[str, float] = {"slip": 0.4, "offset": 0.3, "digit": 0.2, "random": 0.1}
+_OFFSETS = (-10, -2, -1, 1, 2, 10)
+
+
+def _wrong_of_kind(rng: random.Random, kind: str, value: int, prompt: str) -> int | None:
+    if kind == "slip":
+        slip = sloppy_answer(prompt)
+        return None if slip is None else int(slip)
+    if kind == "offset":
+        return value + rng.choice(_OFFSETS)
+    if kind == "digit":
+        digits = list(str(abs(value)))
+        i = rng.randrange(len(digits))
+        digits[i] = rng.choice([d for d in "0123456789" if d != digits[i]])
+        return int("".join(digits)) * (-1 if value < 0 else 1)
+    return rng.randint(min(-10, value - 100), value + 100)  # random
+
+
+def wrong_answer_of_kind(
+    rng: random.Random, answer: str, prompt: str = "", mix: dict[str, float] | None = None
+) -> tuple[str, str]:
+    """(a plausible wrong answer, its kind), the kind drawn from `mix` among those that apply to the problem
+    (a slip only where the teacher can slip); never equal to the right answer."""
     value = int(answer)
+    mix = dict(mix or REJECTED_KINDS)
+    if sloppy_answer(prompt) is None:
+        mix.pop("slip", None)
+    kinds, weights = zip(*((k, w) for k, w in mix.items() if w > 0), strict=True)
     while True:
-        kind = rng.random()
-        if kind < 0.2 and (slip := sloppy_answer(prompt)) is not None:
-            return slip
-        if kind < 0.35:
-            cand = rng.randint(min(-10, value - 100), value + 100)
-        elif kind < 0.7:
-            cand = value + rng.choice([-10, -2, -1, 1, 2, 10])
-        else:
-            digits = list(str(abs(value)))
-            i = rng.randrange(len(digits))
-            digits[i] = str(rng.randrange(10))
-            cand = int("".join(digits)) * (-1 if value < 0 else 1)
-        if cand != value:
-            return str(cand)
+        kind = rng.choices(kinds, weights)[0]
+        cand = _wrong_of_kind(rng, kind, value, prompt)
+        if cand is not None and cand != value:
+            return str(cand), kind
 
 
-def make_preference_pairs(seed: int, problems: list[Problem], n: int) -> list[dict[str, str]]:
-    """(prompt, chosen, rejected): the right answer preferred over a near miss."""
+def wrong_answer(rng: random.Random, answer: str, prompt: str = "") -> str:
+    """A plausible but wrong answer: a slip, off by a small amount, a digit changed or random."""
+    return wrong_answer_of_kind(rng, answer, prompt)[0]
+
+
+def make_preference_pairs(
+    seed: int, problems: list[Problem], n: int, mix: dict[str, float] | None = None
+) -> list[dict[str, str]]:
+    """(prompt, chosen, rejected, kind): the right answer preferred over a near miss of the given kind."""
     rng = random.Random(seed + 1)
     pairs = []
     for i in range(n):
         p = problems[i % len(problems)]
-        pairs.append({"prompt": p.prompt, "chosen": p.answer, "rejected": wrong_answer(rng, p.answer, p.prompt)})
+        rejected, kind = wrong_answer_of_kind(rng, p.answer, p.prompt, mix)
+        pairs.append({"prompt": p.prompt, "chosen": p.answer, "rejected": rejected, "kind": kind})
     return pairs

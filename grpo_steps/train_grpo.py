@@ -36,7 +36,14 @@ from grpo_steps.grpo.reward_model import RewardModelFunction
 from grpo_steps.grpo.rewards import RewardFunction, function_name, resolve_reward_function
 from grpo_steps.grpo.trainer import GRPOTrainer, NonFiniteLossError, PromptSampler
 from grpo_steps.io import OutputLockedError, atomic_path, exclusive_lock, read_jsonl
-from grpo_steps.modeling import load_policy, load_reward_model, load_tokenizer, seed_everything
+from grpo_steps.modeling import (
+    accelerate_precision,
+    begin_stage,
+    load_policy,
+    load_reward_model,
+    load_tokenizer,
+    seed_everything,
+)
 from grpo_steps.tracking import stage_run
 
 log = logging.getLogger(__name__)
@@ -106,7 +113,10 @@ def _log_metrics(metrics: dict[str, float], step: int) -> None:
 def train_grpo(cfg: Config, progress: bool = True, accelerator: Accelerator | None = None) -> dict[str, float]:
     """Run (or resume) GRPO; returns a summary whose `resumed_from_step` is 0 for a fresh start."""
     preflight(cfg)
-    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    if accelerator is None:  # no precision or gradient state left over from a stage that ran before in-process
+        begin_stage(cfg.seed)
+    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
+                                     mixed_precision=accelerate_precision(cfg.model))
     main = acc.is_main_process
     with contextlib.ExitStack() as stack:
         locked = None
@@ -127,6 +137,8 @@ def _train(cfg: Config, acc: Accelerator, progress: bool) -> dict[str, float]:
     seed_everything(cfg.seed)
     tok = load_tokenizer(cfg.paths.sft_policy())
     policy = load_policy(cfg.paths.sft_policy(), cfg.model.trust_remote_code)
+    if cfg.model.activation_checkpointing:
+        policy.gradient_checkpointing_enable()
     rows = read_jsonl(cfg.paths.validated() / "train.jsonl")
     funcs, weights = build_reward_functions(cfg, tok)
     trainer = GRPOTrainer(policy, tok, funcs, weights, cfg.grpo, seed=cfg.seed, accelerator=acc)

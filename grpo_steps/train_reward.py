@@ -1,7 +1,8 @@
 """Stage `train_reward`: a Bradley-Terry reward model (TRL RewardTrainer) on the preference pairs.
 
-The model is a sequence-classification head (one output) on a backbone: by default a fresh one built from
-the `model` section, or `reward_model.backbone` (a local folder or hub name, safetensors only). The loss is
+The model is a sequence-classification head (one output) on a backbone: by default the starting policy
+(models/sft, so this stage runs after sft), fresh weights from the `model` section with `reward_model.init:
+config`, or `reward_model.backbone` (a local folder or hub name, safetensors only). The loss is
 `-log sigmoid(r_chosen - r_rejected - margin)`, with the margin a constant (`reward_model.margin`) or a
 per-pair column (`reward_model.margin_column`), plus optional reward centering.
 
@@ -18,14 +19,30 @@ from typing import Any
 
 import mlflow
 import torch
+from accelerate import Accelerator
 from datasets import Dataset
-from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
+from tqdm.auto import tqdm
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    get_cosine_schedule_with_warmup,
+)
 from trl import RewardConfig, RewardTrainer
 
 from grpo_steps.config import Config
-from grpo_steps.grpo.reward_model import RewardModelFunction
+from grpo_steps.grpo.reward_model import RewardModelFunction, bradley_terry_loss, encode_pairs, sequence_logps
 from grpo_steps.io import DataFileError, atomic_path, read_jsonl, write_json
-from grpo_steps.modeling import build_reward_backbone, load_tokenizer, seed_everything
+from grpo_steps.modeling import (
+    accelerate_precision,
+    begin_stage,
+    build_policy,
+    build_reward_backbone,
+    load_tokenizer,
+    require_safetensors,
+    trainer_precision,
+)
 from grpo_steps.tracking import stage_run
 
 log = logging.getLogger(__name__)
@@ -36,31 +53,68 @@ class RewardGateError(RuntimeError):
 
 
 def pairwise_accuracy(scorer: RewardModelFunction, pairs: list[dict]) -> float:
+    return pairwise_report(scorer, pairs)["pairwise_accuracy"]
+
+
+def pairwise_report(scorer: RewardModelFunction, pairs: list[dict]) -> dict[str, Any]:
+    """Held-out pairwise accuracy (chosen scored above rejected), overall and per kind of rejected answer
+    when the pairs say (`kind`), with the mean score margin."""
     prompts = [p["prompt"] for p in pairs]
     chosen = scorer(prompts, [p["chosen"] for p in pairs])
     rejected = scorer(prompts, [p["rejected"] for p in pairs])
-    return sum(c > r for c, r in zip(chosen, rejected, strict=True)) / max(len(pairs), 1)
+    wins = [c > r for c, r in zip(chosen, rejected, strict=True)]
+    report: dict[str, Any] = {
+        "pairwise_accuracy": sum(wins) / max(len(pairs), 1),
+        "mean_margin": sum(c - r for c, r in zip(chosen, rejected, strict=True)) / max(len(pairs), 1),
+    }
+    by_kind: dict[str, list[bool]] = {}
+    for p, w in zip(pairs, wins, strict=True):
+        if p.get("kind"):
+            by_kind.setdefault(str(p["kind"]), []).append(w)
+    report["by_kind"] = {k: {"pairwise_accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(by_kind.items())}
+    return report
 
 
 def trust_remote_code(cfg: Config) -> bool:
     return cfg.reward_trust_remote_code()
 
 
+def reward_init(cfg: Config) -> str:
+    """Where the reward model's weights start: a backbone's name, `policy` or `config`."""
+    return cfg.reward_model.backbone or cfg.reward_model.init
+
+
 def build_reward_model(cfg: Config) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The untrained reward model and the tokenizer it reads text with."""
+    """The untrained reward model and the tokenizer it reads text with.
+
+    By default it starts from the starting policy (models/sft): its transformer already computes the task, and
+    only the scalar head is new (InstructGPT, DeepSeekMath). `init: config` builds fresh weights instead.
+    """
     backbone = cfg.reward_model.backbone
-    if backbone is None:  # built from the `model` section, on the project's tokenizer
+    if backbone is None and cfg.reward_model.init == "config":  # built from the `model` section
         tok = load_tokenizer(cfg.paths.tokenizer())
+        if cfg.reward_model.head == "likelihood":
+            return build_policy(cfg.model.model_copy(update={"pretrained": None}), tok), tok
         return build_reward_backbone(cfg.model, tok), tok
-    trust = trust_remote_code(cfg)
+    if backbone is None:
+        path = cfg.paths.sft_policy()
+        require_safetensors(path, "starting policy for the reward model (reward_model.init: policy; stage sft)")
+        backbone, trust = str(path), cfg.model.trust_remote_code
+    else:
+        trust = trust_remote_code(cfg)
     try:
         tok = load_tokenizer(backbone, trust_remote_code=trust, allow_hub=True)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            backbone, num_labels=1, use_safetensors=True, trust_remote_code=trust, dtype=torch.float32
-        )
+        if cfg.reward_model.head == "likelihood":
+            model = AutoModelForCausalLM.from_pretrained(
+                backbone, use_safetensors=True, trust_remote_code=trust, dtype=torch.float32
+            )
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                backbone, num_labels=1, use_safetensors=True, trust_remote_code=trust, dtype=torch.float32
+            )
     except (OSError, ValueError) as e:
         raise RuntimeError(
-            f"could not load the reward-model backbone reward_model.backbone={backbone!r} (a local folder or hub "
+            f"could not load the reward-model backbone {backbone!r} (a local folder or hub "
             f"name with safetensors weights and a tokenizer): {e}"
         ) from e
     if model.config.pad_token_id is None:  # the head pools the last non-pad token: it must know the pad id
@@ -98,58 +152,135 @@ def pairs_dataset(pairs: list[dict[str, Any]], cfg: Config, source: str = "prefe
     return Dataset.from_list(rows)
 
 
-def train_reward(cfg: Config) -> dict[str, Any]:
-    seed_everything(cfg.seed)
-    data = cfg.paths.validated()
-    train_pairs = read_jsonl(data / "preferences_train.jsonl")
-    eval_pairs = read_jsonl(data / "preferences_eval.jsonl")
-    train_dataset = pairs_dataset(train_pairs, cfg, str(data / "preferences_train.jsonl"))
-    model, tok = build_reward_model(cfg)
+def _train_scalar(cfg: Config, model, tok, train_pairs: list[dict], source: str, tmp) -> PreTrainedModel:
+    """TRL's RewardTrainer: a sequence-classification head, Bradley-Terry loss (+ margin, centering)."""
     rc = cfg.reward_model
     # Pairs were bounded in tokens of the project's tokenizer by `validate`; another backbone's tokenizer
     # counts differently, so there nothing is filtered out.
-    max_length = cfg.validate_.max_prompt_tokens + cfg.validate_.completion_tokens() + 2
+    max_length = None if rc.backbone else cfg.validate_.max_prompt_tokens + cfg.validate_.completion_tokens() + 2
+    args = RewardConfig(
+        output_dir=str(tmp / "_trainer"),
+        num_train_epochs=rc.epochs,
+        per_device_train_batch_size=rc.batch_size,
+        learning_rate=rc.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=rc.warmup_ratio,
+        center_rewards_coefficient=rc.center_rewards_coefficient,
+        max_length=max_length,
+        logging_steps=10,
+        save_strategy="no",
+        report_to=["mlflow"],
+        seed=cfg.seed,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+        **trainer_precision(cfg.model),
+    )
+    trainer = RewardTrainer(model=model, args=args, train_dataset=pairs_dataset(train_pairs, cfg, source),
+                            processing_class=tok)
+    trainer.train()
+    shutil.rmtree(tmp / "_trainer", ignore_errors=True)
+    return trainer.model
+
+
+def _train_likelihood(cfg: Config, model, tok, train_pairs: list[dict], source: str) -> PreTrainedModel:
+    """Bradley-Terry on the completion log-likelihood of a causal LM (grpo_steps/grpo/reward_model.py).
+
+    Seeded shuffles, AdamW with warm-up and cosine decay, gradient clipping at 1, through accelerate (the
+    precision of `model.precision`, any device, DDP under `accelerate launch`); loss, accuracy and margin
+    logged to MLflow every 10 steps as reward_model/train/*.
+    """
+    rc = cfg.reward_model
+    margins = _margins(train_pairs, cfg, source)
+    if rc.center_rewards_coefficient is not None:
+        log.info("reward_model.center_rewards_coefficient applies to the scalar head only: ignored")
+    if cfg.model.activation_checkpointing:
+        model.gradient_checkpointing_enable()
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=accelerate_precision(cfg.model))
+    per_epoch = math.ceil(len(train_pairs) / rc.batch_size)
+    steps = max(1, math.ceil(per_epoch * rc.epochs))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=rc.learning_rate, weight_decay=0.0)
+    schedule = get_cosine_schedule_with_warmup(optimizer, int(rc.warmup_ratio * steps), steps)
+    model, optimizer = acc.prepare(model, optimizer)
+    model.train()
+    g = torch.Generator().manual_seed(cfg.seed)
+    order: list[int] = []
+    window: dict[str, list[float]] = {"loss": [], "accuracy": [], "margin": []}
+    bar = tqdm(range(1, steps + 1), desc="train_reward", disable=not acc.is_main_process, dynamic_ncols=True)
+    for step in bar:
+        if len(order) < rc.batch_size:  # a fresh seeded permutation per epoch, no pair dropped
+            order += torch.randperm(len(train_pairs), generator=g).tolist()
+        idx, order = order[: rc.batch_size], order[rc.batch_size :]
+        batch = [train_pairs[i] for i in idx]
+        prompts = [p["prompt"] for p in batch]
+        ids, attention, completion = (t.to(acc.device) for t in encode_pairs(
+            tok, prompts + prompts, [p["chosen"] for p in batch] + [p["rejected"] for p in batch]))
+        scores = rc.beta * sequence_logps(model, ids, attention, completion)  # (2B,) chosen then rejected
+        chosen, rejected = scores[: len(batch)], scores[len(batch) :]
+        margin = torch.tensor([margins[i] for i in idx], device=acc.device) if margins is not None else None
+        loss = bradley_terry_loss(chosen, rejected, margin)
+        acc.backward(loss)
+        acc.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        window["loss"].append(loss.item())
+        window["accuracy"].append((chosen > rejected).float().mean().item())
+        window["margin"].append((chosen - rejected).mean().item())
+        if step % 10 == 0 or step == steps:
+            means = {k: sum(v) / len(v) for k, v in window.items()}
+            if acc.is_main_process:
+                mlflow.log_metrics({f"reward_model/train/{k}": v for k, v in means.items()}, step=step)
+            bar.set_postfix(loss=f"{means['loss']:.3f}", accuracy=f"{means['accuracy']:.2f}")
+            window = {k: [] for k in window}
+    model = acc.unwrap_model(model).eval()
+    model.config.reward_beta = rc.beta  # the scorer reads it back
+    return model
+
+
+def train_reward(cfg: Config) -> dict[str, Any]:
+    begin_stage(cfg.seed)
+    data = cfg.paths.validated()
+    source = str(data / "preferences_train.jsonl")
+    train_pairs = read_jsonl(data / "preferences_train.jsonl")
+    eval_pairs = read_jsonl(data / "preferences_eval.jsonl")
+    _margins(train_pairs, cfg, source)  # a bad margin column fails before any model is built
+    rc = cfg.reward_model
+    model, tok = build_reward_model(cfg)
     out = cfg.paths.reward_model()
     reports = cfg.paths.reports()
     with stage_run(cfg, "train_reward"), atomic_path(out) as tmp:
-        args = RewardConfig(
-            output_dir=str(tmp / "_trainer"),
-            num_train_epochs=rc.epochs,
-            per_device_train_batch_size=rc.batch_size,
-            learning_rate=rc.learning_rate,
-            lr_scheduler_type="cosine",
-            warmup_steps=0.05,
-            center_rewards_coefficient=rc.center_rewards_coefficient,
-            max_length=max_length if rc.backbone is None else None,
-            logging_steps=10,
-            save_strategy="no",
-            report_to=["mlflow"],
-            seed=cfg.seed,
-            use_cpu=not torch.cuda.is_available(),
-            dataloader_num_workers=0,
-            disable_tqdm=False,
-        )
-        trainer = RewardTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tok)
-        trainer.train()
-        scorer = RewardModelFunction(trainer.model, tok)
-        acc = pairwise_accuracy(scorer, eval_pairs)
+        if rc.head == "likelihood":
+            model = _train_likelihood(cfg, model, tok, train_pairs, source)
+        else:
+            model = _train_scalar(cfg, model, tok, train_pairs, source, tmp)
+        scorer = RewardModelFunction(model, tok)
+        report = pairwise_report(scorer, eval_pairs)
+        acc = report["pairwise_accuracy"]
         passed = acc >= rc.min_pairwise_accuracy
         metrics = {
             "pairwise_accuracy": acc,
+            "by_kind": report["by_kind"],
+            "mean_margin": report["mean_margin"],
             "n_train_pairs": len(train_pairs),
             "n_eval_pairs": len(eval_pairs),
             "min_pairwise_accuracy": rc.min_pairwise_accuracy,
             "gate_passed": passed,
+            "init": reward_init(cfg),
+            "head": rc.head,
         }
-        mlflow.log_metrics({"reward_model/pairwise_accuracy": acc, "reward_model/gate_passed": float(passed)})
-        mlflow.set_tags({"reward_gate": "passed" if passed else "failed",
-                         "reward_backbone": rc.backbone or "model-config"})
-        trainer.model.save_pretrained(str(tmp), safe_serialization=True)
+        mlflow.log_metrics({"reward_model/pairwise_accuracy": acc, "reward_model/gate_passed": float(passed),
+                            "reward_model/mean_margin": report["mean_margin"],
+                            **{f"reward_model/pairwise_accuracy/{k}": v["pairwise_accuracy"]
+                               for k, v in report["by_kind"].items()}})
+        mlflow.set_tags({"reward_gate": "passed" if passed else "failed", "reward_init": reward_init(cfg)})
+        model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
-        shutil.rmtree(tmp / "_trainer", ignore_errors=True)
         write_json(reports / "reward_model.json", metrics)
         mlflow.log_artifact(str(reports / "reward_model.json"))
-    log.info("reward model: held-out pairwise accuracy %.3f (gate %.3f)", acc, rc.min_pairwise_accuracy)
+    log.info("reward model: held-out pairwise accuracy %.3f (gate %.3f); by kind of rejected answer: %s", acc,
+             rc.min_pairwise_accuracy,
+             ", ".join(f"{k} {v['pairwise_accuracy']:.3f} (n={v['n']})" for k, v in report["by_kind"].items()) or "-")
     if not passed:
         raise RewardGateError(
             f"reward model held-out pairwise accuracy {acc:.3f} is below the gate "

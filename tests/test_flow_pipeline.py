@@ -65,7 +65,7 @@ def test_cache_key_follows_params_inputs_code_and_output_paths(workdir, tmp_path
     root = tmp_path / "src"
     for c in STAGE_SPECS["grpo"].code:
         _write(root / c, c, "x.py")
-    for name in ("prepare", "validate", "train_reward", "sft"):
+    for name in ("prepare", "validate", "sft", "train_reward"):
         _write_outputs(name, cfg)
     key = stage_cache_key("grpo", cfg, root)
     assert key == stage_cache_key("grpo", cfg, root), "deterministic"
@@ -122,12 +122,12 @@ def test_task_options():
     from flows.pipeline import STAGE_TASKS
 
     assert list(STAGE_TASKS) == list(STAGES)
-    for name in ("train_reward", "sft", "grpo"):
+    for name in ("sft", "train_reward", "grpo"):
         t = STAGE_TASKS[name]
         assert t.retries == 1 and t.retry_delay_seconds and t.retry_condition_fn is not None
         # TRL stages: no print() capture (datasets' dill disassembles functions through print)
         assert t.log_prints is False
-    for name in ("prepare", "validate", "train_reward", "sft", "grpo", "evaluate"):
+    for name in ("prepare", "validate", "sft", "train_reward", "grpo", "evaluate"):
         t = STAGE_TASKS[name]
         assert t.persist_result is True and t.cache_key_fn is not None, name
     assert STAGE_TASKS["evaluate"].log_prints is True, "the comparison table is printed into the run's logs"
@@ -270,7 +270,7 @@ def test_flow_skips_unchanged_stages_and_reruns_what_changed(prefect_api, fake_s
     client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
     parents = client.search_runs([client.get_experiment_by_name("grpo-pipeline").experiment_id],
                                  "tags.mlflow.runName = 'pipeline'", order_by=["start_time DESC"])
-    assert parents[0].data.tags["cached_stages"] == "prepare,validate,train_reward,sft,grpo,evaluate"
+    assert parents[0].data.tags["cached_stages"] == "prepare,validate,sft,train_reward,grpo,evaluate"
 
     # one GRPO param: grpo and everything after it (its output changed, so evaluate's input did)
     fake_stages.clear()

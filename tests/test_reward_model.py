@@ -1,5 +1,6 @@
-"""The train_reward stage: backbone choice, margin and centering through TRL's RewardTrainer, the gate, and the
-gate stopping the CLI and the Prefect flow before GRPO."""
+"""The train_reward stage: the likelihood head trained from the starting policy, the scalar head (backbone
+choice, margin and centering through TRL's RewardTrainer), the gate, and the gate stopping the CLI and the
+Prefect flow before GRPO."""
 
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ def test_margin_settings(workdir):
 
 
 def test_train_reward_with_margin_and_centering(project, monkeypatch):
-    cfg = load_tiny(project, "reward_model.margin=0.5", "reward_model.center_rewards_coefficient=0.01")
+    cfg = load_tiny(project, "reward_model.head=scalar", "reward_model.margin=0.5",
+                    "reward_model.center_rewards_coefficient=0.01")
     SpyTrainer.batches = []
     monkeypatch.setattr(stage, "RewardTrainer", SpyTrainer)
     metrics = stage.train_reward(cfg)
@@ -90,7 +92,7 @@ def test_backbone_from_a_local_folder(project, tmp_path):
     build_policy(base.model, tok).save_pretrained(str(backbone), safe_serialization=True)
     tok.save_pretrained(str(backbone))
 
-    cfg = load_tiny(project, f"reward_model.backbone={backbone}")
+    cfg = load_tiny(project, f"reward_model.backbone={backbone}", "reward_model.head=scalar")
     model, rm_tok = stage.build_reward_model(cfg)
     assert model.config.num_labels == 1 and model.config.pad_token_id == rm_tok.pad_token_id
     metrics = stage.train_reward(cfg)
@@ -128,6 +130,9 @@ FLOW_SCRIPT = textwrap.dedent("""
             if name == "train_reward":  # the gate fails, as train_reward raises it
                 raise RewardGateError("reward model held-out pairwise accuracy 0.400 is below the gate "
                                       "reward_model.min_pairwise_accuracy=0.55; stopping before GRPO")
+            if name == "sft":  # the reward model starts from the starting policy: sft runs first
+                Path("models/sft").mkdir(parents=True, exist_ok=True)
+                Path("models/sft/model.safetensors").write_text("stand-in")
             return real(cfg) if name in ("prepare", "validate") else {}
         return run
 
@@ -152,7 +157,7 @@ def test_gate_failure_stops_the_prefect_flow_before_grpo(workdir):
                           text=True, timeout=600)
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "grpo run: error:" in proc.stderr and "below the gate" in proc.stderr
-    assert (workdir / "ran.txt").read_text().split() == ["prepare", "validate", "train_reward"]
+    assert (workdir / "ran.txt").read_text().split() == ["prepare", "validate", "sft", "train_reward"]
 
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir}/mlflow.db")
     exp = client.get_experiment_by_name("grpo-pipeline")

@@ -1,7 +1,19 @@
-"""A trained reward model as a reward function: scores `prompt + completion + EOS`, as it was trained.
+"""A reward model trained on preference pairs, and that model as a reward function.
 
-The reward model may sit on another backbone than the policy (`reward_model.backbone`), with another
-vocabulary, so it scores with its own tokenizer: the one saved beside its weights by `train_reward`.
+Two heads, both trained with the Bradley-Terry loss on (prompt, chosen, rejected):
+
+    loss = -log sigmoid(r(x, y_chosen) - r(x, y_rejected) - margin)
+
+* `likelihood` (the default): r(x, y) = beta * sum_t log p_theta(y_t | x, y_<t), the completion's log-likelihood
+  (EOS included) under a causal LM initialised from the starting policy. The LM head the policy learned the
+  task with *is* the reward head: nothing starts from random, so a 4-layer policy's reward model ranks from
+  the first step (DPO's implicit reward without the reference term; SimPO/CPO score the same way).
+* `scalar`: a sequence-classification head (one output) pooled at the last token, as in InstructGPT and
+  TRL's RewardTrainer; the head is new, so it needs far more pairs than the embedded task has to learn to
+  compare a completion with the answer it implies (measured: 0.60 held-out accuracy after 1,250 steps).
+
+The reward model may sit on another backbone than the policy, with another vocabulary, so it scores with
+its own tokenizer: the one saved beside its weights by `train_reward`.
 """
 
 from __future__ import annotations
@@ -11,9 +23,61 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
+
+
+def is_likelihood_model(model: PreTrainedModel) -> bool:
+    """A causal LM scores by likelihood; a sequence classifier by its scalar head."""
+    return any(a.endswith("ForCausalLM") for a in (model.config.architectures or [type(model).__name__]))
+
+
+def encode_pairs(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], completions: list[str]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded `prompt + completion + EOS` ids, attention mask and completion mask, all (N, T).
+
+    Prompt and completion are tokenized apart and joined, as the policy generated them: the completion's
+    tokens follow the prompt's, and its log-likelihood covers exactly those tokens and the EOS.
+    """
+    eos = tokenizer.eos_token_id
+    rows, starts = [], []
+    for p, c in zip(prompts, completions, strict=True):
+        prompt_ids = tokenizer(p, add_special_tokens=True)["input_ids"]
+        completion_ids = tokenizer(c, add_special_tokens=False)["input_ids"]
+        rows.append(prompt_ids + completion_ids + [eos])
+        starts.append(len(prompt_ids))
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    completion = torch.zeros_like(ids)
+    for i, (r, s) in enumerate(zip(rows, starts, strict=True)):
+        ids[i, : len(r)] = torch.tensor(r)
+        attention[i, : len(r)] = 1
+        completion[i, s : len(r)] = 1
+    return ids, attention, completion
+
+
+def sequence_logps(
+    model: PreTrainedModel, ids: torch.Tensor, attention: torch.Tensor, completion: torch.Tensor
+) -> torch.Tensor:
+    """(N,) sum over completion tokens of log p(token | everything before it), in fp32."""
+    logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()  # (N, T-1, V)
+    targets = ids[:, 1:]
+    logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (N, T-1)
+    return (logps * completion[:, 1:]).sum(-1)
+
+
+def bradley_terry_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None
+) -> torch.Tensor:
+    """-log sigmoid(r_chosen - r_rejected - margin), averaged over pairs."""
+    diff = chosen - rejected
+    if margin is not None:
+        diff = diff - margin
+    return -F.logsigmoid(diff).mean()
 
 
 def _saved_tokenizer(model: PreTrainedModel) -> PreTrainedTokenizerBase | None:
@@ -31,13 +95,15 @@ class RewardModelFunction:
     """Callable with the reward-function interface; batched, no gradients, on the model's device.
 
     `tokenizer` is used when the model folder holds none; a tokenizer saved with the reward model wins, since
-    the policy's tokenizer may not be the one the reward model was trained with.
+    the policy's tokenizer may not be the one the reward model was trained with. `beta` scales a likelihood
+    model's score (saved in its config as `reward_beta` by train_reward).
     """
 
     __name__ = "reward_model"
 
     def __init__(
-        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None, batch_size: int = 256
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None, batch_size: int = 256,
+        beta: float | None = None,
     ):
         self.model = model.eval()
         own = _saved_tokenizer(model)
@@ -47,20 +113,26 @@ class RewardModelFunction:
         if self.tokenizer is None:
             raise ValueError(f"no tokenizer for the reward model: none saved in {model.name_or_path!r}, none given")
         self.batch_size = batch_size
+        self.likelihood = is_likelihood_model(model)
+        self.beta = beta if beta is not None else float(getattr(model.config, "reward_beta", 1.0))
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], completions: list[str], **_: Any) -> list[float | None]:
+        device = next(self.model.parameters()).device
+        scores: list[float | None] = []
+        for start in range(0, len(prompts), self.batch_size):
+            p, c = prompts[start : start + self.batch_size], completions[start : start + self.batch_size]
+            scores.extend(self._score(p, c, device).float().tolist())
+        return scores
+
+    def _score(self, prompts: list[str], completions: list[str], device: torch.device) -> torch.Tensor:
+        if self.likelihood:
+            ids, attention, completion = (t.to(device) for t in encode_pairs(self.tokenizer, prompts, completions))
+            return self.beta * sequence_logps(self.model, ids, attention, completion)
         # exactly as TRL's RewardTrainer prepared the training pairs: EOS appended unless already there, then
         # the tokenizer's own special tokens (none for the character-level tokenizer; BOS for some backbones)
         eos = self.tokenizer.eos_token or ""
         texts = [p + c for p, c in zip(prompts, completions, strict=True)]
         texts = [t if t.endswith(eos) else t + eos for t in texts]
-        device = next(self.model.parameters()).device
-        scores: list[float | None] = []
-        for start in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(
-                texts[start : start + self.batch_size], return_tensors="pt", padding=True
-            ).to(device)
-            logits = self.model(**enc).logits[:, 0]
-            scores.extend(logits.float().tolist())
-        return scores
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True).to(device)
+        return self.model(**enc).logits[:, 0]
