@@ -51,8 +51,8 @@ def _retry_unless_user_error(task, task_run, state) -> bool:
 STAGE_OPTIONS: dict[str, tuple[int, bool, bool]] = {
     "prepare": (0, True, True),
     "validate": (0, True, True),
-    "train_reward": (1, True, False),
     "sft": (1, True, False),
+    "train_reward": (1, True, False),
     "grpo": (1, True, False),  # a retry resumes from the stage's checkpoints
     "evaluate": (1, True, True),  # prints the comparison table
     "register": (2, False, True),  # a side effect on the registry: never skipped
@@ -112,7 +112,7 @@ def _run_stage(name: str, cfg: Config, storage: Path, refresh: bool) -> tuple[di
 def grpo_pipeline(
     params_path: str = "params.yaml", overrides: list[str] | None = None, refresh_cache: bool = False
 ) -> dict[str, Any]:
-    """prepare -> validate -> train_reward -> sft -> grpo -> evaluate -> register.
+    """prepare -> validate -> sft -> train_reward -> grpo -> evaluate -> register.
 
     refresh_cache: run every stage even when an earlier run's cached result matches.
     """

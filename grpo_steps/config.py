@@ -219,7 +219,7 @@ class RewardModelConfig(_Section):
         None, description="a numeric column of the preference pairs holding each pair's margin"
     )
     min_pairwise_accuracy: float = Field(
-        0.55, ge=0, le=1, description="gate: the pipeline stops before GRPO when held-out accuracy is below this"
+        0.7, ge=0, le=1, description="gate: the pipeline stops before GRPO when held-out accuracy is below this"
     )
 
     @model_validator(mode="after")

@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 
 
 def is_likelihood_model(model: PreTrainedModel) -> bool:
-    """A causal LM scores by likelihood; a sequence classifier by its scalar head."""
-    return any(a.endswith("ForCausalLM") for a in (model.config.architectures or [type(model).__name__]))
+    """A causal LM scores by likelihood; a sequence classifier by its scalar head. Judged by the class: a
+    classifier built from a causal LM's folder still carries that folder's `architectures`."""
+    return type(model).__name__.endswith("ForCausalLM")
 
 
 def encode_pairs(
