@@ -92,7 +92,7 @@ def test_local_imports_of_our_modules_say_why():
     mods = _modules()
     known = set(mods)
     unexplained = []
-    for m, path in mods.items():
+    for path in mods.values():
         lines = path.read_text().splitlines()
         for name, lineno, at_top in _imports(path, known):
             if not at_top and "deferred:" not in lines[lineno - 1]:
@@ -101,5 +101,6 @@ def test_local_imports_of_our_modules_say_why():
 
 
 def test_the_algorithm_takes_no_app_config():
-    app = {m: sorted(d for d in deps if _layer(d) > 0) for m, deps in _graph().items() if m.startswith("grpo_steps.grpo")}
+    app = {m: sorted(d for d in deps if _layer(d) > 0)
+           for m, deps in _graph().items() if m.startswith("grpo_steps.grpo")}
     assert not any(app.values()), app

@@ -13,7 +13,7 @@ import pytest
 from pydantic import BaseModel
 
 from grpo_steps.stages import PLATFORM_SECTIONS, STAGE_SPECS, STAGES
-from tests.test_tracking_support import load_tiny
+from tests.support.project import load_tiny
 
 # Methods that read the whole configuration on purpose: logging every setting, the lineage hash.
 WHOLE = {"as_dict", "params_hash", "model_dump", "model_copy", "model_dump_json"}
