@@ -25,7 +25,8 @@ from prefect.cache_policies import NO_CACHE
 from flows.cache import cache_key_fn, output_manifest, results_dir, stale_outputs
 from flows.report import summary_markdown
 from grpo_steps.config import Config, load_config
-from grpo_steps.stages import STAGES
+from grpo_steps.errors import USER_ERRORS
+from grpo_steps.stages import STAGE_SPECS, STAGES
 from grpo_steps.tracking import pipeline_run
 
 SUMMARY_ARTIFACT_KEY = "grpo-pipeline-summary"
@@ -33,36 +34,22 @@ SUMMARY_ARTIFACT_KEY = "grpo-pipeline-summary"
 
 def _retry_unless_user_error(task, task_run, state) -> bool:
     """Retry only failures a second attempt can fix: not bad params or data, not a failed gate."""
-    from grpo_steps.cli import user_errors
-
     try:
         state.result()
-    except user_errors():
+    except USER_ERRORS:
         return False
     except BaseException:  # noqa: BLE001 - anything else (OOM, I/O, a lost server) may pass on a retry
         return True
     return True
 
 
-# name: (retries, cached, log_prints). Stages that run TRL trainers keep print() off Prefect's logger:
-# `datasets` fingerprints map functions with dill, which disassembles them by capturing print() output of
-# dis.dis, and Prefect's log_prints would log those hundreds of lines of bytecode instead (and break dill's
-# capture). Their progress bars go to stderr either way.
-STAGE_OPTIONS: dict[str, tuple[int, bool, bool]] = {
-    "prepare": (0, True, True),
-    "validate": (0, True, True),
-    "sft": (1, True, False),
-    "train_reward": (1, True, False),
-    "grpo": (1, True, False),  # a retry resumes from the stage's checkpoints
-    "evaluate": (1, True, True),  # prints the comparison table
-    "register": (2, False, True),  # a side effect on the registry: never skipped
-}
 RETRY_DELAY_S = 30
 
 
 def _stage_task(name: str):
-    description = STAGES[name][1]
-    retries, cached, log_prints = STAGE_OPTIONS[name]
+    """The Prefect task of one stage: retries, caching and print capture as its record says."""
+    spec = STAGE_SPECS[name]
+    description, retries, cached, log_prints = spec.help, spec.retries, spec.cached, spec.log_prints
     caching: dict[str, Any] = (
         {"cache_key_fn": cache_key_fn(name), "persist_result": True} if cached else {"cache_policy": NO_CACHE}
     )
@@ -118,7 +105,7 @@ def grpo_pipeline(
     """
     logger = get_run_logger()
     cfg = load_config(params_path, overrides or [])
-    from grpo_steps.lineage import prefect_flow_run_id
+    from grpo_steps.lineage import prefect_flow_run_id  # deferred: mlflow
 
     storage = results_dir()
     results: dict[str, Any] = {}
@@ -144,7 +131,7 @@ def grpo_pipeline(
 
     ev, reg = results["evaluate"], results["register"]
     if status["evaluate"] == "cached":  # the stage printed it in an earlier run: show it for this one too
-        from grpo_steps.evaluate import format_comparison
+        from grpo_steps.evaluate import format_comparison  # deferred: torch, transformers
 
         logger.info("%s", format_comparison(ev))
     logger.info("held-out accuracy: start %.4f -> grpo %.4f (%+.4f); registered %s v%s as %s; cached stages: %s",

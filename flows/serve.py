@@ -15,12 +15,14 @@ from itertools import islice
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from grpo_steps.errors import UserError
+
 DEFAULT_CRON = "0 2 * * *"
 DEFAULT_TIMEZONE = "UTC"
 DEFAULT_NAME = "grpo-serve"
 
 
-class ServeError(ValueError):
+class ServeError(UserError, ValueError):
     """A bad schedule or parameters, or no Prefect server to serve against."""
 
 
@@ -54,7 +56,7 @@ def plan(cron: str = DEFAULT_CRON, timezone: str = DEFAULT_TIMEZONE, name: str =
     from prefect.utilities.callables import parameter_schema
     from prefect.utilities.schema_tools import ValidationError, validate
 
-    from flows.pipeline import grpo_pipeline
+    from flows.pipeline import grpo_pipeline  # deferred: Prefect, torch, mlflow
 
     try:
         tz = ZoneInfo(timezone)
@@ -84,7 +86,7 @@ def serve(p: ServePlan) -> None:
                          "`prefect server start` and export PREFECT_API_URL=http://127.0.0.1:4200/api")
     from prefect.schedules import Cron
 
-    from flows.pipeline import grpo_pipeline
+    from flows.pipeline import grpo_pipeline  # deferred: Prefect, torch, mlflow
 
     grpo_pipeline.serve(
         name=p.name,

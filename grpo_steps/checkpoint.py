@@ -29,22 +29,19 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
 
 from grpo_steps.config import Config
+from grpo_steps.grpo.trainer import GRPOTrainer, NonFiniteLossError, PromptSampler
 from grpo_steps.io import atomic_path, file_sha256, fsync_tree
-
-if TYPE_CHECKING:
-    from grpo_steps.grpo.trainer import GRPOTrainer, PromptSampler
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
-DIRNAME = "grpo_checkpoints"
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.pt"
@@ -61,8 +58,7 @@ class CheckpointError(RuntimeError):
 
 def checkpoints_root(cfg: Config) -> Path:
     """`<models_dir>/grpo_checkpoints` (the same folder grpo_steps.stages declares as a DVC output)."""
-    own = getattr(cfg.paths, "grpo_checkpoints", None)  # when PathsConfig names it, that wins
-    return Path(own()) if callable(own) else Path(cfg.paths.models_dir) / DIRNAME
+    return cfg.paths.grpo_checkpoints()
 
 
 def input_files(cfg: Config) -> list[Path]:
@@ -257,8 +253,6 @@ class CheckpointStore:
     def save(self, trainer: GRPOTrainer, sampler: PromptSampler) -> Path | None:
         """Checkpoint the trainer after its current step. Call on every process (RNG states are gathered);
         the main process writes. Refuses (NonFiniteLossError) while any weight is NaN/inf. RNG-neutral."""
-        from grpo_steps.grpo.trainer import NonFiniteLossError
-
         acc = trainer.accelerator
         step = trainer.step
         if not trainer.weights_finite():

@@ -12,25 +12,14 @@ import logging
 import os
 import sys
 
-from grpo_steps.config import ConfigError, load_config
+from flows import serve
+from flows.serve import DEFAULT_CRON, DEFAULT_NAME, DEFAULT_TIMEZONE
+from grpo_steps import dvc_yaml
+from grpo_steps.config import load_config
+from grpo_steps.errors import USER_ERRORS
 from grpo_steps.stages import STAGES
 
 log = logging.getLogger("grpo")
-
-# Errors a user can fix (bad params, bad or missing data, a failed gate): one clear line, exit code 2.
-_USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean "fix your params or data", not "try again": exit code 2, and no Prefect retry."""
-    from flows.serve import ServeError
-    from grpo_steps.grpo.trainer import NonFiniteLossError
-    from grpo_steps.io import DataFileError
-    from grpo_steps.train_reward import RewardGateError
-    from grpo_steps.validate import DataValidationError
-
-    return _USER_ERRORS + (DataFileError, DataValidationError, RewardGateError, NonFiniteLossError, ServeError)
-
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
@@ -49,8 +38,6 @@ def _parser() -> argparse.ArgumentParser:
                          description="Run every stage as a Prefect task. Stages whose params, inputs and code are "
                          "unchanged since an earlier run in this directory are skipped (cached).")
     run.add_argument("--refresh-cache", action="store_true", help="run every stage, even unchanged ones")
-    from flows.serve import DEFAULT_CRON, DEFAULT_NAME, DEFAULT_TIMEZONE
-
     serve = sub.add_parser(
         "serve", parents=[common], help="run the pipeline on a cron schedule (Prefect flow.serve; no worker needed)",
         description="Create a Prefect deployment of the pipeline with a cron schedule and execute its runs from "
@@ -61,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--name", default=DEFAULT_NAME, help="deployment name (default: %(default)s)")
     serve.add_argument("--dry-run", action="store_true",
                        help="validate the schedule and parameters, print the next run times, and exit")
+    dvc = sub.add_parser("dvc-yaml", parents=[common],
+                         help="write dvc.yaml from the stage records (grpo_steps/stages.py)",
+                         description="Generate dvc.yaml from the stage records, for the default `paths`.")
+    dvc.add_argument("--check", action="store_true", help="only check: exit 1 when dvc.yaml is out of date")
+    dvc.add_argument("--path", default="dvc.yaml", help="file to write or check (default: %(default)s)")
     for name, (_, help_text) in STAGES.items():
         sub.add_parser(name, parents=[common], help=help_text, description=help_text)
     return p
@@ -75,25 +67,30 @@ def main(argv: list[str] | None = None) -> int:
     # Without PREFECT_API_URL, `grpo run` starts Prefect's local server for the run; a busy 2-core machine
     # needs longer than Prefect's default 20 s for its first start (database migrations).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    if args.command == "dvc-yaml":
+        current = dvc_yaml.write(args.path, check=args.check)
+        if args.check and not current:
+            print(f"{args.path} is out of date with grpo_steps/stages.py: run `grpo dvc-yaml`", file=sys.stderr)
+            return 1
+        print(f"{args.path} {'is up to date' if current else 'written'}")
+        return 0
     try:
         cfg = load_config(args.params, args.overrides)
         if args.command == "run":
-            from flows.pipeline import grpo_pipeline
+            from flows.pipeline import grpo_pipeline  # deferred: Prefect, torch, mlflow
 
             grpo_pipeline(params_path=args.params, overrides=args.overrides, refresh_cache=args.refresh_cache)
         elif args.command == "serve":
             return _serve(args)
         else:
             STAGES[args.command][0](cfg)
-    except user_errors() as e:
+    except USER_ERRORS as e:
         print(f"grpo {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from flows import serve
-
     plan = serve.plan(cron=args.cron, timezone=args.timezone, name=args.name, params_path=args.params,
                       overrides=args.overrides)
     print(plan.describe())

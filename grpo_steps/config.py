@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from grpo_steps.errors import UserError
+from grpo_steps.grpo.settings import GRPOSettings
 from grpo_steps.task import REJECTED_KINDS
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """params.yaml is missing, unreadable or invalid; the message names the file and the key."""
 
 
@@ -49,6 +52,10 @@ class PathsConfig(_Section):
 
     def grpo_policy(self) -> Path:
         return Path(self.models_dir) / "grpo"
+
+    def grpo_checkpoints(self) -> Path:
+        """The grpo stage's resumable checkpoints, one folder per training setup (a persistent DVC output)."""
+        return Path(self.models_dir) / "grpo_checkpoints"
 
     def reports(self) -> Path:
         return Path(self.reports_dir)
@@ -288,6 +295,10 @@ class GRPOConfig(_Section):
         25, ge=0, description="save a resumable checkpoint every N steps (0: only at the end); a rerun resumes"
     )
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept (older ones are deleted)")
+
+    def settings(self) -> GRPOSettings:
+        """The algorithm's view of this section (grpo_steps/grpo takes no app config)."""
+        return GRPOSettings(**{f.name: getattr(self, f.name) for f in fields(GRPOSettings)})
 
     @model_validator(mode="after")
     def _consistent(self) -> GRPOConfig:

@@ -14,8 +14,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from grpo_steps.errors import UserError
 
-class DataFileError(ValueError):
+
+class DataFileError(UserError, ValueError):
     """A data file is missing or malformed; the message names the file and the line."""
 
 

@@ -50,7 +50,7 @@ def synthetic_rows(cfg: Config) -> dict[str, list[dict[str, Any]]]:
 
 def prepare(cfg: Config) -> dict[str, int]:
     if cfg.data.source == "files":
-        from grpo_steps.ingest import ingest
+        from grpo_steps.ingest import ingest  # deferred: pandas, pyarrow
 
         files = ingest(cfg)
     else:

@@ -20,22 +20,12 @@ from mlflow.exceptions import MlflowException
 
 from grpo_steps.config import Config
 from grpo_steps.secrets import redact_secrets, redact_url
+from grpo_steps.stages import STAGE_SPECS
 
 log = logging.getLogger(__name__)
 
 PARENT_RUN_ENV = "GRPO_PARENT_RUN_ID"
 SAMPLING_INTERVAL_ENV = "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"
-
-# The params.yaml sections each stage reads: its nested run carries their settings.
-STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
-    "prepare": ("seed", "paths", "task", "data"),
-    "validate": ("paths", "data", "validate"),
-    "train_reward": ("seed", "paths", "model", "reward_model"),
-    "sft": ("seed", "paths", "model", "sft"),
-    "grpo": ("seed", "paths", "model", "grpo"),
-    "evaluate": ("seed", "paths", "evaluate", "grpo", "registry"),
-    "register": ("paths", "registry", "tracking"),
-}
 
 # `scheme:` of at least two characters: s3://, mlflow-artifacts:/, file:/, http://; not a drive letter (C:\).
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")
@@ -126,12 +116,19 @@ def flat_params(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def stage_params(cfg: Config, stage: str) -> dict[str, str]:
-    """The flattened settings of the sections `stage` reads (every setting for an unknown stage)."""
+    """The flattened settings `stage` reads (its record's params keys, and `paths`); every setting for a name
+    that is no stage."""
     tree = redact_secrets(cfg.as_dict())
-    sections = STAGE_SECTIONS.get(stage)
-    if sections is None:
+    spec = STAGE_SPECS.get(stage)
+    if spec is None:
         return flat_params(tree)
-    return flat_params({s: tree[s] for s in sections if s in tree})
+    picked: dict[str, Any] = {"paths": tree["paths"]}
+    for key in spec.params:
+        node: Any = tree
+        for part in key.split("."):
+            node = node[part]
+        picked[key] = node
+    return flat_params(picked)
 
 
 @contextmanager

@@ -141,7 +141,7 @@ def _train(cfg: Config, acc: Accelerator, progress: bool) -> dict[str, float]:
         policy.gradient_checkpointing_enable()
     rows = read_jsonl(cfg.paths.validated() / "train.jsonl")
     funcs, weights = build_reward_functions(cfg, tok)
-    trainer = GRPOTrainer(policy, tok, funcs, weights, cfg.grpo, seed=cfg.seed, accelerator=acc)
+    trainer = GRPOTrainer(policy, tok, funcs, weights, cfg.grpo.settings(), seed=cfg.seed, accelerator=acc)
     sampler = PromptSampler(rows, seed=cfg.seed)
 
     store = CheckpointStore(checkpoints_root(cfg), _broadcast(acc, training_key(cfg) if main else None),
@@ -164,7 +164,7 @@ def _train(cfg: Config, acc: Accelerator, progress: bool) -> dict[str, float]:
     every = cfg.grpo.checkpoint_every
     bar = tqdm(total=cfg.grpo.steps, initial=trainer.step, desc="grpo", disable=not progress, dynamic_ncols=True)
 
-    def on_step(step: int, metrics: dict[str, float], _rollout) -> None:
+    def on_step(step: int, metrics: dict[str, float]) -> None:
         if main:
             _log_metrics(metrics, step)
             bar.update(1)

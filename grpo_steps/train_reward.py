@@ -32,6 +32,7 @@ from transformers import (
 from trl import RewardConfig, RewardTrainer
 
 from grpo_steps.config import Config
+from grpo_steps.errors import UserError
 from grpo_steps.grpo.reward_model import RewardModelFunction, bradley_terry_loss, encode_pairs, sequence_logps
 from grpo_steps.io import DataFileError, atomic_path, read_jsonl, write_json
 from grpo_steps.modeling import (
@@ -48,7 +49,7 @@ from grpo_steps.tracking import stage_run
 log = logging.getLogger(__name__)
 
 
-class RewardGateError(RuntimeError):
+class RewardGateError(UserError, RuntimeError):
     """The reward model ranks held-out pairs too poorly to train a policy against."""
 
 

@@ -27,6 +27,7 @@ import pandas as pd
 import pandera.pandas as pa
 
 from grpo_steps.config import Config, ValidateConfig
+from grpo_steps.errors import UserError
 from grpo_steps.io import atomic_path, read_jsonl, write_json, write_jsonl
 from grpo_steps.prepare import PREFERENCE_FILES, SPLITS
 from grpo_steps.schemas import (
@@ -65,7 +66,7 @@ _SHOWN_IN_ERROR = 50
 _SHOWN_IN_MARKDOWN = 1000
 
 
-class DataValidationError(ValueError):
+class DataValidationError(UserError, ValueError):
     """Prepared data broke its contract; `failures` holds one row per failing check."""
 
     def __init__(self, message: str, failures: pd.DataFrame, report: dict[str, Any] | None = None):
@@ -278,7 +279,7 @@ def render_markdown(report: dict[str, Any], table: pd.DataFrame, max_rows: int =
 
 def validated_hashes(cfg: Config) -> dict[str, str]:
     """md5 (the hash DVC records) of each file in data/validated, by file name."""
-    from grpo_steps.lineage import data_hashes
+    from grpo_steps.lineage import data_hashes  # deferred: mlflow
 
     return data_hashes(cfg)
 
@@ -353,7 +354,7 @@ def _token_counter(cfg: Config) -> TokenCounter:
             return [len(e.ids) for e in core.encode_batch(texts, add_special_tokens=False)] if texts else []
 
         return count
-    from grpo_steps.modeling import load_tokenizer
+    from grpo_steps.modeling import load_tokenizer  # deferred: torch, transformers
 
     tok = load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code)
 
@@ -372,7 +373,7 @@ def _write_folder(path: Path, files: Mapping[str, list[dict[str, Any]]]) -> None
 
 
 def validate(cfg: Config) -> dict[str, int]:
-    from grpo_steps.tracking import stage_run
+    from grpo_steps.tracking import stage_run  # deferred: mlflow
 
     with stage_run(cfg, "validate"):
         return _validate(cfg)

@@ -56,7 +56,7 @@ def tiny_cfg(workdir):
 @pytest.fixture(scope="session")
 def template(tmp_path_factory):
     """A tiny project (prepared and validated data, untrained tiny models), built once per session."""
-    from tests.test_tracking_support import project_template
+    from tests.support.project import project_template
 
     return project_template(tmp_path_factory)
 
@@ -64,7 +64,7 @@ def template(tmp_path_factory):
 @pytest.fixture
 def project(workdir, template):
     """`workdir` holding a copy of the tiny project."""
-    from tests.test_tracking_support import copy_project
+    from tests.support.project import copy_project
 
     copy_project(template, workdir)
     return workdir
@@ -73,7 +73,7 @@ def project(workdir, template):
 @pytest.fixture(scope="session")
 def grpo_inputs(tmp_path_factory):
     """The inputs of the grpo stage on tiny settings, built once per session."""
-    from tests.test_reliability_helpers import build_inputs
+    from tests.support.grpo_inputs import build_inputs
 
     return build_inputs(tmp_path_factory)
 
@@ -81,7 +81,7 @@ def grpo_inputs(tmp_path_factory):
 @pytest.fixture
 def ready(workdir, grpo_inputs):
     """`workdir` with the grpo stage's inputs in place."""
-    from tests.test_reliability_helpers import install_inputs
+    from tests.support.grpo_inputs import install_inputs
 
     install_inputs(grpo_inputs, workdir)
     return workdir

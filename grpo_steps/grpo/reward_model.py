@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +86,12 @@ def _saved_tokenizer(model: PreTrainedModel) -> PreTrainedTokenizerBase | None:
     folder = Path(str(getattr(model, "name_or_path", "") or ""))
     if not str(folder) or not (folder / "tokenizer_config.json").is_file():
         return None
-    from grpo_steps.modeling import load_tokenizer
-
     trust = bool(getattr(model.config, "auto_map", None))  # custom code was trusted to load the model itself
-    return load_tokenizer(folder, trust_remote_code=trust)
+    tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
 
 
 class RewardModelFunction:

@@ -23,17 +23,18 @@ import torch
 from accelerate import Accelerator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from grpo_steps.config import GRPOConfig
+from grpo_steps.errors import UserError
 from grpo_steps.grpo.advantages import group_advantages, nanstd
 from grpo_steps.grpo.logprobs import completion_logps
 from grpo_steps.grpo.loss import Normalizers, policy_loss
 from grpo_steps.grpo.rewards import RewardFunction, function_name, score_completions
 from grpo_steps.grpo.sampling import Rollout, sample_groups
+from grpo_steps.grpo.settings import GRPOSettings
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """Too many consecutive steps had a NaN/inf loss or gradient; nothing from them was applied."""
 
 
@@ -66,7 +67,7 @@ def _micro_batches(n: int, size: int) -> list[slice]:
 
 
 @torch.no_grad()
-def _batched_logps(model, rollout: Rollout, cfg: GRPOConfig) -> torch.Tensor:
+def _batched_logps(model, rollout: Rollout, cfg: GRPOSettings) -> torch.Tensor:
     c = rollout.completion_ids.size(1)
     parts = []
     for sl in _micro_batches(rollout.completion_ids.size(0), cfg.micro_batch_size):
@@ -94,7 +95,7 @@ class GRPOTrainer:
         tokenizer: PreTrainedTokenizerBase,
         reward_funcs: Sequence[RewardFunction],
         reward_weights: Sequence[float],
-        cfg: GRPOConfig,
+        cfg: GRPOSettings,
         seed: int = 0,
         accelerator: Accelerator | None = None,
     ):
@@ -271,13 +272,13 @@ class GRPOTrainer:
         return metrics
 
     def fit(self, sampler: PromptSampler, steps: int,
-            on_step: Callable[[int, dict[str, float], Rollout | None], None] | None = None) -> list[dict[str, float]]:
+            on_step: Callable[[int, dict[str, float]], None] | None = None) -> list[dict[str, float]]:
         """Train until `steps` (from `self.step`, which a resumed run sets); the whole history is returned."""
         while self.step < steps:
             rows = sampler.next(self.cfg.prompts_per_step)
             metrics = self.train_step(rows)
             self.history.append(metrics)
             if on_step is not None:
-                on_step(self.step, metrics, None)
+                on_step(self.step, metrics)
         return self.history
 

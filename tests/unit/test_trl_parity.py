@@ -8,15 +8,10 @@ which the two definitions coincide, and for the deliberate differences.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 # bench/ is a plain folder (a namespace package) at the repo root, which pytest does not put on the path.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from bench.parity_table import (
     ADVANTAGE_REWARDS,
     GRPO_WITH_KL,

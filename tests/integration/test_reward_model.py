@@ -17,7 +17,7 @@ from grpo_steps import train_reward as stage
 from grpo_steps.config import ConfigError
 from grpo_steps.io import DataFileError
 from grpo_steps.modeling import load_reward_model, load_tokenizer
-from tests.test_tracking_support import (
+from tests.support.project import (
     ROOT,
     load_tiny,
     tiny_overrides,

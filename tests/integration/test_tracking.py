@@ -14,7 +14,7 @@ import pytest
 from mlflow import MlflowClient
 
 from grpo_steps import tracking
-from tests.test_tracking_support import (
+from tests.support.project import (
     load_tiny,
     mlflow_server,
     write_metrics,

@@ -132,6 +132,23 @@ def test_dvc_yaml_agrees_with_the_stage_specs():
     assert _entries(doc["grpo"]["plots"])["reports/grpo_steps.csv"] == {"x": "step", "y": "reward"}
 
 
+def test_committed_dvc_yaml_is_generated_from_the_stage_records():
+    from grpo_steps.dvc_yaml import render
+
+    assert (ROOT / "dvc.yaml").read_text() == render(), "dvc.yaml is stale: run `grpo dvc-yaml`"
+
+
+def test_dvc_yaml_check_command(tmp_path, capsys):
+    from grpo_steps.cli import main
+
+    target = tmp_path / "dvc.yaml"
+    assert main(["dvc-yaml", "--check", "--path", str(target)]) == 1 and not target.exists()
+    assert "out of date" in capsys.readouterr().err
+    assert main(["dvc-yaml", "--path", str(target)]) == 0
+    assert main(["dvc-yaml", "--check", "--path", str(target)]) == 0
+    assert target.read_text() == (ROOT / "dvc.yaml").read_text()
+
+
 def test_checkpoints_folder_is_left_even_without_checkpoints(workdir, monkeypatch):
     """dvc.yaml's persistent out of the grpo stage always exists after the stage (DVC fails on a missing out)."""
     import grpo_steps.train_grpo

@@ -15,7 +15,7 @@ import uuid
 import pytest
 import torch
 
-from tests.test_reliability_helpers import (
+from tests.support.grpo_inputs import (
     assert_identical,
     config,
     output_of,

@@ -28,7 +28,7 @@ import jsonschema
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
 PREFECT_YAML = ROOT / "prefect.yaml"
 K8S_TEMPLATE = INFRA / "k8s" / "base-job-template.json"

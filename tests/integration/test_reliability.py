@@ -1,5 +1,5 @@
 """Reliability of the grpo stage: non-finite losses, bad params, missing inputs, safe loading, secrets,
-concurrent runs, multi-process writes. Resumable checkpoints are in tests/test_checkpoint.py."""
+concurrent runs, multi-process writes. Resumable checkpoints are in tests/integration/test_checkpoint.py."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
-from tests.test_reliability_helpers import (
+from tests.support.grpo_inputs import (
     SUBPROCESS_ENV,
     config,
     output_of,

@@ -22,8 +22,8 @@ from grpo_steps.grpo.reward_model import (
 )
 from grpo_steps.modeling import build_policy, load_reward_model, load_tokenizer
 from grpo_steps.task import REJECTED_KINDS, make_preference_pairs, make_splits, sloppy_answer, wrong_answer_of_kind
-from tests.test_reliability_helpers import assert_identical, config, weights
-from tests.test_tracking_support import load_tiny
+from tests.support.grpo_inputs import assert_identical, config, weights
+from tests.support.project import load_tiny
 
 
 def test_bradley_terry_loss_is_the_formula():

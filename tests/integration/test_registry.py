@@ -7,7 +7,7 @@ from mlflow import MlflowClient
 
 from grpo_steps.lineage import file_md5
 from grpo_steps.register import promotion_decision, register
-from tests.test_tracking_support import load_tiny, perturb_policy, write_metrics
+from tests.support.project import load_tiny, perturb_policy, write_metrics
 
 
 def _client(cfg) -> MlflowClient:

@@ -13,7 +13,7 @@ from grpo_steps.config import ModelConfig
 from grpo_steps.modeling import build_policy
 from grpo_steps.tokenizer import build_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORKER = ROOT / "tests" / "distributed" / "update_worker.py"
 
 

@@ -3,7 +3,7 @@ and code hashes with output verification, and the run summary artifact.
 
 The flow tests run the real flow on Prefect's test harness (a temporary local server) with every stage
 replaced by a fake that writes the stage's declared outputs, so caching is tested in seconds; the real stages
-under the flow are covered by tests/test_pipeline_e2e.py and tests/test_prefect_server.py.
+under the flow are covered by tests/e2e/test_pipeline_e2e.py and tests/integration/test_prefect_server.py.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def test_results_dir_is_under_the_project_and_git_ignored(workdir, monkeypatch):
 
     monkeypatch.delenv(RESULTS_DIR_ENV, raising=False)
     assert results_dir() == (workdir / ".prefect" / "results").resolve()
-    gitignore = (Path(__file__).resolve().parents[1] / ".gitignore").read_text().split()
+    gitignore = (Path(__file__).resolve().parents[2] / ".gitignore").read_text().split()
     assert "/.prefect/" in gitignore
     monkeypatch.setenv(RESULTS_DIR_ENV, str(workdir / "elsewhere"))
     assert results_dir() == (workdir / "elsewhere").resolve()

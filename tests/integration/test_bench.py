@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.grpo_vs_trl import LABELS, RATIO_LABEL, summarise
+from bench.profile_step import PhaseTimer
 
-from bench.grpo_vs_trl import LABELS, RATIO_LABEL, summarise  # noqa: E402
-from bench.profile_step import PhaseTimer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _table_rows(text: str) -> dict[str, list[str]]:
