@@ -79,7 +79,7 @@ def _evaluation_section(ev: dict[str, Any] | None) -> list[str]:
 
 def _gates_section(cfg: Config, results: dict[str, Any], status: dict[str, str]) -> list[str]:
     lines = ["## Gates", "", "| gate | decision | details |", "|---|---|---|"]
-    rm = results.get("train_reward") or _read_json(cfg.paths.reports() / "reward_model.json")
+    rm = results.get("train_reward") or _read_json(cfg.paths.reward_report())
     if rm and "pairwise_accuracy" in rm:
         threshold = rm.get("min_pairwise_accuracy", cfg.reward_model.min_pairwise_accuracy)
         passed = rm.get("gate_passed", rm["pairwise_accuracy"] >= threshold)

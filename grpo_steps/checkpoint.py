@@ -63,7 +63,7 @@ def checkpoints_root(cfg: Config) -> Path:
 
 def input_files(cfg: Config) -> list[Path]:
     """The files training reads: prompts, the starting policy, and the reward model when it is used."""
-    files = [cfg.paths.validated() / "train.jsonl"]
+    files = [cfg.paths.validated_file("train")]
     dirs = [cfg.paths.sft_policy()]
     if any(rf.name == "reward_model" for rf in cfg.grpo.reward_functions):
         dirs.append(cfg.paths.reward_model())

@@ -28,8 +28,16 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# The data files every stage reads and writes, by name (data/prepared/<name>.jsonl, data/validated/<name>.jsonl).
+SPLITS = ("train", "eval", "test")
+PREFERENCE_FILES = ("preferences_train", "preferences_eval")
+DATA_FILES = (*SPLITS, *PREFERENCE_FILES)
+WEIGHTS_FILE = "model.safetensors"  # a saved model's weights in its folder (safetensors only)
+
+
 class PathsConfig(_Section):
-    """Where each stage reads and writes, relative to the working directory (the repo root)."""
+    """The catalog: where every file a stage reads or writes lives, relative to the working directory (the repo
+    root). Stages, the stage records, the flow and the tests ask these methods; no file name is spelled twice."""
 
     data_dir: str = "data"
     models_dir: str = "models"
@@ -40,6 +48,14 @@ class PathsConfig(_Section):
 
     def validated(self) -> Path:
         return Path(self.data_dir) / "validated"
+
+    def prepared_file(self, name: str) -> Path:
+        """data/prepared/<name>.jsonl, name one of DATA_FILES."""
+        return self.prepared() / data_file_name(name)
+
+    def validated_file(self, name: str) -> Path:
+        """data/validated/<name>.jsonl, name one of DATA_FILES."""
+        return self.validated() / data_file_name(name)
 
     def tokenizer(self) -> Path:
         return Path(self.models_dir) / "tokenizer"
@@ -59,6 +75,43 @@ class PathsConfig(_Section):
 
     def reports(self) -> Path:
         return Path(self.reports_dir)
+
+    def validation_report(self) -> Path:
+        return self.reports() / "validation.json"
+
+    def validation_summary(self) -> Path:
+        return self.reports() / "validation.md"
+
+    def quarantine(self) -> Path:
+        return self.reports() / "quarantine"
+
+    def reward_report(self) -> Path:
+        return self.reports() / "reward_model.json"
+
+    def grpo_curve(self) -> Path:
+        return self.reports() / "grpo_steps.csv"
+
+    def metrics(self) -> Path:
+        return self.reports() / "metrics.json"
+
+    def samples(self) -> Path:
+        return self.reports() / "samples.jsonl"
+
+    def eval_plot(self) -> Path:
+        return self.reports() / "eval.png"
+
+    def registration(self) -> Path:
+        return self.reports() / "registration.json"
+
+    @staticmethod
+    def weights(model_dir: str | Path) -> Path:
+        return Path(model_dir) / WEIGHTS_FILE
+
+
+def data_file_name(name: str) -> str:
+    if name not in DATA_FILES:
+        raise ValueError(f"unknown data file {name!r} (one of {', '.join(DATA_FILES)})")
+    return f"{name}.jsonl"
 
 
 class TaskConfig(_Section):
@@ -154,7 +207,7 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _paths_match_source(self) -> DataConfig:
-        paths = ("train", "eval", "test", "preferences_train", "preferences_eval")
+        paths = DATA_FILES
         if self.source == "synthetic":
             given = [p for p in paths if getattr(self, p) is not None]
             if given:

@@ -57,7 +57,7 @@ def _stage_lines(stage: Stage, cfg: Config) -> list[str]:
         if outs:
             lines.append(f"    {kind}:")
             for o in outs:
-                lines += _out_lines(o, str(o.where(cfg)))
+                lines += _out_lines(o, str(o.path(cfg)))
     return lines
 
 

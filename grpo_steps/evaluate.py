@@ -176,7 +176,7 @@ def _side_by_side(results: dict[str, list[dict[str, Any]]], limit: int) -> list[
 
 def evaluate(cfg: Config) -> dict[str, Any]:
     seed_everything(cfg.seed)
-    rows = read_jsonl(cfg.paths.validated() / "test.jsonl")
+    rows = read_jsonl(cfg.paths.validated_file("test"))
     tok = load_tokenizer(cfg.paths.grpo_policy())
     start = load_policy(cfg.paths.sft_policy(), cfg.model.trust_remote_code).eval()
     trained = load_policy(cfg.paths.grpo_policy(), cfg.model.trust_remote_code).eval()
@@ -184,7 +184,6 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     if cfg.paths.reward_model().exists():
         trust = cfg.reward_model.trust_remote_code or cfg.model.trust_remote_code
         rm = RewardModelFunction(load_reward_model(cfg.paths.reward_model(), trust), tok)
-    reports = cfg.paths.reports()
     with stage_run(cfg, "evaluate"), tempfile.TemporaryDirectory(prefix="champion-") as scratch:
         start_metrics, start_samples = policy_metrics(start, tok, rows, cfg, rm)
         grpo_metrics, samples = policy_metrics(trained, tok, rows, cfg, rm, reference=start)
@@ -198,7 +197,7 @@ def evaluate(cfg: Config) -> dict[str, Any]:
         champ = (load_champion(cfg, Path(scratch)) if cfg.evaluate.compare_champion
                  else Champion(note="evaluate.compare_champion is off"))
         if champ.model is not None:
-            if champ.policy_md5 and champ.policy_md5 == file_md5(cfg.paths.grpo_policy() / "model.safetensors"):
+            if champ.policy_md5 and champ.policy_md5 == file_md5(cfg.paths.weights(cfg.paths.grpo_policy())):
                 champ_metrics, champ_samples = dict(grpo_metrics), samples  # the champion is this very policy
                 champ_metrics.pop("kl_to_reference", None)
             else:
@@ -221,18 +220,18 @@ def evaluate(cfg: Config) -> dict[str, Any]:
             warning = "reward-model score rose while accuracy fell: possible reward hacking"
             log.warning(warning)
         result["reward_hacking_warning"] = warning
-        write_json(reports / "metrics.json", result)
+        write_json(cfg.paths.metrics(), result)
         table = _side_by_side(by_policy, cfg.evaluate.n_samples_logged)
-        write_jsonl(reports / "samples.jsonl", table)
+        write_jsonl(cfg.paths.samples(), table)
         plotted = {"start": start_metrics, "grpo": grpo_metrics}
         if "champion" in result:
             plotted[f"champion v{champ.version}"] = result["champion"]
-        _plot(reports / "grpo_steps.csv", plotted, reports / "eval.png", cfg.evaluate.pass_k)
+        _plot(cfg.paths.grpo_curve(), plotted, cfg.paths.eval_plot(), cfg.evaluate.pass_k)
         mlflow.log_metrics({f"eval/start/{k}": v for k, v in start_metrics.items()})
         mlflow.log_metrics({f"eval/grpo/{k}": v for k, v in grpo_metrics.items()})
         mlflow.log_metric("eval/accuracy_gain", result["accuracy_gain"])
-        for artifact in ("metrics.json", "eval.png", "samples.jsonl"):
-            mlflow.log_artifact(str(reports / artifact))
+        for artifact in (cfg.paths.metrics(), cfg.paths.eval_plot(), cfg.paths.samples()):
+            mlflow.log_artifact(str(artifact))
         if table:
             mlflow.log_table({k: [r[k] for r in table] for k in table[0]}, artifact_file="samples.json")
     print(format_comparison(result))

@@ -19,15 +19,14 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from grpo_steps.config import Config, DataConfig
+from grpo_steps.config import PREFERENCE_FILES, SPLITS, Config, DataConfig
 from grpo_steps.io import DataFileError, parse_jsonl
 from grpo_steps.task import wrong_answer
 
 log = logging.getLogger(__name__)
 
 EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
-PROMPT_FILES = ("train", "eval", "test")
-PREFERENCE_FILES = ("preferences_train", "preferences_eval")
+PROMPT_FILES = SPLITS
 _SHOWN = 10  # bad rows named in one error message
 
 Record = tuple[str, dict[str, Any]]  # ("line 7" or "row 7", the row)

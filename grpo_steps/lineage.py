@@ -84,7 +84,7 @@ def lineage_tags(cfg: Config, mlflow_run_id: str) -> dict[str, str]:
         tags["mlflow_pipeline_run_id"] = parent
     tags.update({f"data_md5/{name}": h for name, h in data_hashes(cfg).items()})
     for what, folder in (("reward_model", cfg.paths.reward_model()), ("start_policy", cfg.paths.sft_policy())):
-        weights = folder / "model.safetensors"
+        weights = cfg.paths.weights(folder)
         if weights.is_file():
             tags[f"{what}_md5"] = file_md5(weights)
     tags.update({f"dvc_lock/{path}": h for path, h in dvc_lock_hashes().items()})

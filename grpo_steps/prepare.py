@@ -11,15 +11,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from grpo_steps.config import Config
+from grpo_steps.config import SPLITS, Config, data_file_name
 from grpo_steps.io import atomic_path, write_jsonl
 from grpo_steps.task import demonstrations, make_preference_pairs, make_splits
 from grpo_steps.tokenizer import save_tokenizer
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "eval", "test")
-PREFERENCE_FILES = ("preferences_train", "preferences_eval")
 
 
 def synthetic_rows(cfg: Config) -> dict[str, list[dict[str, Any]]]:
@@ -59,7 +57,7 @@ def prepare(cfg: Config) -> dict[str, int]:
     with atomic_path(out) as tmp:
         tmp.mkdir()
         for name, rows in files.items():
-            write_jsonl(tmp / f"{name}.jsonl", rows)
+            write_jsonl(tmp / data_file_name(name), rows)
     counts = {name: len(rows) for name, rows in files.items()}
     with atomic_path(cfg.paths.tokenizer()) as tmp:
         save_tokenizer(tmp)

@@ -52,13 +52,13 @@ def promotion_decision(new_acc: float, champion_acc: float | None, margin: float
 
 
 def register(cfg: Config) -> dict[str, Any]:
-    metrics = read_json(cfg.paths.reports() / "metrics.json")
+    metrics = read_json(cfg.paths.metrics())
     name = cfg.registry.model_name
     new_acc = float(metrics["grpo"]["accuracy"])
     with stage_run(cfg, "register") as run:
         client = MlflowClient()
         run_id = run.info.run_id
-        policy_md5 = file_md5(cfg.paths.grpo_policy() / "model.safetensors")
+        policy_md5 = file_md5(cfg.paths.weights(cfg.paths.grpo_policy()))
         existing = [mv for mv in client.search_model_versions(f"name='{name}'")
                     if mv.tags.get("policy_md5") == policy_md5]
         if existing:
@@ -71,7 +71,7 @@ def register(cfg: Config) -> dict[str, Any]:
             result = {"model_name": name, "version": version, "alias": alias, "accuracy": new_acc,
                       "model_uri": f"models:/{name}/{version}", "already_registered": True,
                       "mlflow_run_id": run_id}
-            write_json(cfg.paths.reports() / "registration.json", result)
+            write_json(cfg.paths.registration(), result)
             return result
         tok = load_tokenizer(cfg.paths.grpo_policy())
         model = load_policy(cfg.paths.grpo_policy(), cfg.model.trust_remote_code)
@@ -110,8 +110,8 @@ def register(cfg: Config) -> dict[str, Any]:
                   "champion_version_before": champ_version, "champion_accuracy_before": champ_acc,
                   "champion_accuracy_source": champ_source, "promotion_margin": cfg.registry.promotion_margin,
                   "model_uri": f"models:/{name}/{version}", "mlflow_run_id": run_id}
-        write_json(cfg.paths.reports() / "registration.json", result)
-        mlflow.log_artifact(str(cfg.paths.reports() / "registration.json"))
+        write_json(cfg.paths.registration(), result)
+        mlflow.log_artifact(str(cfg.paths.registration()))
     log.info("registered %s v%s as %s (accuracy %.4f, champion before: %s)", name, version, decision, new_acc,
              champ_acc)
     return result

@@ -34,7 +34,7 @@ def sft(cfg: Config) -> dict[str, float]:
                      cfg.model.pretrained)
             metrics = {"skipped": 1.0}
         else:
-            rows = read_jsonl(cfg.paths.validated() / "train.jsonl")
+            rows = read_jsonl(cfg.paths.validated_file("train"))
             sc = cfg.sft
             args = SFTConfig(
                 output_dir=str(tmp / "_trainer"),

@@ -28,14 +28,18 @@ from grpo_steps.config import Config
 
 @dataclass(frozen=True)
 class Out:
-    """One output of a stage; `kind`, `persist` and `cache` are what dvc.yaml says of it."""
+    """One output of a stage, named by its catalog entry; `kind`, `persist` and `cache` are what dvc.yaml says
+    of it."""
 
-    where: Callable[[Config], Path]
+    where: str  # the catalog entry: a method of cfg.paths (grpo_steps/config.py's PathsConfig)
     kind: Literal["outs", "metrics", "plots"] = "outs"
     persist: bool = False  # kept between runs, not part of the result (resumable checkpoints)
     cache: bool = True  # False: a side effect's receipt, not cached by DVC
     plot: dict[str, str] | None = None  # dvc plot options (x, y)
     note: str = ""  # a comment in dvc.yaml
+
+    def path(self, cfg: Config) -> Path:
+        return getattr(cfg.paths, self.where)()
 
 
 @dataclass(frozen=True)
@@ -66,19 +70,15 @@ class Stage:
 
     def outs(self, cfg: Config) -> list[Path]:
         """Outputs that are the stage's result: every one exists after a successful run."""
-        return [o.where(cfg) for o in self.outputs if not o.persist]
+        return [o.path(cfg) for o in self.outputs if not o.persist]
 
     def persistent_outs(self, cfg: Config) -> list[Path]:
         """Outputs kept between runs and not part of the result (DVC `persist: true`)."""
-        return [o.where(cfg) for o in self.outputs if o.persist]
+        return [o.path(cfg) for o in self.outputs if o.persist]
 
 
 def _v(*names: str) -> Callable[[Config], list[Path]]:
-    return lambda cfg: [cfg.paths.validated() / f"{n}.jsonl" for n in names]
-
-
-def _report(name: str) -> Callable[[Config], Path]:
-    return lambda cfg: cfg.paths.reports() / name
+    return lambda cfg: [cfg.paths.validated_file(n) for n in names]
 
 
 def _user_files(cfg: Config) -> list[Path]:
@@ -112,7 +112,7 @@ STAGE_LIST: tuple[Stage, ...] = (
         code=("grpo_steps/prepare.py", "grpo_steps/task.py", "grpo_steps/tokenizer.py", "grpo_steps/ingest.py"),
         params=("seed", "task", "data"),
         deps=_user_files,  # dvc.yaml cannot name them (they live in params); `grpo run` hashes them
-        outputs=(Out(lambda cfg: cfg.paths.prepared()), Out(lambda cfg: cfg.paths.tokenizer())),
+        outputs=(Out("prepared"), Out("tokenizer")),
         notes={"data": "with `data.source: files`, `dvc repro -f -s prepare` after editing those files in place"},
     ),
     Stage(
@@ -122,9 +122,9 @@ STAGE_LIST: tuple[Stage, ...] = (
         code=("grpo_steps/validate.py", "grpo_steps/schemas.py"),
         params=("validate", "model.trust_remote_code"),  # tokens are counted with the project's tokenizer
         deps=lambda cfg: [cfg.paths.prepared(), cfg.paths.tokenizer()],
-        outputs=(Out(lambda cfg: cfg.paths.validated()), Out(_report("validation.json"), kind="metrics"),
-              Out(_report("validation.md")),
-              Out(_report("quarantine"), note="rows set aside with their reasons (empty unless validate.on_failure: "
+        outputs=(Out("validated"), Out("validation_report", kind="metrics"),
+              Out("validation_summary"),
+              Out("quarantine", note="rows set aside with their reasons (empty unless validate.on_failure: "
                   "quarantine)")),
     ),
     Stage(
@@ -134,7 +134,7 @@ STAGE_LIST: tuple[Stage, ...] = (
         code=("grpo_steps/sft.py", "grpo_steps/modeling.py"),
         params=("seed", "model", "sft", *_TRAIN_LENGTHS),
         deps=lambda cfg: [*_v("train")(cfg), cfg.paths.tokenizer(), *_local_model(cfg.model.pretrained)],
-        outputs=(Out(lambda cfg: cfg.paths.sft_policy()),),
+        outputs=(Out("sft_policy"),),
         retries=1, log_prints=False,
     ),
     Stage(
@@ -145,7 +145,7 @@ STAGE_LIST: tuple[Stage, ...] = (
         params=("seed", "model", "reward_model", *_TRAIN_LENGTHS, "validate.max_completion_tokens"),
         deps=lambda cfg: [*_v("preferences_train", "preferences_eval")(cfg), cfg.paths.tokenizer(),
                           *_reward_init_model(cfg)],
-        outputs=(Out(lambda cfg: cfg.paths.reward_model()), Out(_report("reward_model.json"), kind="metrics")),
+        outputs=(Out("reward_model"), Out("reward_report", kind="metrics")),
         retries=1, log_prints=False,
         notes={"models/sft": "the reward model starts from the starting policy (reward_model.init: policy)"},
     ),
@@ -157,10 +157,10 @@ STAGE_LIST: tuple[Stage, ...] = (
         params=("seed", "grpo", "model.trust_remote_code", "model.precision", "model.activation_checkpointing",
                 "reward_model.trust_remote_code"),
         deps=lambda cfg: [*_v("train")(cfg), cfg.paths.sft_policy(), cfg.paths.reward_model()],
-        outputs=(Out(lambda cfg: cfg.paths.grpo_policy()),
-              Out(lambda cfg: cfg.paths.grpo_checkpoints(), persist=True,
+        outputs=(Out("grpo_policy"),
+              Out("grpo_checkpoints", persist=True,
                   note="resumable checkpoints (grpo_steps/checkpoint.py), kept so a retried stage resumes"),
-              Out(_report("grpo_steps.csv"), kind="plots", plot={"x": "step", "y": "reward"})),
+              Out("grpo_curve", kind="plots", plot={"x": "step", "y": "reward"})),
         retries=1, log_prints=False,  # a retry resumes from the stage's checkpoints
     ),
     Stage(
@@ -172,9 +172,9 @@ STAGE_LIST: tuple[Stage, ...] = (
         params=("seed", "evaluate", "grpo.max_completion_length", "model.trust_remote_code",
                 "reward_model.trust_remote_code", "registry.model_name", "tracking.tracking_uri"),
         deps=lambda cfg: [*_v("test")(cfg), cfg.paths.sft_policy(), cfg.paths.grpo_policy(),
-                          cfg.paths.reward_model(), cfg.paths.reports() / "grpo_steps.csv"],
-        outputs=(Out(_report("samples.jsonl")), Out(_report("metrics.json"), kind="metrics"),
-              Out(_report("eval.png"), kind="plots")),
+                          cfg.paths.reward_model(), cfg.paths.grpo_curve()],
+        outputs=(Out("samples"), Out("metrics", kind="metrics"),
+              Out("eval_plot", kind="plots")),
         retries=1,  # prints the comparison table into the run's logs
         notes={"registry.model_name": "evaluate also scores the registry's current champion"},
     ),
@@ -184,8 +184,8 @@ STAGE_LIST: tuple[Stage, ...] = (
         "reports/registration.json",
         code=("grpo_steps/register.py", "grpo_steps/lineage.py"),
         params=("registry", "tracking", "model.trust_remote_code"),
-        deps=lambda cfg: [cfg.paths.grpo_policy(), cfg.paths.reports() / "metrics.json"],
-        outputs=(Out(_report("registration.json"), cache=False,
+        deps=lambda cfg: [cfg.paths.grpo_policy(), cfg.paths.metrics()],
+        outputs=(Out("registration", cache=False,
                      note="a receipt of a side effect on the registry; registering the same weights again returns "
                      "the existing version"),),
         retries=2, cached=False,  # a side effect on the registry: never skipped

@@ -80,7 +80,7 @@ def preflight(cfg: Config) -> None:
                               f"grpo.reward_functions[{seen[name]}]'s; metrics would mix (rename one)")
         seen[name] = i
     needed = [(cfg.paths.sft_policy(), "starting policy (stage sft)"),
-              (cfg.paths.validated() / "train.jsonl", "validated training prompts (stage validate)")]
+              (cfg.paths.validated_file("train"), "validated training prompts (stage validate)")]
     if "reward_model" in seen:
         needed.append((cfg.paths.reward_model(), "reward model (stage train_reward; grpo.reward_functions "
                                                  "lists reward_model)"))
@@ -139,7 +139,7 @@ def _train(cfg: Config, acc: Accelerator, progress: bool) -> dict[str, float]:
     policy = load_policy(cfg.paths.sft_policy(), cfg.model.trust_remote_code)
     if cfg.model.activation_checkpointing:
         policy.gradient_checkpointing_enable()
-    rows = read_jsonl(cfg.paths.validated() / "train.jsonl")
+    rows = read_jsonl(cfg.paths.validated_file("train"))
     funcs, weights = build_reward_functions(cfg, tok)
     trainer = GRPOTrainer(policy, tok, funcs, weights, cfg.grpo.settings(), seed=cfg.seed, accelerator=acc)
     sampler = PromptSampler(rows, seed=cfg.seed)
@@ -192,7 +192,7 @@ def _train(cfg: Config, acc: Accelerator, progress: bool) -> dict[str, float]:
             with atomic_path(out) as tmp:
                 trainer.unwrapped.save_pretrained(str(tmp), safe_serialization=True)
                 tok.save_pretrained(str(tmp))
-            _write_curve(cfg.paths.reports() / "grpo_steps.csv", history)
+            _write_curve(cfg.paths.grpo_curve(), history)
             mlflow.log_metrics({f"summary/{k}": v for k, v in summary.items()})
     acc.wait_for_everyone()
     log.info("GRPO done: %s", summary)

@@ -143,7 +143,7 @@ def _margins(pairs: list[dict[str, Any]], cfg: Config, source: str) -> list[floa
     return out
 
 
-def pairs_dataset(pairs: list[dict[str, Any]], cfg: Config, source: str = "preferences_train.jsonl") -> Dataset:
+def pairs_dataset(pairs: list[dict[str, Any]], cfg: Config, source: str = "the preference pairs") -> Dataset:
     """prompt/chosen/rejected (+ `margin`, which RewardTrainer subtracts inside the Bradley-Terry loss)."""
     rows = [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs]
     margins = _margins(pairs, cfg, source)
@@ -241,15 +241,13 @@ def _train_likelihood(cfg: Config, model, tok, train_pairs: list[dict], source: 
 
 def train_reward(cfg: Config) -> dict[str, Any]:
     begin_stage(cfg.seed)
-    data = cfg.paths.validated()
-    source = str(data / "preferences_train.jsonl")
-    train_pairs = read_jsonl(data / "preferences_train.jsonl")
-    eval_pairs = read_jsonl(data / "preferences_eval.jsonl")
+    source = str(cfg.paths.validated_file("preferences_train"))
+    train_pairs = read_jsonl(cfg.paths.validated_file("preferences_train"))
+    eval_pairs = read_jsonl(cfg.paths.validated_file("preferences_eval"))
     _margins(train_pairs, cfg, source)  # a bad margin column fails before any model is built
     rc = cfg.reward_model
     model, tok = build_reward_model(cfg)
     out = cfg.paths.reward_model()
-    reports = cfg.paths.reports()
     with stage_run(cfg, "train_reward"), atomic_path(out) as tmp:
         if rc.head == "likelihood":
             model = _train_likelihood(cfg, model, tok, train_pairs, source)
@@ -277,8 +275,8 @@ def train_reward(cfg: Config) -> dict[str, Any]:
         mlflow.set_tags({"reward_gate": "passed" if passed else "failed", "reward_init": reward_init(cfg)})
         model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
-        write_json(reports / "reward_model.json", metrics)
-        mlflow.log_artifact(str(reports / "reward_model.json"))
+        write_json(cfg.paths.reward_report(), metrics)
+        mlflow.log_artifact(str(cfg.paths.reward_report()))
     log.info("reward model: held-out pairwise accuracy %.3f (gate %.3f); by kind of rejected answer: %s", acc,
              rc.min_pairwise_accuracy,
              ", ".join(f"{k} {v['pairwise_accuracy']:.3f} (n={v['n']})" for k, v in report["by_kind"].items()) or "-")

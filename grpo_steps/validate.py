@@ -26,10 +26,9 @@ from typing import Any
 import pandas as pd
 import pandera.pandas as pa
 
-from grpo_steps.config import Config, ValidateConfig
+from grpo_steps.config import DATA_FILES, SPLITS, Config, ValidateConfig, data_file_name
 from grpo_steps.errors import UserError
 from grpo_steps.io import atomic_path, read_jsonl, write_json, write_jsonl
-from grpo_steps.prepare import PREFERENCE_FILES, SPLITS
 from grpo_steps.schemas import (
     CHECK_DESCRIPTIONS,
     PREFERENCE_COLUMNS,
@@ -44,7 +43,7 @@ from grpo_steps.schemas import (
 
 log = logging.getLogger(__name__)
 
-FILES = (*SPLITS, *PREFERENCE_FILES)
+FILES = DATA_FILES
 FAILURE_COLUMNS = ["file", "column", "check", "row", "value"]
 # pandera's names for whole-column failures, renamed for the report.
 _RENAMED = {"column_in_dataframe": "missing_column", "column_in_schema": "unexpected_column"}
@@ -75,8 +74,7 @@ class DataValidationError(UserError, ValueError):
         self.report = report or {}
 
 
-def file_name(name: str) -> str:
-    return f"{name}.jsonl"
+file_name = data_file_name  # data/{prepared,validated}/<name>.jsonl
 
 
 # --------------------------------------------------------------------------------------------- the checks
@@ -381,8 +379,7 @@ def validate(cfg: Config) -> dict[str, int]:
 
 def _validate(cfg: Config) -> dict[str, int]:
     src, dst = cfg.paths.prepared(), cfg.paths.validated()
-    reports = cfg.paths.reports()
-    quarantine_dir = reports / "quarantine"
+    quarantine_dir = cfg.paths.quarantine()
     policy = cfg.validate_.on_failure
     rows = {name: read_jsonl(src / file_name(name)) for name in FILES}
     table = check_rows(rows, cfg.validate_, _token_counter(cfg))
@@ -416,7 +413,7 @@ def _validate(cfg: Config) -> dict[str, int]:
         n_q = sum(report["quarantined"].values())
         report["outcome"] = f"Wrote {dst}" + (f"; {n_q} row(s) quarantined in {quarantine_dir}." if n_q else ".")
 
-    json_path, md_path = reports / "validation.json", reports / "validation.md"
+    json_path, md_path = cfg.paths.validation_report(), cfg.paths.validation_summary()
     markdown = render_markdown(report, table)
     write_json(json_path, report)
     with atomic_path(md_path) as tmp:
