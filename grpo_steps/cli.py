@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p = argparse.ArgumentParser(
         prog="grpo",
-        description="GRPO fine-tuning pipeline: validate data, train a reward model, cold-start, GRPO, "
+        description="GRPO fine-tuning pipeline: validate data, cold-start, train a reward model, GRPO, "
         "evaluate, register. Run from the project root (paths in params.yaml are relative to it).",
         epilog="Stages run in order: " + " -> ".join(STAGES) + ". Try `grpo run` first.",
     )

@@ -54,6 +54,13 @@ def trainer_precision(cfg: ModelConfig) -> dict[str, bool]:
             "gradient_checkpointing": cfg.activation_checkpointing}
 
 
+def trl_args(seed: int, cfg: ModelConfig) -> dict[str, object]:
+    """What every TRL config of ours sets alike: logging to MLflow every 10 steps, no trainer checkpoints (the
+    stage writes its output itself), the seed, the device, and precision and checkpointing made explicit."""
+    return {"logging_steps": 10, "save_strategy": "no", "report_to": ["mlflow"], "seed": seed,
+            "use_cpu": not torch.cuda.is_available(), "dataloader_num_workers": 0, **trainer_precision(cfg)}
+
+
 def accelerate_precision(cfg: ModelConfig) -> str:
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision]
 

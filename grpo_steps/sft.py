@@ -8,13 +8,12 @@ from __future__ import annotations
 import logging
 import shutil
 
-import torch
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from grpo_steps.config import Config
 from grpo_steps.io import atomic_path, read_jsonl
-from grpo_steps.modeling import begin_stage, build_policy, load_tokenizer, trainer_precision
+from grpo_steps.modeling import begin_stage, build_policy, load_tokenizer, trl_args
 from grpo_steps.tracking import stage_run
 
 log = logging.getLogger(__name__)
@@ -46,13 +45,7 @@ def sft(cfg: Config) -> dict[str, float]:
                 warmup_steps=sc.warmup_ratio,
                 completion_only_loss=True,
                 max_length=cfg.validate_.max_prompt_tokens + cfg.validate_.max_answer_tokens + 2,
-                logging_steps=10,
-                save_strategy="no",
-                report_to=["mlflow"],
-                seed=cfg.seed,
-                use_cpu=not torch.cuda.is_available(),
-                dataloader_num_workers=0,
-                **trainer_precision(cfg.model),
+                **trl_args(cfg.seed, cfg.model),
             )
             trainer = SFTTrainer(
                 model=policy,

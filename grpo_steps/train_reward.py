@@ -42,7 +42,7 @@ from grpo_steps.modeling import (
     build_reward_backbone,
     load_tokenizer,
     require_safetensors,
-    trainer_precision,
+    trl_args,
 )
 from grpo_steps.tracking import stage_run
 
@@ -168,14 +168,8 @@ def _train_scalar(cfg: Config, model, tok, train_pairs: list[dict], source: str,
         warmup_steps=rc.warmup_ratio,
         center_rewards_coefficient=rc.center_rewards_coefficient,
         max_length=max_length,
-        logging_steps=10,
-        save_strategy="no",
-        report_to=["mlflow"],
-        seed=cfg.seed,
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
         disable_tqdm=False,
-        **trainer_precision(cfg.model),
+        **trl_args(cfg.seed, cfg.model),
     )
     trainer = RewardTrainer(model=model, args=args, train_dataset=pairs_dataset(train_pairs, cfg, source),
                             processing_class=tok)
