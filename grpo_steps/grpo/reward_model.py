@@ -9,8 +9,9 @@ Two heads, both trained with the Bradley-Terry loss on (prompt, chosen, rejected
   task with *is* the reward head: nothing starts from random, so a 4-layer policy's reward model ranks from
   the first step (DPO's implicit reward without the reference term; SimPO/CPO score the same way).
 * `scalar`: a sequence-classification head (one output) pooled at the last token, as in InstructGPT and
-  TRL's RewardTrainer; the head is new, so it needs far more pairs than the embedded task has to learn to
-  compare a completion with the answer it implies (measured: 0.60 held-out accuracy after 1,250 steps).
+  TRL's RewardTrainer; the head is new, and on the embedded task it did not learn from pairs to compare a
+  completion with the sum (measured: 0.60 held-out accuracy after 282 steps on 18,000 pairs, training
+  accuracy still about 0.60 after 1,100 steps).
 
 The reward model may sit on another backbone than the policy, with another vocabulary, so it scores with
 its own tokenizer: the one saved beside its weights by `train_reward`.
