@@ -109,11 +109,13 @@ def _child(args: argparse.Namespace, seed: int, threads: int, float_path: str, b
 
 def table(rows: list[dict]) -> str:
     kinds = sorted({k for r in rows for k in r["rm_by_kind"]})
-    head = ["seed", "threads", "float path", "reward setup", "RM pairwise acc", *[f"RM acc {k}" for k in kinds],
-            "start acc", "GRPO acc", "gain (points)", "KL to start", "RM score start -> GRPO", "seconds"]
+    head = ["seed", "threads", "ATen kernels", "reward setup", "RM pairwise acc", *[f"RM acc {k}" for k in kinds],
+            "start acc", "GRPO acc", "gain (points)", "KL to start", "RM score start -> GRPO",
+            "seconds (shared stages + this row)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [str(r["seed"]), str(r["threads"]), r.get("float_path", "native"), r["setup"],
+        kernels = r.get("float_path", "native")
+        cells = [str(r["seed"]), str(r["threads"]), "scalar" if kernels == "default" else kernels, r["setup"],
                  f"{r['rm_accuracy']:.3f}",
                  *[f"{r['rm_by_kind'].get(k, float('nan')):.3f}" for k in kinds],
                  f"{r['start']:.4f}", f"{r['grpo']:.4f}", f"{100 * r['gain']:+.2f}", f"{r['kl']:.3f}",
