@@ -7,6 +7,7 @@ The whole pipeline runs on the tiny budget with a recording view of the configur
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import pytest
@@ -34,8 +35,10 @@ class Recording:
         if name in WHOLE:
             reads.add("*")
             return getattr(obj, name)
-        attr = getattr(type(obj), name, None)
-        if callable(attr) and not isinstance(attr, property):  # a method: runs against this view
+        attr = inspect.getattr_static(type(obj), name, None)
+        if isinstance(attr, staticmethod | classmethod):
+            return getattr(obj, name)
+        if callable(attr):  # a method: runs against this view, so what it reads is recorded
             return attr.__get__(self)
         value = getattr(obj, name)
         if isinstance(value, BaseModel):
