@@ -43,6 +43,7 @@ def count_chars(texts: list[str]) -> list[int]:
     return [len(t) for t in texts]
 
 
+@pytest.mark.slow  # ~15-30 s on 2 cores
 @settings(max_examples=35, deadline=None)
 @given(datasets)
 def test_check_rows_never_crashes_and_partition_conserves(rows):

@@ -28,6 +28,7 @@ def _step_dirs(workdir):
     return sorted((workdir / "models" / "grpo_checkpoints").glob("*/step-*"))
 
 
+@pytest.mark.slow  # ~15-30 s on 2 cores
 def test_sigkill_mid_run_then_resume_gives_identical_weights(ready):
     extra = ("grpo.steps=12", "grpo.checkpoint_every=3")
     # 1. the reference: uninterrupted, same seed, same settings

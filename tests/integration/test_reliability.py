@@ -381,6 +381,7 @@ def test_second_run_on_the_same_outputs_fails_fast_naming_the_holder(ready, monk
     assert not (ready / "models" / "grpo").exists()
 
 
+@pytest.mark.slow  # ~15-30 s on 2 cores
 def test_two_concurrent_runs_with_different_params(ready):
     """Two `grpo grpo` processes on the same outputs: the second fails fast with the first's pid; the first's
     checkpoints and outputs are untouched by it."""
