@@ -205,7 +205,11 @@ def grpo_checkpoint_dir(cfg: Config) -> Path:
 
 def param_values(cfg: Config, keys: tuple[str, ...] | list[str]) -> dict[str, Any]:
     """The values of params.yaml keys (sections or dotted keys) in the resolved config."""
-    tree = cfg.as_dict()
+    return pick(cfg.as_dict(), keys)
+
+
+def pick(tree: dict[str, Any], keys: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """{key: value} for params.yaml keys (sections or dotted keys) of a config tree (`Config.as_dict()`)."""
     out: dict[str, Any] = {}
     for key in keys:
         node: Any = tree

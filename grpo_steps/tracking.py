@@ -20,7 +20,7 @@ from mlflow.exceptions import MlflowException
 
 from grpo_steps.config import Config
 from grpo_steps.secrets import redact_secrets, redact_url
-from grpo_steps.stages import STAGE_SPECS
+from grpo_steps.stages import STAGE_SPECS, pick
 
 log = logging.getLogger(__name__)
 
@@ -122,13 +122,7 @@ def stage_params(cfg: Config, stage: str) -> dict[str, str]:
     spec = STAGE_SPECS.get(stage)
     if spec is None:
         return flat_params(tree)
-    picked: dict[str, Any] = {"paths": tree["paths"]}
-    for key in spec.params:
-        node: Any = tree
-        for part in key.split("."):
-            node = node[part]
-        picked[key] = node
-    return flat_params(picked)
+    return flat_params(pick(tree, ("paths", *spec.params)))
 
 
 @contextmanager
