@@ -157,3 +157,41 @@ def test_trainers_get_the_configured_precision(workdir):
     bf16 = trainer_precision(load_config("params.yaml", ["model.precision=bf16",
                                                          "model.activation_checkpointing=true"]).model)
     assert bf16 == {"bf16": True, "fp16": False, "gradient_checkpointing": True}
+
+
+def test_likelihood_scores_on_a_bpe_tokenizer_with_bos(tmp_path):
+    """The same scorer on a byte-level BPE tokenizer (trained here) that adds BOS, on a small Llama: the
+    completion mask covers exactly the completion's tokens and EOS, and a trained-in answer outranks others."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    text = ["Question: what is 23 plus 48? Answer: 71", "The answer is 71. #### 71"] * 50
+    core.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<unk>"]))
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="</s>")
+    prompt, answer = "Question: what is 23 plus 48? Answer:", " 71"
+    ids, attention, completion = encode_pairs(tok, [prompt, prompt], [answer, " 61"])
+    n_prompt = len(tok(prompt)["input_ids"])
+    assert ids[0, 0].item() == tok.bos_token_id, "BOS from the tokenizer's own template"
+    expected = len(tok(answer, add_special_tokens=False)["input_ids"]) + 1  # + EOS
+    assert completion[0].sum().item() == expected and completion[0, :n_prompt].sum().item() == 0
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                         max_position_embeddings=64, bos_token_id=0, eos_token_id=1,
+                                         pad_token_id=1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(30):  # teach the right answer by Bradley-Terry on this one pair
+        scores = sequence_logps(model, ids, attention, completion)
+        loss = bradley_terry_loss(scores[:1], scores[1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    tok.save_pretrained(str(tmp_path))
+    right, wrong = RewardModelFunction(model.eval(), tok)([prompt, prompt], [answer, " 61"])
+    assert right > wrong
