@@ -23,7 +23,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.cache import cache_key_fn, output_manifest, results_dir, stale_outputs
-from flows.report import summary_markdown
+from flows.report import publish_reports, summary_markdown
 from grpo_steps.config import Config, load_config
 from grpo_steps.errors import USER_ERRORS
 from grpo_steps.stages import STAGE_SPECS, STAGES
@@ -56,11 +56,12 @@ def _stage_task(name: str):
 
     @task(name=name, description=description, retries=retries, retry_delay_seconds=RETRY_DELAY_S,
           retry_condition_fn=_retry_unless_user_error, log_prints=log_prints, **caching)
-    def run_stage(cfg: Config) -> dict[str, Any]:
+    def run_stage(cfg: Config, parent_run_id: str) -> dict[str, Any]:
         logger = get_run_logger()
         logger.info("stage %s: started", name)
         t0 = time.perf_counter()
-        result = STAGES[name][0](cfg)  # looked up at run time
+        # looked up at run time; its MLflow run is a child of the pipeline's, its reports Prefect artifacts
+        result = STAGES[name][0](cfg, parent_run_id=parent_run_id, publish=publish_reports)
         outputs = output_manifest(name, cfg)
         missing = [p for p, md5 in outputs.items() if md5 is None]
         if missing:
@@ -76,11 +77,12 @@ def _stage_task(name: str):
 STAGE_TASKS = {name: _stage_task(name) for name in STAGES}
 
 
-def _run_stage(name: str, cfg: Config, storage: Path, refresh: bool) -> tuple[dict[str, Any], str]:
+def _run_stage(name: str, cfg: Config, parent_run_id: str, storage: Path,
+               refresh: bool) -> tuple[dict[str, Any], str]:
     """Run one stage task (or take its cached result); returns (record, 'ran' | 'cached')."""
     logger = get_run_logger()
     stage = STAGE_TASKS[name].with_options(result_storage=storage, refresh_cache=True if refresh else None)
-    state = stage(cfg, return_state=True)
+    state = stage(cfg, parent_run_id, return_state=True)
     record = state.result()  # raises the stage's error when it failed
     if state.name != "Cached":
         return record, "ran"
@@ -88,7 +90,7 @@ def _run_stage(name: str, cfg: Config, storage: Path, refresh: bool) -> tuple[di
     if stale:
         logger.warning("stage %s: unchanged inputs, but outputs of the cached run are missing or changed "
                        "(%s): running it again", name, ", ".join(stale))
-        record = stage.with_options(refresh_cache=True)(cfg, return_state=True).result()
+        record = stage.with_options(refresh_cache=True)(cfg, parent_run_id, return_state=True).result()
         return record, "ran"
     logger.info("stage %s: skipped: params, inputs and code unchanged since the run that finished at %s "
                 "(%.1f s), its outputs verified", name, record["finished_at"], record["duration_s"])
@@ -120,7 +122,7 @@ def grpo_pipeline(
                         cfg.tracking.tracking_uri, storage)
             for name in STAGES:
                 status[name] = "failed"
-                records[name], status[name] = _run_stage(name, cfg, storage, refresh_cache)
+                records[name], status[name] = _run_stage(name, cfg, run_id, storage, refresh_cache)
                 results[name] = records[name]["result"]
             _tag_parent_run(run_id, status)
     except BaseException as e:

@@ -1,4 +1,8 @@
-"""The markdown summary of one pipeline run, published as a Prefect artifact by flows/pipeline.py.
+"""What a pipeline run shows in the Prefect UI: the stages' reports and the run's markdown summary.
+
+`publish_reports` turns the reports a stage returns (grpo_steps/results.py; e.g. validate's data-validation
+report and failure table) into Prefect artifacts; the tracking wrapper calls it for every stage of a flow.
+The summary, published by flows/pipeline.py:
 
 Stages (ran / cached / failed / not run, with durations), the held-out evaluation (start vs grpo, and the
 registry's champion when evaluated), the two gates (reward model, registry alias) and the MLflow run.
@@ -8,10 +12,29 @@ Everything is optional: a run that stopped early still gets a summary of what it
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from grpo_steps.config import Config
+from grpo_steps.results import Report
+
+log = logging.getLogger(__name__)
+
+
+def publish_reports(reports: list[Report]) -> None:
+    """Each report as a Prefect markdown or table artifact of the current task run; a report that cannot be
+    published is logged, never fails the stage."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    for r in reports:
+        try:
+            if r.markdown is not None:
+                create_markdown_artifact(markdown=r.markdown, key=r.key, description=r.description)
+            if r.table is not None:
+                create_table_artifact(table=r.table, key=r.key, description=r.description)
+        except Exception as e:  # noqa: BLE001 - an artifact must never fail the stage
+            log.warning("could not publish the %s report to Prefect: %s", r.key, e)
 
 
 def _fmt(v: Any) -> str:

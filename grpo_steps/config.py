@@ -429,6 +429,17 @@ class Config(_Section):
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def pick(tree: dict[str, Any], keys: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """{key: value} for params.yaml keys (sections or dotted keys) of a config tree (`Config.as_dict()`)."""
+    out: dict[str, Any] = {}
+    for key in keys:
+        node: Any = tree
+        for part in key.split("."):
+            node = node[part]
+        out[key] = node
+    return out
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration in {source}:"]
     for e in err.errors():

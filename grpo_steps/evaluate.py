@@ -31,7 +31,7 @@ from grpo_steps.grpo.sampling import Rollout, sample_groups
 from grpo_steps.io import atomic_path, read_jsonl, write_json, write_jsonl
 from grpo_steps.lineage import file_md5
 from grpo_steps.modeling import load_policy, load_reward_model, load_tokenizer, seed_everything
-from grpo_steps.tracking import stage_run
+from grpo_steps.results import Artifact, StageResult
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def _side_by_side(results: dict[str, list[dict[str, Any]]], limit: int) -> list[
     return rows
 
 
-def evaluate(cfg: Config) -> dict[str, Any]:
+def evaluate(cfg: Config) -> StageResult:
     seed_everything(cfg.seed)
     rows = read_jsonl(cfg.paths.validated_file("test"))
     tok = load_tokenizer(cfg.paths.grpo_policy())
@@ -184,7 +184,9 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     if cfg.paths.reward_model().exists():
         trust = cfg.reward_model.trust_remote_code or cfg.model.trust_remote_code
         rm = RewardModelFunction(load_reward_model(cfg.paths.reward_model(), trust), tok)
-    with stage_run(cfg, "evaluate"), tempfile.TemporaryDirectory(prefix="champion-") as scratch:
+    tracked: dict[str, float] = {}
+    tags: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="champion-") as scratch:
         start_metrics, start_samples = policy_metrics(start, tok, rows, cfg, rm)
         grpo_metrics, samples = policy_metrics(trained, tok, rows, cfg, rm, reference=start)
         result: dict[str, Any] = {
@@ -206,9 +208,9 @@ def evaluate(cfg: Config) -> dict[str, Any]:
             result["champion_version"] = champ.version
             result["accuracy_gain_over_champion"] = grpo_metrics["accuracy"] - champ_metrics["accuracy"]
             by_policy["champion"] = champ_samples
-            mlflow.log_metrics({f"eval/champion/{k}": v for k, v in champ_metrics.items()})
-            mlflow.log_metric("eval/accuracy_gain_over_champion", result["accuracy_gain_over_champion"])
-            mlflow.set_tag("champion_version", champ.version)
+            tracked.update({f"eval/champion/{k}": v for k, v in champ_metrics.items()})
+            tracked["eval/accuracy_gain_over_champion"] = result["accuracy_gain_over_champion"]
+            tags["champion_version"] = str(champ.version)
         else:
             log.info("champion comparison skipped: %s", champ.note)
         result["champion_note"] = champ.note
@@ -227,15 +229,15 @@ def evaluate(cfg: Config) -> dict[str, Any]:
         if "champion" in result:
             plotted[f"champion v{champ.version}"] = result["champion"]
         _plot(cfg.paths.grpo_curve(), plotted, cfg.paths.eval_plot(), cfg.evaluate.pass_k)
-        mlflow.log_metrics({f"eval/start/{k}": v for k, v in start_metrics.items()})
-        mlflow.log_metrics({f"eval/grpo/{k}": v for k, v in grpo_metrics.items()})
-        mlflow.log_metric("eval/accuracy_gain", result["accuracy_gain"])
-        for artifact in (cfg.paths.metrics(), cfg.paths.eval_plot(), cfg.paths.samples()):
-            mlflow.log_artifact(str(artifact))
-        if table:
-            mlflow.log_table({k: [r[k] for r in table] for k in table[0]}, artifact_file="samples.json")
+    tracked.update({f"eval/start/{k}": v for k, v in start_metrics.items()})
+    tracked.update({f"eval/grpo/{k}": v for k, v in grpo_metrics.items()})
+    tracked["eval/accuracy_gain"] = result["accuracy_gain"]
     print(format_comparison(result))
-    return result
+    return StageResult(
+        result, metrics=tracked, tags=tags,
+        artifacts=[Artifact(p) for p in (cfg.paths.metrics(), cfg.paths.eval_plot(), cfg.paths.samples())],
+        tables={"samples.json": {k: [r[k] for r in table] for k in table[0]}} if table else {},
+    )
 
 
 def format_comparison(result: dict[str, Any]) -> str:

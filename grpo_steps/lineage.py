@@ -13,7 +13,6 @@ import yaml
 
 from grpo_steps.config import Config
 from grpo_steps.io import file_digest
-from grpo_steps.tracking import PARENT_RUN_ENV
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +71,15 @@ def prefect_flow_run_id() -> str:
     return os.environ.get("PREFECT__FLOW_RUN_ID", "none")
 
 
-def lineage_tags(cfg: Config, mlflow_run_id: str) -> dict[str, str]:
+def lineage_tags(cfg: Config, mlflow_run_id: str, pipeline_run_id: str | None = None) -> dict[str, str]:
     tags = {
         "git_commit": git_commit(),
         "params_hash": cfg.params_hash(),
         "mlflow_run_id": mlflow_run_id,
         "prefect_flow_run_id": prefect_flow_run_id(),
     }
-    parent = os.environ.get(PARENT_RUN_ENV)
-    if parent:
-        tags["mlflow_pipeline_run_id"] = parent
+    if pipeline_run_id:
+        tags["mlflow_pipeline_run_id"] = pipeline_run_id
     tags.update({f"data_md5/{name}": h for name, h in data_hashes(cfg).items()})
     for what, folder in (("reward_model", cfg.paths.reward_model()), ("start_policy", cfg.paths.sft_policy())):
         weights = cfg.paths.weights(folder)

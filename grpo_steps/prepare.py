@@ -13,11 +13,11 @@ from typing import Any
 
 from grpo_steps.config import SPLITS, Config, data_file_name
 from grpo_steps.io import atomic_path, write_jsonl
+from grpo_steps.results import StageResult
 from grpo_steps.task import demonstrations, make_preference_pairs, make_splits
 from grpo_steps.tokenizer import save_tokenizer
 
 log = logging.getLogger(__name__)
-
 
 
 def synthetic_rows(cfg: Config) -> dict[str, list[dict[str, Any]]]:
@@ -46,7 +46,7 @@ def synthetic_rows(cfg: Config) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def prepare(cfg: Config) -> dict[str, int]:
+def prepare(cfg: Config) -> StageResult:
     if cfg.data.source == "files":
         from grpo_steps.ingest import ingest  # deferred: pandas, pyarrow
 
@@ -62,4 +62,5 @@ def prepare(cfg: Config) -> dict[str, int]:
     with atomic_path(cfg.paths.tokenizer()) as tmp:
         save_tokenizer(tmp)
     log.info("prepared %s (%s) in %s; tokenizer in %s", counts, cfg.data.source, out, cfg.paths.tokenizer())
-    return counts
+    return StageResult(counts, metrics={f"rows.{name}": n for name, n in counts.items()},
+                       tags={"data_source": cfg.data.source})

@@ -20,7 +20,8 @@ from grpo_steps.config import Config
 from grpo_steps.io import read_json, write_json
 from grpo_steps.lineage import file_md5, lineage_tags
 from grpo_steps.modeling import load_policy, load_tokenizer
-from grpo_steps.tracking import stage_run
+from grpo_steps.results import Artifact, StageResult
+from grpo_steps.tracking import active_run_ids
 
 log = logging.getLogger(__name__)
 
@@ -51,67 +52,69 @@ def promotion_decision(new_acc: float, champion_acc: float | None, margin: float
     return "challenger"
 
 
-def register(cfg: Config) -> dict[str, Any]:
+def register(cfg: Config) -> StageResult:
+    """Runs inside the stage's MLflow run (the wrapper's): the model is logged there and registered."""
     metrics = read_json(cfg.paths.metrics())
     name = cfg.registry.model_name
     new_acc = float(metrics["grpo"]["accuracy"])
-    with stage_run(cfg, "register") as run:
-        client = MlflowClient()
-        run_id = run.info.run_id
-        policy_md5 = file_md5(cfg.paths.weights(cfg.paths.grpo_policy()))
-        existing = [mv for mv in client.search_model_versions(f"name='{name}'")
-                    if mv.tags.get("policy_md5") == policy_md5]
-        if existing:
-            mv = min(existing, key=lambda v: int(v.version))
-            version = str(mv.version)
-            aliases = set(client.get_model_version(name, version).aliases or [])
-            alias = "champion" if "champion" in aliases else mv.tags.get("gate_decision")
-            log.info("this policy (md5 %s) is already registered as %s v%s", policy_md5, name, version)
-            mlflow.set_tags({"registered_model": name, "registered_version": version, "already_registered": "true"})
-            result = {"model_name": name, "version": version, "alias": alias, "accuracy": new_acc,
-                      "model_uri": f"models:/{name}/{version}", "already_registered": True,
-                      "mlflow_run_id": run_id}
-            write_json(cfg.paths.registration(), result)
-            return result
-        tok = load_tokenizer(cfg.paths.grpo_policy())
-        model = load_policy(cfg.paths.grpo_policy(), cfg.model.trust_remote_code)
-        info = mlflow.transformers.log_model(
-            transformers_model={"model": model, "tokenizer": tok},
-            name="policy",
-            task="text-generation",
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}"],
-            registered_model_name=name,
-        )
-        version = str(info.registered_model_version)
-        champ_version, champ_acc, champ_source = _champion_accuracy(client, name, metrics)
-        decision = promotion_decision(new_acc, champ_acc, cfg.registry.promotion_margin)
-        tags = {
-            "eval_accuracy": f"{new_acc:.6f}",
-            "eval_start_accuracy": f"{metrics['start']['accuracy']:.6f}",
-            "eval_accuracy_gain": f"{metrics['accuracy_gain']:.6f}",
-            "eval_n_test": str(metrics.get("n_test")),
-            **{f"eval_grpo/{k}": f"{v:.6f}" for k, v in metrics["grpo"].items() if isinstance(v, int | float)},
-            "gate_decision": decision,
-            "gate_champion_version": str(champ_version),
-            "gate_champion_accuracy": "none" if champ_acc is None else f"{champ_acc:.6f}",
-            "gate_champion_accuracy_source": champ_source,
-            "gate_margin": str(cfg.registry.promotion_margin),
-            "policy_md5": policy_md5,
-            **lineage_tags(cfg, run_id),
-        }
-        if metrics.get("reward_hacking_warning"):
-            tags["eval_reward_hacking_warning"] = str(metrics["reward_hacking_warning"])
-        for k, v in tags.items():
-            client.set_model_version_tag(name, version, k, v)
-        client.set_registered_model_alias(name, decision, version)
-        mlflow.set_tags({"registered_model": name, "registered_version": version, "gate_decision": decision})
-        mlflow.log_metrics({"register/accuracy": new_acc, "register/promoted": float(decision == "champion")})
-        result = {"model_name": name, "version": version, "alias": decision, "accuracy": new_acc,
-                  "champion_version_before": champ_version, "champion_accuracy_before": champ_acc,
-                  "champion_accuracy_source": champ_source, "promotion_margin": cfg.registry.promotion_margin,
-                  "model_uri": f"models:/{name}/{version}", "mlflow_run_id": run_id}
+    client = MlflowClient()
+    run_id, parent_run_id = active_run_ids()
+    policy_md5 = file_md5(cfg.paths.weights(cfg.paths.grpo_policy()))
+    existing = [mv for mv in client.search_model_versions(f"name='{name}'")
+                if mv.tags.get("policy_md5") == policy_md5]
+    if existing:
+        mv = min(existing, key=lambda v: int(v.version))
+        version = str(mv.version)
+        aliases = set(client.get_model_version(name, version).aliases or [])
+        alias = "champion" if "champion" in aliases else mv.tags.get("gate_decision")
+        log.info("this policy (md5 %s) is already registered as %s v%s", policy_md5, name, version)
+        result = {"model_name": name, "version": version, "alias": alias, "accuracy": new_acc,
+                  "model_uri": f"models:/{name}/{version}", "already_registered": True,
+                  "mlflow_run_id": run_id}
         write_json(cfg.paths.registration(), result)
-        mlflow.log_artifact(str(cfg.paths.registration()))
+        return StageResult(result, tags={"registered_model": name, "registered_version": version,
+                                         "already_registered": "true"})
+    tok = load_tokenizer(cfg.paths.grpo_policy())
+    model = load_policy(cfg.paths.grpo_policy(), cfg.model.trust_remote_code)
+    info = mlflow.transformers.log_model(
+        transformers_model={"model": model, "tokenizer": tok},
+        name="policy",
+        task="text-generation",
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}"],
+        registered_model_name=name,
+    )
+    version = str(info.registered_model_version)
+    champ_version, champ_acc, champ_source = _champion_accuracy(client, name, metrics)
+    decision = promotion_decision(new_acc, champ_acc, cfg.registry.promotion_margin)
+    tags = {
+        "eval_accuracy": f"{new_acc:.6f}",
+        "eval_start_accuracy": f"{metrics['start']['accuracy']:.6f}",
+        "eval_accuracy_gain": f"{metrics['accuracy_gain']:.6f}",
+        "eval_n_test": str(metrics.get("n_test")),
+        **{f"eval_grpo/{k}": f"{v:.6f}" for k, v in metrics["grpo"].items() if isinstance(v, int | float)},
+        "gate_decision": decision,
+        "gate_champion_version": str(champ_version),
+        "gate_champion_accuracy": "none" if champ_acc is None else f"{champ_acc:.6f}",
+        "gate_champion_accuracy_source": champ_source,
+        "gate_margin": str(cfg.registry.promotion_margin),
+        "policy_md5": policy_md5,
+        **lineage_tags(cfg, run_id, parent_run_id),
+    }
+    if metrics.get("reward_hacking_warning"):
+        tags["eval_reward_hacking_warning"] = str(metrics["reward_hacking_warning"])
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version, k, v)
+    client.set_registered_model_alias(name, decision, version)
+    result = {"model_name": name, "version": version, "alias": decision, "accuracy": new_acc,
+              "champion_version_before": champ_version, "champion_accuracy_before": champ_acc,
+              "champion_accuracy_source": champ_source, "promotion_margin": cfg.registry.promotion_margin,
+              "model_uri": f"models:/{name}/{version}", "mlflow_run_id": run_id}
+    write_json(cfg.paths.registration(), result)
     log.info("registered %s v%s as %s (accuracy %.4f, champion before: %s)", name, version, decision, new_acc,
              champ_acc)
-    return result
+    return StageResult(
+        result,
+        metrics={"register/accuracy": new_acc, "register/promoted": float(decision == "champion")},
+        tags={"registered_model": name, "registered_version": version, "gate_decision": decision},
+        artifacts=[Artifact(cfg.paths.registration())],
+    )

@@ -14,12 +14,12 @@ from trl import SFTConfig, SFTTrainer
 from grpo_steps.config import Config
 from grpo_steps.io import atomic_path, read_jsonl
 from grpo_steps.modeling import begin_stage, build_policy, load_tokenizer, trl_args
-from grpo_steps.tracking import stage_run
+from grpo_steps.results import StageResult
 
 log = logging.getLogger(__name__)
 
 
-def sft(cfg: Config) -> dict[str, float]:
+def sft(cfg: Config) -> StageResult:
     begin_stage(cfg.seed)
     if cfg.model.pretrained:
         tok = load_tokenizer(cfg.model.pretrained, cfg.model.trust_remote_code, allow_hub=True)
@@ -27,7 +27,7 @@ def sft(cfg: Config) -> dict[str, float]:
         tok = load_tokenizer(cfg.paths.tokenizer())
     policy = build_policy(cfg.model, tok)
     out = cfg.paths.sft_policy()
-    with stage_run(cfg, "sft"), atomic_path(out) as tmp:
+    with atomic_path(out) as tmp:  # TRL logs its curve on the stage's MLflow run (report_to)
         if cfg.model.pretrained:
             log.info("model.pretrained is set: skipping the cold start, saving %s as the starting policy",
                      cfg.model.pretrained)
@@ -62,4 +62,4 @@ def sft(cfg: Config) -> dict[str, float]:
         policy.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
     log.info("starting policy saved to %s (%s)", out, metrics)
-    return metrics
+    return StageResult(metrics, metrics={f"sft/{k}": v for k, v in metrics.items()})

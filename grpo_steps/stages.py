@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from grpo_steps.config import Config
+from grpo_steps.config import Config, pick
+from grpo_steps.results import Report, StageResult
 
 
 @dataclass(frozen=True)
@@ -58,15 +59,20 @@ class Stage:
     log_prints: bool = True
     notes: dict[str, str] = field(default_factory=dict)  # dvc.yaml comments for deps or params entries
 
-    def function(self) -> Callable[[Config], Any]:
+    def function(self) -> Callable[[Config], StageResult]:
         module, attr = self.run.split(":")
         return getattr(importlib.import_module(module), attr)
 
-    def __call__(self, cfg: Config) -> Any:
-        result = self.function()(cfg)
+    def __call__(self, cfg: Config, *, parent_run_id: str | None = None,
+                 publish: Callable[[list[Report]], None] | None = None) -> Any:
+        """Run the stage inside its MLflow run (a child of `parent_run_id` when given), record its result and
+        hand its reports to `publish`; returns the stage's value, raises the error its outcome carries."""
+        from grpo_steps.tracking import tracked  # deferred: mlflow
+
+        result = tracked(cfg, self.name, self.function(), self.params, parent_run_id, publish)
         for folder in self.persistent_outs(cfg):  # DVC fails on a missing out, even an empty persistent one
             folder.mkdir(parents=True, exist_ok=True)
-        return result
+        return result.value
 
     def outs(self, cfg: Config) -> list[Path]:
         """Outputs that are the stage's result: every one exists after a successful run."""
@@ -198,22 +204,11 @@ STAGES: dict[str, tuple[Callable[[Config], Any], str]] = {s.name: (s, s.help) fo
 PLATFORM_SECTIONS = ("paths", "tracking")
 
 
-def grpo_checkpoint_dir(cfg: Config) -> Path:
-    """Where the grpo stage keeps its resumable checkpoints (a persistent DVC output)."""
-    return cfg.paths.grpo_checkpoints()
+def run_stage(name: str, cfg: Config, **kwargs: Any) -> Any:
+    """`grpo <name>`: the stage through its record, tracked (see `Stage.__call__`)."""
+    return STAGE_SPECS[name](cfg, **kwargs)
 
 
 def param_values(cfg: Config, keys: tuple[str, ...] | list[str]) -> dict[str, Any]:
     """The values of params.yaml keys (sections or dotted keys) in the resolved config."""
     return pick(cfg.as_dict(), keys)
-
-
-def pick(tree: dict[str, Any], keys: tuple[str, ...] | list[str]) -> dict[str, Any]:
-    """{key: value} for params.yaml keys (sections or dotted keys) of a config tree (`Config.as_dict()`)."""
-    out: dict[str, Any] = {}
-    for key in keys:
-        node: Any = tree
-        for part in key.split("."):
-            node = node[part]
-        out[key] = node
-    return out

@@ -1,4 +1,8 @@
-"""MLflow plumbing shared by the stages: one parent run per pipeline execution, one nested run per stage.
+"""The one wrapper between the stages and MLflow: one parent run per pipeline execution, one run per stage.
+
+`tracked` runs a stage function in its run and records the `StageResult` it returns (grpo_steps/results.py);
+the stage functions themselves never call MLflow, except `log_curve` for live per-step curves (and the
+register stage, whose computation is the registry's side effect).
 
 The tracking URI comes from `tracking.tracking_uri`, unless the MLFLOW_TRACKING_URI environment variable is
 set (it wins, so a deployment can point every stage at its server without editing params.yaml). The parent
@@ -9,22 +13,22 @@ stage's nested run logs the settings of the sections that stage reads.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from grpo_steps.config import Config
+from grpo_steps.config import Config, pick
+from grpo_steps.results import Report, StageResult
 from grpo_steps.secrets import redact_secrets, redact_url
-from grpo_steps.stages import STAGE_SPECS, pick
 
 log = logging.getLogger(__name__)
 
-PARENT_RUN_ENV = "GRPO_PARENT_RUN_ID"
 SAMPLING_INTERVAL_ENV = "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"
 
 # `scheme:` of at least two characters: s3://, mlflow-artifacts:/, file:/, http://; not a drive letter (C:\).
@@ -115,14 +119,12 @@ def flat_params(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def stage_params(cfg: Config, stage: str) -> dict[str, str]:
-    """The flattened settings `stage` reads (its record's params keys, and `paths`); every setting for a name
-    that is no stage."""
+def stage_params(cfg: Config, keys: tuple[str, ...] | None) -> dict[str, str]:
+    """The flattened settings of params keys (a stage record's, plus `paths`); every setting for None."""
     tree = redact_secrets(cfg.as_dict())
-    spec = STAGE_SPECS.get(stage)
-    if spec is None:
+    if keys is None:
         return flat_params(tree)
-    return flat_params(pick(tree, ("paths", *spec.params)))
+    return flat_params(pick(tree, ("paths", *keys)))
 
 
 @contextmanager
@@ -146,41 +148,109 @@ def _start_top_level_run(cfg: Config, **kwargs: Any) -> mlflow.ActiveRun:
         return mlflow.start_run(log_system_metrics=True, **kwargs)
 
 
+def _is_main_process() -> bool:
+    """False in the other processes of an `accelerate launch` / torchrun job: only rank 0 tracks."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 @contextmanager
-def stage_run(cfg: Config, stage: str) -> Iterator[mlflow.ActiveRun]:
-    """A run for one stage: nested under the pipeline's parent run when there is one (GRPO_PARENT_RUN_ID)."""
+def stage_run(cfg: Config, stage: str, parent_run_id: str | None = None,
+              keys: tuple[str, ...] | None = None) -> Iterator[mlflow.ActiveRun]:
+    """The MLflow run of one stage: a child of `parent_run_id` (the pipeline's run) when given, with the
+    settings of the params `keys` the stage's record declares; else nested under an active run of the caller
+    (a notebook's), or a top-level run, both with every setting (`grpo sft`, `dvc repro`)."""
     setup(cfg)
-    parent = os.environ.get(PARENT_RUN_ENV)
     tags = {"stage": stage, "params_hash": cfg.params_hash()}
     active = mlflow.active_run()
-    if parent and active is not None and active.info.run_id == parent:
+    if parent_run_id is not None:
+        # nested=True only says "an active run is fine": it must be the parent itself (MLflow checks). A child
+        # started from another thread or process never resumes the parent (ending that would finish it).
+        run_ctx = mlflow.start_run(run_name=stage, parent_run_id=parent_run_id, nested=active is not None,
+                                   tags=tags, log_system_metrics=False)
+        params = stage_params(cfg, keys)
+    elif active is not None:
         run_ctx = mlflow.start_run(run_name=stage, nested=True, tags=tags, log_system_metrics=False)
-    elif parent and active is None:
-        # another thread or process of the same pipeline: a child of the parent run, without resuming the parent
-        # (resuming and leaving it would mark the still-running pipeline as finished)
-        run_ctx = mlflow.start_run(run_name=stage, parent_run_id=parent, tags=tags, log_system_metrics=False)
-    elif active is not None:  # inside some other run (a notebook, a caller's own run): nest under it
-        run_ctx = mlflow.start_run(run_name=stage, nested=True, tags=tags, log_system_metrics=False)
-    else:  # a stage on its own (`grpo sft`, `dvc repro`): a top-level run with every setting
+        params = stage_params(cfg, None)
+    else:
         run_ctx = _start_top_level_run(cfg, run_name=stage, tags=tags)
+        params = stage_params(cfg, None)
     with run_ctx as run:
-        mlflow.log_params(stage_params(cfg, stage) if parent else flat_params(redact_secrets(cfg.as_dict())))
+        mlflow.log_params(params)
         yield run
+
+
+def record(result: StageResult) -> None:
+    """Log a stage's result on the active run: metrics (finite ones), tags, params, artifacts, tables."""
+    metrics = {k: float(v) for k, v in result.metrics.items() if math.isfinite(float(v))}
+    if metrics:
+        mlflow.log_metrics(metrics)
+    if result.tags:
+        mlflow.set_tags(result.tags)
+    if result.params:
+        mlflow.log_params(result.params)
+    for a in result.artifacts:
+        if a.path.is_dir():
+            mlflow.log_artifacts(str(a.path), artifact_path=a.under)
+        else:
+            mlflow.log_artifact(str(a.path), artifact_path=a.under)
+    for name, columns in result.tables.items():
+        mlflow.log_table(columns, artifact_file=name)
+
+
+Publisher = Callable[[list[Report]], None]
+
+
+def tracked(cfg: Config, stage: str, compute: Callable[[Config], StageResult], keys: tuple[str, ...],
+            parent_run_id: str | None = None, publish: Publisher | None = None) -> StageResult:
+    """Run one stage function inside its MLflow run, record its result and publish its reports.
+
+    The one place a stage meets the platform: the run (`stage_run`), the result's metrics, tags, params,
+    artifacts and tables (`record`), its reports through `publish` (the flow's Prefect artifacts; none outside
+    a flow). A result carrying an `error` (a failed gate) is recorded first, then the error is raised, so the
+    run is marked failed with everything that explains why. In the non-main processes of a distributed job
+    the stage runs untracked.
+    """
+    if not _is_main_process():
+        return _checked(stage, compute(cfg))
+    with stage_run(cfg, stage, parent_run_id, keys):
+        result = _checked(stage, compute(cfg))
+        record(result)
+        if publish is not None and result.reports:
+            publish(result.reports)
+        if result.error is not None:
+            raise result.error
+    return result
+
+
+def _checked(stage: str, result: object) -> StageResult:
+    if not isinstance(result, StageResult):
+        raise TypeError(f"stage {stage} returned {type(result).__name__}, not a StageResult")
+    return result
+
+
+def log_curve(metrics: dict[str, float], step: int) -> None:
+    """Per-step training metrics on the stage's run while it trains (finite values only); a no-op when no
+    run is active (a stage called without the wrapper, the other processes of a distributed job)."""
+    if mlflow.active_run() is None:
+        return
+    finite = {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
+    if finite:
+        mlflow.log_metrics(finite, step=step)
+
+
+def active_run_ids() -> tuple[str, str | None]:
+    """(the active run's id, its parent run's id or None): the stage run the wrapper opened."""
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError("no active MLflow run: call the stage through its record (grpo_steps.stages)")
+    return run.info.run_id, mlflow.get_run(run.info.run_id).data.tags.get("mlflow.parentRunId")
 
 
 @contextmanager
 def pipeline_run(cfg: Config, run_name: str = "pipeline", tags: dict[str, str] | None = None) -> Iterator[str]:
-    """The parent run of one pipeline execution; stages started inside nest under it."""
+    """The parent run of one pipeline execution; yields its id, which the flow passes to every stage."""
     setup(cfg)
     run_tags = {"params_hash": cfg.params_hash(), **(tags or {})}
     with _start_top_level_run(cfg, run_name=run_name, tags=run_tags) as run:
-        mlflow.log_params(flat_params(redact_secrets(cfg.as_dict())))
-        previous = os.environ.get(PARENT_RUN_ENV)
-        os.environ[PARENT_RUN_ENV] = run.info.run_id
-        try:
-            yield run.info.run_id
-        finally:
-            if previous is None:
-                os.environ.pop(PARENT_RUN_ENV, None)
-            else:
-                os.environ[PARENT_RUN_ENV] = previous
+        mlflow.log_params(stage_params(cfg, None))
+        yield run.info.run_id

@@ -21,11 +21,9 @@ from __future__ import annotations
 import contextlib
 import csv
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
@@ -44,7 +42,8 @@ from grpo_steps.modeling import (
     load_tokenizer,
     seed_everything,
 )
-from grpo_steps.tracking import stage_run
+from grpo_steps.results import StageResult
+from grpo_steps.tracking import log_curve
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +105,9 @@ def _broadcast(acc: Accelerator, obj: Any) -> Any:
     return broadcast_object_list([obj], from_process=0)[0]
 
 
-def _log_metrics(metrics: dict[str, float], step: int) -> None:
-    mlflow.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=step)
-
-
-def train_grpo(cfg: Config, progress: bool = True, accelerator: Accelerator | None = None) -> dict[str, float]:
-    """Run (or resume) GRPO; returns a summary whose `resumed_from_step` is 0 for a fresh start."""
+def train_grpo(cfg: Config, progress: bool = True, accelerator: Accelerator | None = None) -> StageResult:
+    """Run (or resume) GRPO; the result's value is a summary whose `resumed_from_step` is 0 for a fresh
+    start. Per-step metrics go to the stage's MLflow run as the steps happen."""
     preflight(cfg)
     if accelerator is None:  # no precision or gradient state left over from a stage that ran before in-process
         begin_stage(cfg.seed)
@@ -132,7 +128,7 @@ def train_grpo(cfg: Config, progress: bool = True, accelerator: Accelerator | No
         return _train(cfg, acc, progress and main)
 
 
-def _train(cfg: Config, acc: Accelerator, progress: bool) -> dict[str, float]:
+def _train(cfg: Config, acc: Accelerator, progress: bool) -> StageResult:
     main = acc.is_main_process
     seed_everything(cfg.seed)
     tok = load_tokenizer(cfg.paths.sft_policy())
@@ -165,35 +161,33 @@ def _train(cfg: Config, acc: Accelerator, progress: bool) -> dict[str, float]:
     bar = tqdm(total=cfg.grpo.steps, initial=trainer.step, desc="grpo", disable=not progress, dynamic_ncols=True)
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
+        log_curve(metrics, step)
         if main:
-            _log_metrics(metrics, step)
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics.get('kl', 0.0):.4f}")
         if step == cfg.grpo.steps or (every and step % every == 0):
             store.save(trainer, sampler)  # every process: RNG states are gathered; the main one writes
 
-    run = stage_run(cfg, "grpo") if main else contextlib.nullcontext()
-    with run:
-        if main and resumed_from:
-            mlflow.set_tag("resumed_from_step", str(resumed_from))
-            for i, m in enumerate(trainer.history, start=1):  # this run's curve is complete, not only the tail
-                _log_metrics(m, i)
-        if rng is not None:  # last thing before sampling: the resumed run draws exactly what the first would have
-            set_rng_state(rng)
-        history = trainer.fit(sampler, cfg.grpo.steps, on_step=on_step)
-        bar.close()
-        if not trainer.weights_finite():  # the last checkpoint refuses too; this guards checkpoint-less paths
-            raise NonFiniteLossError("the policy has NaN/inf weights: models/grpo not written")
-        first, last = history[0], history[-1]
-        summary = {"steps": len(history), "reward_first": first["reward"], "reward_last": last["reward"],
-                   "skipped_steps": last["skipped_steps"], "resumed_from_step": resumed_from}
-        if main:
-            out = cfg.paths.grpo_policy()
-            with atomic_path(out) as tmp:
-                trainer.unwrapped.save_pretrained(str(tmp), safe_serialization=True)
-                tok.save_pretrained(str(tmp))
-            _write_curve(cfg.paths.grpo_curve(), history)
-            mlflow.log_metrics({f"summary/{k}": v for k, v in summary.items()})
+    tags = {}
+    if resumed_from:
+        tags["resumed_from_step"] = str(resumed_from)
+        for i, m in enumerate(trainer.history, start=1):  # this run's curve is complete, not only the tail
+            log_curve(m, i)
+    if rng is not None:  # last thing before sampling: the resumed run draws exactly what the first would have
+        set_rng_state(rng)
+    history = trainer.fit(sampler, cfg.grpo.steps, on_step=on_step)
+    bar.close()
+    if not trainer.weights_finite():  # the last checkpoint refuses too; this guards checkpoint-less paths
+        raise NonFiniteLossError("the policy has NaN/inf weights: models/grpo not written")
+    first, last = history[0], history[-1]
+    summary = {"steps": len(history), "reward_first": first["reward"], "reward_last": last["reward"],
+               "skipped_steps": last["skipped_steps"], "resumed_from_step": resumed_from}
+    if main:
+        out = cfg.paths.grpo_policy()
+        with atomic_path(out) as tmp:
+            trainer.unwrapped.save_pretrained(str(tmp), safe_serialization=True)
+            tok.save_pretrained(str(tmp))
+        _write_curve(cfg.paths.grpo_curve(), history)
     acc.wait_for_everyone()
     log.info("GRPO done: %s", summary)
-    return summary
+    return StageResult(summary, metrics={f"summary/{k}": v for k, v in summary.items()}, tags=tags)

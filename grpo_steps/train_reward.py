@@ -1,14 +1,15 @@
-"""Stage `train_reward`: a Bradley-Terry reward model (TRL RewardTrainer) on the preference pairs.
+"""Stage `train_reward`: a Bradley-Terry reward model on the preference pairs.
 
-The model is a sequence-classification head (one output) on a backbone: by default the starting policy
-(models/sft, so this stage runs after sft), fresh weights from the `model` section with `reward_model.init:
-config`, or `reward_model.backbone` (a local folder or hub name, safetensors only). The loss is
+By default (`reward_model.head: likelihood`) the model is the starting policy itself (models/sft, so this
+stage runs after sft) fine-tuned so that `beta * log p(completion | prompt)` ranks chosen above rejected, in
+our own short loop; `head: scalar` is TRL's RewardTrainer's sequence classifier, for hub reward models. The
+backbone can also be fresh weights from the `model` section (`reward_model.init: config`) or
+`reward_model.backbone` (a local folder or hub name, safetensors only). The loss is
 `-log sigmoid(r_chosen - r_rejected - margin)`, with the margin a constant (`reward_model.margin`) or a
-per-pair column (`reward_model.margin_column`), plus optional reward centering.
+per-pair column (`reward_model.margin_column`).
 
 Its held-out pairwise accuracy is the gate: below `reward_model.min_pairwise_accuracy` the pipeline stops
-before GRPO, since optimising against a reward model that cannot rank is optimising noise.
-"""
+before GRPO, since optimising against a reward model that cannot rank is optimising noise."""
 
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import math
 import shutil
 from typing import Any
 
-import mlflow
 import torch
 from accelerate import Accelerator
 from datasets import Dataset
@@ -44,7 +44,8 @@ from grpo_steps.modeling import (
     require_safetensors,
     trl_args,
 )
-from grpo_steps.tracking import stage_run
+from grpo_steps.results import Artifact, StageResult
+from grpo_steps.tracking import log_curve
 
 log = logging.getLogger(__name__)
 
@@ -224,8 +225,7 @@ def _train_likelihood(cfg: Config, model, tok, train_pairs: list[dict], source: 
         window["margin"].append((chosen - rejected).mean().item())
         if step % 10 == 0 or step == steps:
             means = {k: sum(v) / len(v) for k, v in window.items()}
-            if acc.is_main_process:
-                mlflow.log_metrics({f"reward_model/train/{k}": v for k, v in means.items()}, step=step)
+            log_curve({f"reward_model/train/{k}": v for k, v in means.items()}, step)
             bar.set_postfix(loss=f"{means['loss']:.3f}", accuracy=f"{means['accuracy']:.2f}")
             window = {k: [] for k in window}
     model = acc.unwrap_model(model).eval()
@@ -233,7 +233,7 @@ def _train_likelihood(cfg: Config, model, tok, train_pairs: list[dict], source: 
     return model
 
 
-def train_reward(cfg: Config) -> dict[str, Any]:
+def train_reward(cfg: Config) -> StageResult:
     begin_stage(cfg.seed)
     source = str(cfg.paths.validated_file("preferences_train"))
     train_pairs = read_jsonl(cfg.paths.validated_file("preferences_train"))
@@ -242,7 +242,7 @@ def train_reward(cfg: Config) -> dict[str, Any]:
     rc = cfg.reward_model
     model, tok = build_reward_model(cfg)
     out = cfg.paths.reward_model()
-    with stage_run(cfg, "train_reward"), atomic_path(out) as tmp:
+    with atomic_path(out) as tmp:
         if rc.head == "likelihood":
             model = _train_likelihood(cfg, model, tok, train_pairs, source)
         else:
@@ -262,22 +262,25 @@ def train_reward(cfg: Config) -> dict[str, Any]:
             "init": reward_init(cfg),
             "head": rc.head,
         }
-        mlflow.log_metrics({"reward_model/pairwise_accuracy": acc, "reward_model/gate_passed": float(passed),
-                            "reward_model/mean_margin": report["mean_margin"],
-                            **{f"reward_model/pairwise_accuracy/{k}": v["pairwise_accuracy"]
-                               for k, v in report["by_kind"].items()}})
-        mlflow.set_tags({"reward_gate": "passed" if passed else "failed", "reward_init": reward_init(cfg)})
         model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
         write_json(cfg.paths.reward_report(), metrics)
-        mlflow.log_artifact(str(cfg.paths.reward_report()))
     log.info("reward model: held-out pairwise accuracy %.3f (gate %.3f); by kind of rejected answer: %s", acc,
              rc.min_pairwise_accuracy,
              ", ".join(f"{k} {v['pairwise_accuracy']:.3f} (n={v['n']})" for k, v in report["by_kind"].items()) or "-")
+    result = StageResult(
+        metrics,
+        metrics={"reward_model/pairwise_accuracy": acc, "reward_model/gate_passed": float(passed),
+                 "reward_model/mean_margin": report["mean_margin"],
+                 **{f"reward_model/pairwise_accuracy/{k}": v["pairwise_accuracy"]
+                    for k, v in report["by_kind"].items()}},
+        tags={"reward_gate": "passed" if passed else "failed", "reward_init": reward_init(cfg)},
+        artifacts=[Artifact(cfg.paths.reward_report())],
+    )
     if not passed:
-        raise RewardGateError(
+        result.error = RewardGateError(
             f"reward model held-out pairwise accuracy {acc:.3f} is below the gate "
             f"reward_model.min_pairwise_accuracy={rc.min_pairwise_accuracy}; stopping before GRPO "
             f"(not training a policy against it). Improve the reward model or its data, or lower the gate."
         )
-    return metrics
+    return result

@@ -1,9 +1,10 @@
 """Stage `validate`: every prepared file checked against its pandera schema, lazily, all failures listed.
 
 Each failure is one row of a table (file, column, check, row, value), printed, saved as reports/validation.json
-and reports/validation.md, logged to the stage's MLflow run and, inside a Prefect run, published as a Prefect
-artifact. `row` is the 0-based position of the record in its file (line row + 1); it is empty for a failure of
-the whole file (a missing or unexpected column, no rows), which applies to every row of that file.
+and reports/validation.md; the stage's result carries them for its MLflow run and, in a flow, as Prefect
+artifacts (the tracking wrapper records both). `row` is the 0-based position of the record in its file
+(line row + 1); it is empty for a failure of the whole file (a missing or unexpected column, no rows), which
+applies to every row of that file.
 
 Policy `validate.on_failure`:
   fail (default)  the stage raises DataValidationError (exit code 2) and data/validated is not touched.
@@ -17,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 from collections import Counter, defaultdict
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +29,8 @@ import pandera.pandas as pa
 from grpo_steps.config import DATA_FILES, SPLITS, Config, ValidateConfig, data_file_name
 from grpo_steps.errors import UserError
 from grpo_steps.io import atomic_path, read_jsonl, write_json, write_jsonl
+from grpo_steps.lineage import data_hashes
+from grpo_steps.results import Artifact, Report, StageResult
 from grpo_steps.schemas import (
     CHECK_DESCRIPTIONS,
     PREFERENCE_COLUMNS,
@@ -275,63 +277,23 @@ def render_markdown(report: dict[str, Any], table: pd.DataFrame, max_rows: int =
     return "\n".join(lines) + "\n"
 
 
-def validated_hashes(cfg: Config) -> dict[str, str]:
-    """md5 (the hash DVC records) of each file in data/validated, by file name."""
-    from grpo_steps.lineage import data_hashes  # deferred: mlflow
-
-    return data_hashes(cfg)
-
-
-def _log_to_mlflow(paths: list[Path], report: dict[str, Any], quarantine_dir: Path) -> bool:
-    """Report, counts and data hashes on the active MLflow run; False when none is active."""
-    import mlflow
-
-    if mlflow.active_run() is None:
-        return False
-    for p in paths:
-        mlflow.log_artifact(str(p), artifact_path="validation")
+def _tracked(report: dict[str, Any], markdown: str, table: pd.DataFrame, files: list[Path],
+             quarantine_dir: Path) -> dict[str, Any]:
+    """What the tracking wrapper records of a validation: counts, status and data hashes on the MLflow run,
+    the reports as artifacts, and the report (plus a table of failures) for the orchestrator's UI."""
     metrics = {"validation_failures": report["failures"], "quarantined_rows": sum(report["quarantined"].values())}
     metrics.update({f"rows.{name}": n for name, n in report["rows"].items()})
-    mlflow.log_metrics(metrics)
-    mlflow.set_tag("validation_status", report["status"])
-    if report.get("md5"):
-        mlflow.log_params({f"data_md5.{f}": h for f, h in report["md5"].items()})
-    if sum(report["quarantined"].values()) and quarantine_dir.is_dir():
-        mlflow.log_artifacts(str(quarantine_dir), artifact_path="validation/quarantine")
-    return True
-
-
-def in_prefect_run() -> bool:
-    """True inside a Prefect flow or task run. Prefect is never imported here: a run has imported it."""
-    if "prefect" not in sys.modules:
-        return False
-    from prefect.context import get_run_context
-    from prefect.exceptions import MissingContextError
-
-    try:
-        get_run_context()
-    except MissingContextError:
-        return False
-    return True
-
-
-def _publish_to_prefect(markdown: str, table: pd.DataFrame) -> bool:
-    """The report as Prefect artifacts (markdown, plus a table of failures); a no-op outside a Prefect run."""
-    if not in_prefect_run():
-        return False
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
-    try:
-        create_markdown_artifact(markdown=markdown, key="data-validation", description="grpo validate report")
-        if len(table):
-            rows = [{k: (_show(v, 200) if k == "value" else ("" if v is None else str(v))) for k, v in r.items()}
-                    for r in table.head(_SHOWN_IN_MARKDOWN).to_dict(orient="records")]
-            create_table_artifact(table=rows, key="data-validation-failures",
-                                  description=f"{len(table)} data validation failure(s)")
-    except Exception as e:  # noqa: BLE001 - an artifact must never fail the stage
-        log.warning("could not publish the validation report to Prefect: %s", e)
-        return False
-    return True
+    artifacts = [Artifact(p, "validation") for p in files]
+    if metrics["quarantined_rows"] and quarantine_dir.is_dir():
+        artifacts.append(Artifact(quarantine_dir, "validation/quarantine"))
+    reports = [Report("data-validation", "grpo validate report", markdown=markdown)]
+    if len(table):
+        rows = [{k: (_show(v, 200) if k == "value" else ("" if v is None else str(v))) for k, v in r.items()}
+                for r in table.head(_SHOWN_IN_MARKDOWN).to_dict(orient="records")]
+        reports.append(Report("data-validation-failures", f"{len(table)} data validation failure(s)", table=rows))
+    return {"metrics": metrics, "tags": {"validation_status": report["status"]},
+            "params": {f"data_md5.{f}": h for f, h in report["md5"].items()},
+            "artifacts": artifacts, "reports": reports}
 
 
 # ------------------------------------------------------------------------------------------------ the stage
@@ -370,14 +332,7 @@ def _write_folder(path: Path, files: Mapping[str, list[dict[str, Any]]]) -> None
             write_jsonl(tmp / file_name(name), rows)
 
 
-def validate(cfg: Config) -> dict[str, int]:
-    from grpo_steps.tracking import stage_run  # deferred: mlflow
-
-    with stage_run(cfg, "validate"):
-        return _validate(cfg)
-
-
-def _validate(cfg: Config) -> dict[str, int]:
+def validate(cfg: Config) -> StageResult:
     src, dst = cfg.paths.prepared(), cfg.paths.validated()
     quarantine_dir = cfg.paths.quarantine()
     policy = cfg.validate_.on_failure
@@ -409,7 +364,7 @@ def _validate(cfg: Config) -> dict[str, int]:
         _write_folder(dst, passing)
         _write_folder(quarantine_dir, {n: q for n, q in failing.items() if q})
         report["validated"] = {name: len(passing[name]) for name in FILES}
-        report["md5"] = validated_hashes(cfg)
+        report["md5"] = data_hashes(cfg)
         n_q = sum(report["quarantined"].values())
         report["outcome"] = f"Wrote {dst}" + (f"; {n_q} row(s) quarantined in {quarantine_dir}." if n_q else ".")
 
@@ -418,18 +373,17 @@ def _validate(cfg: Config) -> dict[str, int]:
     write_json(json_path, report)
     with atomic_path(md_path) as tmp:
         tmp.write_text(markdown, encoding="utf-8")
-    _log_to_mlflow([json_path, md_path], report, quarantine_dir)
-    _publish_to_prefect(markdown, table)
-
+    tracked = _tracked(report, markdown, table, [json_path, md_path], quarantine_dir)
     if failed:
-        raise DataValidationError(
+        error = DataValidationError(
             f"data validation failed: {len(table)} failure(s) in {src}. {report['outcome']} "
             f"(report: {md_path})\n{render_text(table)}",
             table,
             report,
         )
+        return StageResult(report, error=error, **tracked)
     if len(table):
         log.warning("data validation: %d failure(s), %d row(s) quarantined in %s (report: %s)\n%s",
                     len(table), sum(report["quarantined"].values()), quarantine_dir, md_path, render_text(table))
     log.info("validated %s into %s", report["validated"], dst)
-    return {**report["validated"], "quarantined": sum(report["quarantined"].values())}
+    return StageResult({**report["validated"], "quarantined": sum(report["quarantined"].values())}, **tracked)

@@ -41,7 +41,6 @@ def workdir(tmp_path, monkeypatch):
     """An empty project directory with the repo's params.yaml; paths are relative to it."""
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("GRPO_PARENT_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return tmp_path
 

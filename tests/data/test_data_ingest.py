@@ -13,7 +13,7 @@ import pytest
 from grpo_steps.config import ConfigError, load_config
 from grpo_steps.ingest import derive_preferences, gsm8k_answer, load_preferences, load_prompts, split_off
 from grpo_steps.io import DataFileError, read_jsonl
-from grpo_steps.prepare import prepare
+from tests.support.stages import prepare
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 PROMPT_FILES = ("train", "eval", "test")
@@ -67,7 +67,7 @@ def _prompt_pairs(*names: str) -> list[tuple]:
 
 
 def test_jsonl_round_trip_with_split_off_then_validates(workdir, mlflow_uri):
-    from grpo_steps.validate import validate
+    from tests.support.stages import validate
 
     cfg = _cfg(mlflow_uri, "data.source=files", f"data.train={FIXTURES / 'prompts.jsonl'}",
                "data.eval_fraction=0.2", "data.test_fraction=0.2")
@@ -122,7 +122,7 @@ def test_parquet_round_trip_normalises_numeric_answers(workdir, mlflow_uri):
 
 
 def test_gsm8k_round_trip(workdir, mlflow_uri):
-    from grpo_steps.validate import validate
+    from tests.support.stages import validate
 
     cfg = _cfg(mlflow_uri, "data.source=files", f"data.train={FIXTURES / 'gsm8k.jsonl'}", "data.gsm8k=true",
                "validate.max_prompt_tokens=80")

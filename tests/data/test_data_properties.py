@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
@@ -66,13 +65,10 @@ corruptions = st.sampled_from([None] * 5 + [("train", '{"id": '), ("preferences_
 
 
 @pytest.fixture
-def stage_cfg(workdir, tmp_path_factory, monkeypatch):
-    """The validate stage without MLflow (each example would otherwise open a run)."""
-    import grpo_steps.tracking
-
+def stage_cfg(workdir, tmp_path_factory):
+    """The validate stage's computation without its MLflow run (each example would otherwise open one)."""
     models = tmp_path_factory.mktemp("models")
     save_tokenizer(models / "tokenizer")
-    monkeypatch.setattr(grpo_steps.tracking, "stage_run", lambda cfg, stage: contextlib.nullcontext())
     return lambda policy: load_config("params.yaml", [f"paths.models_dir={models}", f"validate.on_failure={policy}"])
 
 
@@ -88,7 +84,7 @@ def test_validate_stage_raises_only_data_errors(stage_cfg, files, corrupt, polic
         (prepared / f"{name}.jsonl").write_text(text, encoding="utf-8")
     before = {p.name: p.read_bytes() for p in Path("data/validated").glob("*")}
     try:
-        validate(stage_cfg(policy))
+        validate(stage_cfg(policy)).unwrap()  # the bare stage function: a StageResult
     except (DataValidationError, DataFileError):
         assert {p.name: p.read_bytes() for p in Path("data/validated").glob("*")} == before
         return

@@ -12,7 +12,8 @@ from grpo_steps.config import load_config
 from grpo_steps.io import read_jsonl
 from grpo_steps.lineage import file_md5
 from grpo_steps.tokenizer import save_tokenizer
-from grpo_steps.validate import FAILURE_COLUMNS, FILES, DataValidationError, check_rows, partition, validate
+from grpo_steps.validate import FAILURE_COLUMNS, FILES, DataValidationError, check_rows, partition
+from tests.support.stages import validate
 
 
 @pytest.fixture(scope="session")
@@ -277,13 +278,13 @@ def test_mlflow_run_gets_hashes_and_report(make_cfg):
     assert artifacts == {"validation/validation.json", "validation/validation.md"}
 
 
-def test_prefect_artifacts_only_inside_a_run(make_cfg, monkeypatch):
+def test_prefect_artifacts_through_the_flows_publisher_only(make_cfg, monkeypatch):
+    """The stage returns its reports; the wrapper hands them to the flow's publisher (Prefect artifacts), also
+    when the outcome fails: the report that explains the failure is published before the error is raised."""
     import prefect.artifacts
-    import prefect.context
 
-    from grpo_steps import validate as stage
+    from flows.report import publish_reports
 
-    assert stage.in_prefect_run() is False  # prefect imported, but no flow or task run
     rows = clean_rows()
     rows["train"][1]["answer"] = "x"
     write_prepared(rows)
@@ -291,9 +292,12 @@ def test_prefect_artifacts_only_inside_a_run(make_cfg, monkeypatch):
     monkeypatch.setattr(prefect.artifacts, "create_markdown_artifact", lambda **kw: calls.append(("md", kw)))
     monkeypatch.setattr(prefect.artifacts, "create_table_artifact", lambda **kw: calls.append(("table", kw)))
     validate(make_cfg("validate.on_failure=quarantine"))
-    assert calls == []  # a no-op outside Prefect
-    monkeypatch.setattr(prefect.context, "get_run_context", lambda: object())
-    validate(make_cfg("validate.on_failure=quarantine"))
+    assert calls == []  # outside a flow: no publisher, nothing published
+    with pytest.raises(DataValidationError):
+        validate(make_cfg(), publish=publish_reports)
+    assert [kind for kind, _ in calls] == ["md", "table"]
+    calls.clear()
+    validate(make_cfg("validate.on_failure=quarantine"), publish=publish_reports)
     (kind_md, md), (kind_table, table) = calls
     assert kind_md == "md" and md["key"] == "data-validation" and "answer_is_number" in md["markdown"]
     assert kind_table == "table" and table["table"][0]["check"] == "answer_is_number"
@@ -301,7 +305,7 @@ def test_prefect_artifacts_only_inside_a_run(make_cfg, monkeypatch):
 
 
 def test_synthetic_default_passes(make_cfg):
-    from grpo_steps.prepare import prepare
+    from tests.support.stages import prepare
 
     cfg = make_cfg("task.n_train=400", "task.n_eval=40", "task.n_test=60", "task.n_preference_pairs=200")
     prepare(cfg)

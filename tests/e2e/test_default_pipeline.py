@@ -21,7 +21,7 @@ from tests.conftest import ROOT
 def test_shipped_default_pipeline_learns_and_registers(tmp_path):
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / ".prefect")}
-    for var in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "GRPO_PARENT_RUN_ID"):
+    for var in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
         env.pop(var, None)
     proc = subprocess.run([sys.executable, "-m", "grpo_steps.cli", "run"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=1800)

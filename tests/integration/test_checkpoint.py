@@ -90,7 +90,7 @@ def flaky(prompts, completions, **_):
 
 def test_exception_mid_run_then_rerun_resumes_from_checkpoint(ready, monkeypatch, caplog):
     """What a Prefect retry of the grpo task does: call train_grpo again after it raised."""
-    from grpo_steps.train_grpo import train_grpo
+    from tests.support.stages import train_grpo
 
     name = f"flaky_{uuid.uuid4().hex[:8]}"
     (ready / f"{name}.py").write_text(FLAKY)
@@ -98,7 +98,7 @@ def test_exception_mid_run_then_rerun_resumes_from_checkpoint(ready, monkeypatch
     rf = f"grpo.reward_functions=[{{name: digit_match}}, {{name: '{name}:flaky', weight: 0.0}}]"
     cfg = config(ready, rf, "grpo.steps=5", "grpo.checkpoint_every=2")
 
-    reference = train_grpo(cfg, progress=False)  # no fault injected
+    reference = train_grpo(cfg, )  # no fault injected
     assert reference["resumed_from_step"] == 0
     ref_weights = weights(ready / "models" / "grpo")
     shutil.rmtree(ready / "models" / "grpo")
@@ -107,22 +107,22 @@ def test_exception_mid_run_then_rerun_resumes_from_checkpoint(ready, monkeypatch
     module = sys.modules[name]
     module.raise_on_call = module.calls + 3  # the third step of the next run fails
     with pytest.raises(RuntimeError, match="injected fault"):
-        train_grpo(cfg, progress=False)
+        train_grpo(cfg, )
     assert [p.name for p in _step_dirs(ready)] == ["step-000002"]
     assert not (ready / "models" / "grpo").exists()
 
     with caplog.at_level(logging.INFO, logger="grpo_steps"):
-        summary = train_grpo(cfg, progress=False)
+        summary = train_grpo(cfg, )
     assert summary["resumed_from_step"] == 2 and summary["steps"] == 5
     assert "resuming GRPO from checkpoint" in caplog.text and "at step 2 of 5" in caplog.text
     assert_identical(ref_weights, weights(ready / "models" / "grpo"))
 
 
 def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(ready, caplog):
-    from grpo_steps.train_grpo import train_grpo
+    from tests.support.stages import train_grpo
 
     cfg = config(ready, "grpo.steps=4", "grpo.checkpoint_every=1", "grpo.keep_checkpoints=3")
-    train_grpo(cfg, progress=False)
+    train_grpo(cfg, )
     reference = weights(ready / "models" / "grpo")
     assert [p.name for p in _step_dirs(ready)] == ["step-000002", "step-000003", "step-000004"]
     newest = _step_dirs(ready)[-1]
@@ -131,7 +131,7 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(ready, caplo
     corrupt.write_bytes(data[: len(data) // 2])
 
     with caplog.at_level(logging.WARNING, logger="grpo_steps"):
-        summary = train_grpo(cfg, progress=False)
+        summary = train_grpo(cfg, )
     assert summary["resumed_from_step"] == 3
     assert str(corrupt) in caplog.text and "truncated" in caplog.text
     assert_identical(reference, weights(ready / "models" / "grpo"))
@@ -144,9 +144,9 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(ready, caplo
 
 def test_corrupt_checkpoints_are_named_in_the_error(ready):
     from grpo_steps.checkpoint import CheckpointError, CheckpointStore
-    from grpo_steps.train_grpo import train_grpo
+    from tests.support.stages import train_grpo
 
-    train_grpo(config(ready, "grpo.steps=2"), progress=False)
+    train_grpo(config(ready, "grpo.steps=2"), )
     good = _step_dirs(ready)[-1]
     store = CheckpointStore(good.parent.parent, good.parent.name)
     assert store.read(good).step == 2
@@ -177,10 +177,10 @@ def test_corrupt_checkpoints_are_named_in_the_error(ready):
 
 def test_checkpoints_of_other_params_are_never_used(ready, caplog):
     from grpo_steps.checkpoint import training_key
-    from grpo_steps.train_grpo import train_grpo
+    from tests.support.stages import train_grpo
 
     cfg_a = config(ready, "grpo.steps=2")
-    train_grpo(cfg_a, progress=False)
+    train_grpo(cfg_a, )
     (a_step,) = _step_dirs(ready)
     cfg_b = config(ready, "grpo.steps=2", "grpo.learning_rate=0.002")
     key_b = training_key(cfg_b)
@@ -190,7 +190,7 @@ def test_checkpoints_of_other_params_are_never_used(ready, caplog):
     shutil.copytree(a_step, planted)
 
     with caplog.at_level(logging.WARNING, logger="grpo_steps"):
-        summary = train_grpo(cfg_b, progress=False)
+        summary = train_grpo(cfg_b, )
     assert summary["resumed_from_step"] == 0
     assert f"{planted} was written for different params" in caplog.text
     assert "ignoring checkpoints written for different params" in caplog.text and str(a_step.parent) in caplog.text
@@ -200,10 +200,10 @@ def test_checkpoints_of_other_params_are_never_used(ready, caplog):
 
 
 def test_checkpoint_every_zero_saves_only_at_the_end_and_resumes_as_done(ready):
-    from grpo_steps.train_grpo import train_grpo
+    from tests.support.stages import train_grpo
 
     cfg = config(ready, "grpo.steps=3", "grpo.checkpoint_every=0")
-    train_grpo(cfg, progress=False)
+    train_grpo(cfg, )
     assert [p.name for p in _step_dirs(ready)] == ["step-000003"]
     manifest = json.loads((_step_dirs(ready)[0] / "manifest.json").read_text())
     assert manifest["params_hash"] == cfg.params_hash() and manifest["step"] == 3
@@ -212,7 +212,7 @@ def test_checkpoint_every_zero_saves_only_at_the_end_and_resumes_as_done(ready):
     assert state["sampler_position"] == 3 * cfg.grpo.prompts_per_step
     assert len(state["trainer"]["history"]) == 3 and set(state["rng"][0]) >= {"python", "numpy", "torch", "cuda"}
     first = weights(ready / "models" / "grpo")
-    again = train_grpo(cfg, progress=False)
+    again = train_grpo(cfg, )
     assert again["resumed_from_step"] == 3 and again["steps"] == 3
     assert_identical(first, weights(ready / "models" / "grpo"))
 

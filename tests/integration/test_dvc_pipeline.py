@@ -39,7 +39,7 @@ AFTER_GRPO = ["grpo", "evaluate", "register"]
 def tool_env(**extra: str) -> dict[str, str]:
     """The environment of a stage subprocess: this venv's tools first, offline, no outer MLflow/Prefect run."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("MLFLOW_TRACKING_URI", "GRPO_PARENT_RUN_ID", "PREFECT_API_URL", "PYTHONPATH")}
+           if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PYTHONPATH")}
     env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", DVC_NO_ANALYTICS="1", HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1",
                TOKENIZERS_PARALLELISM="false", **GIT_ID, **extra)
@@ -152,15 +152,17 @@ def test_dvc_yaml_check_command(tmp_path, capsys):
 def test_checkpoints_folder_is_left_even_without_checkpoints(workdir, monkeypatch):
     """dvc.yaml's persistent out of the grpo stage always exists after the stage (DVC fails on a missing out)."""
     import grpo_steps.train_grpo
-    from grpo_steps.stages import STAGES, grpo_checkpoint_dir
+    from grpo_steps.results import StageResult
+    from grpo_steps.stages import STAGE_SPECS, STAGES
 
     cfg = load_config("params.yaml")
-    monkeypatch.setattr(grpo_steps.train_grpo, "train_grpo", lambda cfg: {"steps": 0})
+    monkeypatch.setattr(grpo_steps.train_grpo, "train_grpo", lambda cfg: StageResult({"steps": 0}))
     assert STAGES["grpo"][0](cfg) == {"steps": 0}
-    assert grpo_checkpoint_dir(cfg).is_dir() and str(grpo_checkpoint_dir(cfg)) == "models/grpo_checkpoints"
+    (declared,) = STAGE_SPECS["grpo"].persistent_outs(cfg)
+    assert declared.is_dir() and str(declared) == "models/grpo_checkpoints"
     from grpo_steps.checkpoint import checkpoints_root
 
-    assert checkpoints_root(cfg) == grpo_checkpoint_dir(cfg), "the trainer writes where dvc.yaml looks"
+    assert checkpoints_root(cfg) == declared, "the trainer writes where dvc.yaml looks"
 
 
 # ------------------------------------------------------------------------------------------ real DVC

@@ -7,9 +7,9 @@ import json
 import pytest
 from mlflow import MlflowClient
 
-from grpo_steps.evaluate import Champion, evaluate, format_comparison, load_champion
-from grpo_steps.register import register
+from grpo_steps.evaluate import Champion, format_comparison, load_champion
 from tests.support.project import load_tiny, perturb_policy, write_metrics
+from tests.support.stages import evaluate, register
 
 KEPT_KEYS = {"start", "grpo", "accuracy_gain", "n_test", "reward_hacking_warning"}
 

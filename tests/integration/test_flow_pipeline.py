@@ -220,7 +220,8 @@ def fake_stages(monkeypatch, workdir):
     calls: list[str] = []
 
     def fake(name):
-        def run(cfg):
+        def run(cfg, *, parent_run_id, publish):  # called as the flow calls a stage record
+            assert parent_run_id and callable(publish)
             calls.append(name)
             _write_outputs(name, cfg)
             return FAKE_RESULTS.get(name, {"stage": name})
@@ -307,7 +308,7 @@ def test_flow_retries_a_transient_failure_but_not_a_gate(prefect_api, fake_stage
     desc = STAGES["sft"][1]
     attempts = []
 
-    def flaky_sft(cfg):
+    def flaky_sft(cfg, **_):
         attempts.append(1)
         if len(attempts) == 1:
             raise RuntimeError("node lost")
@@ -318,7 +319,7 @@ def test_flow_retries_a_transient_failure_but_not_a_gate(prefect_api, fake_stage
     assert _run_flow(workdir).is_completed()
     assert len(attempts) == 2
 
-    def gate(cfg):
+    def gate(cfg, **_):
         fake_stages.append("train_reward")
         raise RewardGateError("held-out pairwise accuracy 0.4 below 0.55")
 

@@ -6,8 +6,9 @@ import pytest
 from mlflow import MlflowClient
 
 from grpo_steps.lineage import file_md5
-from grpo_steps.register import promotion_decision, register
+from grpo_steps.register import promotion_decision
 from tests.support.project import load_tiny, perturb_policy, write_metrics
+from tests.support.stages import register
 
 
 def _client(cfg) -> MlflowClient:

@@ -65,7 +65,7 @@ def spiky(prompts, completions, **_):
 
 
 def test_inf_reward_step_is_skipped_and_counted(ready, monkeypatch):
-    from grpo_steps.train_grpo import train_grpo
+    from tests.support.stages import train_grpo
 
     name = f"spiky_{uuid.uuid4().hex[:8]}"
     (ready / f"{name}.py").write_text(SPIKY)
@@ -74,7 +74,7 @@ def test_inf_reward_step_is_skipped_and_counted(ready, monkeypatch):
 
     importlib.import_module(name).spikes = {2}
     rf = f"grpo.reward_functions=[{{name: digit_match}}, {{name: '{name}:spiky'}}]"
-    summary = train_grpo(config(ready, rf, "grpo.steps=3", "grpo.checkpoint_every=0"), progress=False)
+    summary = train_grpo(config(ready, rf, "grpo.steps=3", "grpo.checkpoint_every=0"))
 
     assert summary["skipped_steps"] == 1
     state = json.loads(next((ready / "models" / "grpo_checkpoints").glob("*/step-000003/trainer_state.json"))
@@ -103,10 +103,10 @@ def _nan_loss(monkeypatch, on_calls=None):
 
 
 def test_nan_loss_step_is_skipped_then_training_goes_on(ready, monkeypatch):
-    from grpo_steps.train_grpo import train_grpo
+    from tests.support.stages import train_grpo
 
     _nan_loss(monkeypatch, on_calls={1})
-    summary = train_grpo(config(ready, "grpo.steps=3"), progress=False)
+    summary = train_grpo(config(ready, "grpo.steps=3"))
     assert summary["skipped_steps"] == 1 and summary["steps"] == 3
     csv = (ready / "reports" / "grpo_steps.csv").read_text().splitlines()
     assert len(csv) == 4  # header + 3 steps, the skipped one included
@@ -115,7 +115,7 @@ def test_nan_loss_step_is_skipped_then_training_goes_on(ready, monkeypatch):
 
 def test_consecutive_nan_losses_stop_and_nothing_is_written(ready, monkeypatch):
     from grpo_steps.grpo.trainer import NonFiniteLossError
-    from grpo_steps.train_grpo import train_grpo
+    from tests.support.stages import train_grpo
 
     previous = ready / "models" / "grpo"  # the output of an earlier good run must survive untouched
     shutil.copytree(ready / "models" / "sft", previous)
@@ -123,7 +123,7 @@ def test_consecutive_nan_losses_stop_and_nothing_is_written(ready, monkeypatch):
     _nan_loss(monkeypatch)
     cfg = config(ready, "grpo.steps=6", "grpo.checkpoint_every=0", "grpo.max_consecutive_nonfinite=2")
     with pytest.raises(NonFiniteLossError, match=r"2 consecutive steps.*grpo\.max_consecutive_nonfinite=2"):
-        train_grpo(cfg, progress=False)
+        train_grpo(cfg)
     assert _tree_digest(previous) == before
     assert not (ready / "reports" / "grpo_steps.csv").exists()
     assert not list((ready / "models").glob("grpo_checkpoints/*/step-*"))
@@ -221,23 +221,23 @@ def test_last_micro_batch_may_be_smaller_and_the_update_is_the_same():
 ])
 def test_unimportable_reward_function_fails_before_any_model_loads(ready, monkeypatch, path, why):
     from grpo_steps.config import ConfigError
-    from grpo_steps.train_grpo import train_grpo
+    from tests.support.stages import train_grpo
 
     _no_model_loading(monkeypatch)
     cfg = config(ready, f"grpo.reward_functions=[{{name: digit_match}}, {{name: '{path}'}}]")
     with pytest.raises(ConfigError, match=r"grpo\.reward_functions\[1\]\.name") as err:
-        train_grpo(cfg, progress=False)
+        train_grpo(cfg)
     assert why in str(err.value) and path in str(err.value)
     assert not (ready / "models" / "grpo_checkpoints").exists()
 
 
 def test_missing_inputs_are_all_named_before_any_work(workdir, monkeypatch):
-    from grpo_steps.train_grpo import train_grpo
+    from tests.support.stages import train_grpo
 
     _no_model_loading(monkeypatch)
     cfg = config(workdir, "grpo.reward_functions=[{name: exact_match}, {name: reward_model, weight: 0.1}]")
     with pytest.raises(FileNotFoundError) as err:
-        train_grpo(cfg, progress=False)
+        train_grpo(cfg)
     msg = str(err.value)
     for p in ("models/sft", "data/validated/train.jsonl", "models/reward"):
         assert str((workdir / p).resolve()) in msg, (p, msg)
@@ -372,12 +372,12 @@ def test_logged_params_of_a_config_hold_no_credentials(workdir):
 
 def test_second_run_on_the_same_outputs_fails_fast_naming_the_holder(ready, monkeypatch):
     from grpo_steps.io import OutputLockedError, exclusive_lock
-    from grpo_steps.train_grpo import train_grpo
+    from tests.support.stages import train_grpo
 
     _no_model_loading(monkeypatch)
     with exclusive_lock(ready / "models" / ".grpo.lock", "test holder"):
         with pytest.raises(OutputLockedError, match=rf"pid {os.getpid()}\b"):
-            train_grpo(config(ready), progress=False)
+            train_grpo(config(ready))
     assert not (ready / "models" / "grpo").exists()
 
 

@@ -22,6 +22,7 @@ from tests.support.project import (
     load_tiny,
     tiny_overrides,
 )
+from tests.support.stages import train_reward
 
 
 class SpyTrainer(stage.RewardTrainer):
@@ -57,7 +58,7 @@ def test_train_reward_with_margin_and_centering(project, monkeypatch):
                     "reward_model.center_rewards_coefficient=0.01")
     SpyTrainer.batches = []
     monkeypatch.setattr(stage, "RewardTrainer", SpyTrainer)
-    metrics = stage.train_reward(cfg)
+    metrics = train_reward(cfg)
 
     assert SpyTrainer.batches and all(b["margin"].eq(0.5).all() for b in SpyTrainer.batches)  # reached the loss
     report = json.loads((project / "reports/reward_model.json").read_text())
@@ -95,7 +96,7 @@ def test_backbone_from_a_local_folder(project, tmp_path):
     cfg = load_tiny(project, f"reward_model.backbone={backbone}", "reward_model.head=scalar")
     model, rm_tok = stage.build_reward_model(cfg)
     assert model.config.num_labels == 1 and model.config.pad_token_id == rm_tok.pad_token_id
-    metrics = stage.train_reward(cfg)
+    metrics = train_reward(cfg)
     assert 0.0 <= metrics["pairwise_accuracy"] <= 1.0
     assert (cfg.paths.reward_model() / "tokenizer_config.json").is_file()
 
@@ -124,7 +125,7 @@ FLOW_SCRIPT = textwrap.dedent("""
     ran = Path("ran.txt")
 
     def recorded(name, real):
-        def run(cfg):
+        def run(cfg, **kw):
             with ran.open("a") as f:
                 f.write(name + "\\n")
             if name == "train_reward":  # the gate fails, as train_reward raises it
@@ -133,7 +134,7 @@ FLOW_SCRIPT = textwrap.dedent("""
             if name == "sft":  # the reward model starts from the starting policy: sft runs first
                 Path("models/sft").mkdir(parents=True, exist_ok=True)
                 Path("models/sft/model.safetensors").write_text("stand-in")
-            return real(cfg) if name in ("prepare", "validate") else {}
+            return real(cfg, **kw) if name in ("prepare", "validate") else {}
         return run
 
     for name, (real, description) in list(stages.STAGES.items()):

@@ -14,6 +14,7 @@ import pytest
 from mlflow import MlflowClient
 
 from grpo_steps import tracking
+from grpo_steps.stages import STAGE_SPECS
 from tests.support.project import (
     load_tiny,
     mlflow_server,
@@ -70,13 +71,13 @@ def test_artifact_locations(workdir):
 def test_parent_run_nests_stage_runs_with_their_own_params_and_system_metrics(workdir):
     cfg = load_tiny(workdir, "tracking.system_metrics=true", "tracking.system_metrics_interval_s=0.2")
     with tracking.pipeline_run(cfg) as parent_id:
-        with tracking.stage_run(cfg, "grpo") as run:
+        with tracking.stage_run(cfg, "grpo", parent_id, STAGE_SPECS["grpo"].params) as run:
             mlflow.log_metric("reward", 1.0, step=1)
             grpo_id = run.info.run_id
         other: dict = {}
 
         def in_another_thread():  # as a stage run by a worker thread: no active run there
-            with tracking.stage_run(cfg, "evaluate") as r:
+            with tracking.stage_run(cfg, "evaluate", parent_id, STAGE_SPECS["evaluate"].params) as r:
                 other["id"] = r.info.run_id
 
         t = threading.Thread(target=in_another_thread)
@@ -111,12 +112,11 @@ def test_system_metrics_can_be_switched_off(workdir):
 
 def _pipeline_logging_and_registration(cfg, client: MlflowClient) -> tuple[str, dict]:
     """evaluate + register inside a parent run, through whatever store `cfg` points at; checks via `client`."""
-    from grpo_steps.evaluate import evaluate
-    from grpo_steps.register import register
+    from tests.support.stages import evaluate, register
 
     with tracking.pipeline_run(cfg) as parent_id:
-        evaluate(cfg)
-        reg = register(cfg)
+        evaluate(cfg, parent_run_id=parent_id)
+        reg = register(cfg, parent_run_id=parent_id)
 
     runs = {r.data.tags.get("stage", r.data.tags.get("mlflow.runName")): r for r in _runs(client, cfg)}
     assert {"pipeline", "evaluate", "register"} <= set(runs)
@@ -184,7 +184,7 @@ def test_stage_logging_and_registration_through_a_tracking_server(project, serve
 
     # the same policy again, through the server: no second version
     write_metrics(cfg, accuracy=0.5)
-    from grpo_steps.register import register
+    from tests.support.stages import register
 
     assert register(cfg)["version"] == reg["version"]
     assert len(client.search_model_versions(f"name='{reg['model_name']}'")) == 1

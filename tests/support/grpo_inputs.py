@@ -39,14 +39,12 @@ def build_inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         return _CACHE["dir"]
     from grpo_steps.config import load_config
     from grpo_steps.modeling import build_policy, load_tokenizer
-    from grpo_steps.prepare import prepare
-    from grpo_steps.validate import validate
+    from tests.support.stages import prepare, validate
 
     base = tmp_path_factory.mktemp("grpo-inputs")
     shutil.copy(ROOT / "params.yaml", base / "params.yaml")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(base)
-        mp.delenv("GRPO_PARENT_RUN_ID", raising=False)
         cfg = load_config("params.yaml", BASE + [f"tracking.tracking_uri=sqlite:///{base}/mlflow.db"])
         prepare(cfg)
         validate(cfg)

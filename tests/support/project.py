@@ -37,34 +37,28 @@ def load_tiny(workdir: Path, *extra: str):
 
 def _build(root: Path) -> None:
     from grpo_steps.modeling import build_policy, build_reward_backbone, load_tokenizer, seed_everything
-    from grpo_steps.prepare import prepare
-    from grpo_steps.validate import validate
+    from tests.support.stages import prepare, validate
 
     shutil.copy(ROOT / "params.yaml", root / "params.yaml")
-    previous_parent = os.environ.pop("GRPO_PARENT_RUN_ID", None)
-    try:
-        with contextlib.chdir(root):
-            cfg = load_tiny(root)
-            prepare(cfg)
-            validate(cfg)
-            tok = load_tokenizer(cfg.paths.tokenizer())
-            seed_everything(0)
-            policy = build_policy(cfg.model, tok)
-            for folder in (cfg.paths.sft_policy(), cfg.paths.grpo_policy()):
-                policy.save_pretrained(str(folder), safe_serialization=True)
-                tok.save_pretrained(str(folder))
-            reward = build_reward_backbone(cfg.model, tok)
-            reward.save_pretrained(str(cfg.paths.reward_model()), safe_serialization=True)
-            tok.save_pretrained(str(cfg.paths.reward_model()))
-            perturb_policy(cfg.paths.grpo_policy(), 0.01)
-            reports = cfg.paths.reports()
-            reports.mkdir(parents=True, exist_ok=True)
-            (reports / "grpo_steps.csv").write_text(
-                "step,reward,kl\n" + "".join(f"{s},{0.1 * s:.2f},{0.01 * s:.3f}\n" for s in range(1, 4))
-            )
-    finally:
-        if previous_parent is not None:
-            os.environ["GRPO_PARENT_RUN_ID"] = previous_parent
+    with contextlib.chdir(root):
+        cfg = load_tiny(root)
+        prepare(cfg)
+        validate(cfg)
+        tok = load_tokenizer(cfg.paths.tokenizer())
+        seed_everything(0)
+        policy = build_policy(cfg.model, tok)
+        for folder in (cfg.paths.sft_policy(), cfg.paths.grpo_policy()):
+            policy.save_pretrained(str(folder), safe_serialization=True)
+            tok.save_pretrained(str(folder))
+        reward = build_reward_backbone(cfg.model, tok)
+        reward.save_pretrained(str(cfg.paths.reward_model()), safe_serialization=True)
+        tok.save_pretrained(str(cfg.paths.reward_model()))
+        perturb_policy(cfg.paths.grpo_policy(), 0.01)
+        reports = cfg.paths.reports()
+        reports.mkdir(parents=True, exist_ok=True)
+        (reports / "grpo_steps.csv").write_text(
+            "step,reward,kl\n" + "".join(f"{s},{0.1 * s:.2f},{0.01 * s:.3f}\n" for s in range(1, 4))
+        )
 
 
 def project_template(tmp_path_factory) -> Path:

@@ -24,6 +24,7 @@ from grpo_steps.modeling import build_policy, load_reward_model, load_tokenizer
 from grpo_steps.task import REJECTED_KINDS, make_preference_pairs, make_splits, sloppy_answer, wrong_answer_of_kind
 from tests.support.grpo_inputs import assert_identical, config, weights
 from tests.support.project import load_tiny
+from tests.support.stages import train_grpo, train_reward
 
 
 def test_bradley_terry_loss_is_the_formula():
@@ -78,7 +79,7 @@ def test_train_reward_likelihood_head_report_per_kind_and_margin(project, monkey
 
     monkeypatch.setattr(stage, "bradley_terry_loss", spy)
     cfg = load_tiny(project, "reward_model.margin=0.25", "reward_model.beta=0.5")
-    metrics = stage.train_reward(cfg)
+    metrics = train_reward(cfg)
     assert seen and all(m is not None and torch.all(m == 0.25) for m in seen), "the margin reaches the loss"
     report = json.loads((cfg.paths.reports() / "reward_model.json").read_text())
     assert report["head"] == "likelihood" and report["init"] == "policy"
@@ -133,17 +134,16 @@ def test_grpo_update_is_the_same_after_an_in_process_bf16_trainer(ready):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from grpo_steps.train_grpo import train_grpo
 
     cfg = config(ready, "grpo.steps=2", "grpo.checkpoint_every=0")
-    train_grpo(cfg, progress=False)
+    train_grpo(cfg)
     clean = weights(cfg.paths.grpo_policy())
     shutil.rmtree(ready / "models" / "grpo_checkpoints")
 
     AcceleratorState._reset_state()  # as in a fresh process, where an in-process SFT under TRL's defaults
     Accelerator(cpu=True, mixed_precision="bf16")  # leaves this behind
     assert AcceleratorState().mixed_precision == "bf16"
-    train_grpo(cfg, progress=False)
+    train_grpo(cfg)
     assert AcceleratorState().mixed_precision == "no"
     assert_identical(weights(cfg.paths.grpo_policy()), clean)
 
