@@ -6,35 +6,25 @@ Tests call these rather than the bare stage functions (which return a `StageResu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from grpo_steps.config import Config
 from grpo_steps.stages import run_stage
 
 
-def prepare(cfg: Config, **kwargs: Any) -> Any:
-    return run_stage("prepare", cfg, **kwargs)
+def _through_record(name: str) -> Callable[..., Any]:
+    def run(cfg: Config, **kwargs: Any) -> Any:
+        return run_stage(name, cfg, **kwargs)
+
+    run.__name__ = name
+    return run
 
 
-def validate(cfg: Config, **kwargs: Any) -> Any:
-    return run_stage("validate", cfg, **kwargs)
-
-
-def sft(cfg: Config, **kwargs: Any) -> Any:
-    return run_stage("sft", cfg, **kwargs)
-
-
-def train_reward(cfg: Config, **kwargs: Any) -> Any:
-    return run_stage("train_reward", cfg, **kwargs)
-
-
-def train_grpo(cfg: Config, **kwargs: Any) -> Any:
-    return run_stage("grpo", cfg, **kwargs)
-
-
-def evaluate(cfg: Config, **kwargs: Any) -> Any:
-    return run_stage("evaluate", cfg, **kwargs)
-
-
-def register(cfg: Config, **kwargs: Any) -> Any:
-    return run_stage("register", cfg, **kwargs)
+prepare = _through_record("prepare")
+validate = _through_record("validate")
+sft = _through_record("sft")
+train_reward = _through_record("train_reward")
+train_grpo = _through_record("grpo")
+evaluate = _through_record("evaluate")
+register = _through_record("register")
