@@ -182,6 +182,7 @@ class DataConfig(_Section):
 
     Files are JSONL, Parquet or CSV (format from the extension unless `format` says otherwise). GSM8K-style
     files (`question`, `answer` ending in `#### <number>`) are read with `gsm8k: true` or `format: gsm8k`.
+    A prompt is a string or a conversation (a list of {role, content} messages, JSONL or Parquet).
     When only `train` is given, eval and test are split off it by seed; without preference files, pairs are
     derived from the train and eval prompts (the right answer preferred over a near miss).
     """
@@ -198,9 +199,20 @@ class DataConfig(_Section):
     gsm8k: bool = Field(False, description="prompt files are GSM8K-style: the answer is the number after ####")
     prompt_column: str | None = Field(None, description="unset: 'prompt' ('question' for GSM8K)")
     answer_column: str = "answer"
+    demonstration_column: str = Field(
+        "demonstration", description="a column of worked solutions for the SFT cold start, used when the file "
+        "has it (GSM8K: the solution itself, calculator annotations removed, ending in `#### <answer>`)",
+    )
     chosen_column: str = "chosen"
     rejected_column: str = "rejected"
     id_column: str | None = Field(None, description="a column of row ids to keep; unset: ids are generated")
+    system_prompt: str | None = Field(
+        None, description="a system message put before every prompt (unless a conversation has its own)",
+    )
+    chat_template: Literal["auto"] | bool = Field(
+        "auto", description="render prompts with the policy tokenizer's chat template (add_generation_prompt): "
+        "auto = when it has one; true = required; false = plain text (grpo_steps/prompts.py)",
+    )
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="share of train's distinct prompts split off")
     test_fraction: float = Field(0.1, ge=0, lt=1, description="share of train's distinct prompts split off")
     preferences_eval_fraction: float = Field(0.1, ge=0, lt=1, description="share of preference prompts split off")
@@ -234,7 +246,8 @@ class ValidateConfig(_Section):
     max_prompt_tokens: int = Field(32, ge=1)
     max_answer_tokens: int = Field(8, ge=1)
     max_completion_tokens: int | None = Field(
-        None, ge=1, description="bound on preference chosen/rejected; unset: max_answer_tokens"
+        None, ge=1, description="bound on completions: preference chosen/rejected and train demonstrations; "
+        "unset: max_answer_tokens"
     )
     unique_preference_pairs: bool = Field(
         False, description="flag exact duplicate (prompt, chosen, rejected) rows within a preference file"
@@ -292,6 +305,11 @@ class RewardModelConfig(_Section):
 class SFTConfig(_Section):
     """Cold start: a short supervised run so GRPO starts from a policy that is sometimes right."""
 
+    enabled: Literal["auto"] | bool = Field(
+        "auto", description="auto: run for a policy built from `model`, skip for a pretrained one "
+        "(`model.pretrained`, which is then the starting policy as it is); true: fine-tune the pretrained policy "
+        "on the demonstrations too (a reasoning cold start); false: never",
+    )
     max_steps: int = Field(2000, ge=1)
     learning_rate: float = Field(
         1e-3, gt=0, description="1e-3 imitates the weak teacher cleanly on every seed measured; 3e-3 left one "
@@ -303,10 +321,15 @@ class SFTConfig(_Section):
 
 
 class RewardFunctionConfig(_Section):
-    """One reward function: an import path `module:function` (or the built-in name) and its weight."""
+    """One reward function: a built-in name or an import path `module:function`, its weight, and the keyword
+    arguments that build it (for `math_accuracy`, `format`, `overlong_penalty`, or a factory of your own)."""
 
     name: str
     weight: float = 1.0
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="math_accuracy: timeout_s; format: pattern; overlong_penalty: "
+        "max_length (default grpo.max_completion_length), buffer (default a quarter of it)",
+    )
 
 
 class GRPOConfig(_Section):
@@ -344,6 +367,10 @@ class GRPOConfig(_Section):
         ]
     )
     max_consecutive_nonfinite: int = Field(3, ge=1, description="stop after this many skipped non-finite steps")
+    mask_truncated_completions: bool = Field(
+        False, description="DAPO: completions cut off by max_completion_length (no EOS) are scored but carry no "
+        "loss, so the policy is not taught from answers it never finished",
+    )
     checkpoint_every: int = Field(
         25, ge=0, description="save a resumable checkpoint every N steps (0: only at the end); a rerun resumes"
     )
@@ -373,7 +400,12 @@ class GRPOConfig(_Section):
 
 
 class EvaluateConfig(_Section):
-    pass_k: int = Field(4, ge=1, description="k for pass@k (sampled at temperature 1)")
+    pass_k: int = Field(4, ge=1, description="k for pass@k and maj@k (sampled at temperature 1)")
+    accuracy: Literal["auto", "exact_match", "math_accuracy"] = Field(
+        "auto", description="how a completion's answer is judged: exact_match (the whole completion is the "
+        "answer) or math_accuracy (math-verify: the final answer, equivalent forms); auto: math_accuracy when "
+        "grpo.reward_functions lists it, else exact_match",
+    )
     n_samples_logged: int = Field(20, ge=0)
     compare_champion: bool = Field(
         True, description="also evaluate the registry's current `champion` version on the same test split"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import logging
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,12 @@ from grpo_steps.config import Config
 from grpo_steps.grpo.logprobs import completion_logps
 from grpo_steps.grpo.loss import k3_kl
 from grpo_steps.grpo.reward_model import RewardModelFunction
-from grpo_steps.grpo.rewards import exact_match
+from grpo_steps.grpo.rewards import RewardFunction, resolve_reward_function
 from grpo_steps.grpo.sampling import Rollout, sample_groups
 from grpo_steps.io import atomic_path, read_jsonl, write_json, write_jsonl
 from grpo_steps.lineage import file_md5
 from grpo_steps.modeling import load_policy, load_reward_model, load_tokenizer, seed_everything
+from grpo_steps.prompts import render_all
 from grpo_steps.results import Artifact, StageResult
 
 log = logging.getLogger(__name__)
@@ -51,21 +53,24 @@ def policy_metrics(
     reward_model: RewardModelFunction | None = None,
     reference: PreTrainedModel | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    prompts, answers = [r["prompt"] for r in rows], [r["answer"] for r in rows]
+    # each policy reads the prompts rendered by its own tokenizer (a champion's may differ)
+    prompts = render_all(tok, [r["prompt"] for r in rows], cfg.data.system_prompt, cfg.data.chat_template)
+    answers = [r["answer"] for r in rows]
     max_new = cfg.grpo.max_completion_length
+    judge = accuracy_judge(cfg)
     greedy = _rollouts(model, tok, prompts, 1, max_new, greedy=True)
     completions = [c for r in greedy for c in r.completions]
-    correct = exact_match(prompts, completions, answers)
+    correct = judge(prompts, completions, answers)
     lengths = torch.cat([r.completion_mask.sum(1) for r in greedy]).float()
     metrics = {"accuracy": sum(correct) / len(correct), "mean_completion_length": float(lengths.mean())}
 
     k = cfg.evaluate.pass_k
     sampled = _rollouts(model, tok, prompts, k, max_new, greedy=False)
     sampled_completions = [c for r in sampled for c in r.completions]
-    hits = exact_match([p for p in prompts for _ in range(k)], sampled_completions,
-                       [a for a in answers for _ in range(k)])
+    hits = judge([p for p in prompts for _ in range(k)], sampled_completions, [a for a in answers for _ in range(k)])
     per_prompt = torch.tensor(hits).view(-1, k).amax(dim=1)
     metrics[f"pass_at_{k}"] = float(per_prompt.mean())
+    metrics[f"maj_at_{k}"] = majority_accuracy(answer_keys(judge, sampled_completions), hits, k)
     metrics["sampled_accuracy"] = float(torch.tensor(hits).mean())
 
     if reward_model is not None:
@@ -79,9 +84,37 @@ def policy_metrics(
             m = r.completion_mask.float()
             kls.append(((k3_kl(lp, ref) * m).sum() / m.sum().clamp(min=1)).item())
         metrics["kl_to_reference"] = sum(kls) / len(kls)
-    samples = [{"prompt": p, "answer": a, "completion": c, "correct": bool(x)}
-               for p, a, c, x in zip(prompts, answers, completions, correct, strict=True)]
+    samples = [{"prompt": r["prompt"], "answer": a, "completion": c, "correct": bool(x)}
+               for r, a, c, x in zip(rows, answers, completions, correct, strict=True)]
     return metrics, samples
+
+
+def accuracy_judge(cfg: Config) -> RewardFunction:
+    """The accuracy reward evaluation judges answers with (`evaluate.accuracy`; auto: GRPO's own)."""
+    name = cfg.evaluate.accuracy
+    if name == "auto":
+        listed = {rf.name for rf in cfg.grpo.reward_functions}
+        name = "math_accuracy" if "math_accuracy" in listed else "exact_match"
+    kwargs = next((rf.kwargs for rf in cfg.grpo.reward_functions if rf.name == name), {})
+    return resolve_reward_function(name, kwargs)
+
+
+def answer_keys(judge: RewardFunction, completions: list[str]) -> list[str | None]:
+    """What counts as the same answer in a vote: the normal form the judge extracts, or the stripped text."""
+    extract = getattr(judge, "extract", None)
+    return extract(completions) if extract is not None else [c.strip() or None for c in completions]
+
+
+def majority_accuracy(keys: list[str | None], hits: list[float | None], k: int) -> float:
+    """maj@k: per prompt, the most frequent answer among its k samples (ties: the first seen; no answer never
+    wins) is right. Its correctness is that of a sample giving it."""
+    right = 0
+    for i in range(0, len(keys), k):
+        votes = Counter(key for key in keys[i : i + k] if key is not None)
+        if votes:
+            top = votes.most_common(1)[0][0]
+            right += bool(next(hits[j] for j in range(i, i + k) if keys[j] == top))
+    return right / max(1, len(keys) // k)
 
 
 @dataclass

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import random
+import re
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,15 @@ def gsm8k_answer(value: Any) -> str | None:
     return number or None
 
 
+_CALCULATOR = re.compile(r"<<[^<>]*>>")
+
+
+def gsm8k_demonstration(solution: str) -> str:
+    """A GSM8K solution as the cold-start demonstration: the reasoning, then `#### <answer>`, without the
+    dataset's calculator annotations (`<<48/2=24>>`)."""
+    return _CALCULATOR.sub("", solution).strip()
+
+
 def _bad_rows_error(path: Path, what: str, where: list[str]) -> DataFileError:
     shown = ", ".join(where[:_SHOWN]) + (f" and {len(where) - _SHOWN} more" if len(where) > _SHOWN else "")
     return DataFileError(f"{path}: {len(where)} row(s) {what}: {shown}")
@@ -182,16 +192,23 @@ def load_prompts(path: str | Path, data: DataConfig) -> list[dict[str, Any]]:
     required = [prompt_col, data.answer_column] + ([data.id_column] if data.id_column else [])
     _require(path, columns, required)
     rows, no_marker = [], []
+    demo_col = data.demonstration_column if data.demonstration_column in columns else None
     for where, rec in records:
-        answer = _text(path, where, data.answer_column, rec.get(data.answer_column))
+        solution = _text(path, where, data.answer_column, rec.get(data.answer_column))
+        demonstration = None
         if data.is_gsm8k:
-            answer = gsm8k_answer(answer)
+            answer = gsm8k_answer(solution)
             if answer is None:
                 no_marker.append(where)
                 continue
+            demonstration = gsm8k_demonstration(solution)
         else:
-            answer = _number_text(answer)
+            answer = _number_text(solution)
+        if demo_col:
+            demonstration = _completion(_text(path, where, demo_col, rec.get(demo_col)))
         row = {"prompt": _text(path, where, prompt_col, rec.get(prompt_col)), "answer": answer}
+        if demonstration is not None:
+            row["demonstration"] = demonstration
         if data.id_column:
             row["id"] = _id(_text(path, where, data.id_column, rec.get(data.id_column)))
         rows.append(row)
@@ -275,19 +292,36 @@ def near_miss(rng: random.Random, answer: str) -> str | None:
 
 
 def derive_preferences(seed: int, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One (prompt, right answer, near miss) pair per distinct prompt with a numeric answer."""
+    """One pair per distinct prompt with a numeric answer: the right answer preferred over a near miss.
+
+    With a worked solution ending in `#### <answer>` (GSM8K), the pair is that solution against the same
+    solution ending in the near miss, so the reward model learns to check the final answer of a completion
+    in the policy's own format.
+    """
     rng = random.Random(seed)
     seen: set[str] = set()
     pairs = []
     for r in rows:
         prompt, answer = r.get("prompt"), r.get("answer")
-        if not isinstance(prompt, str) or not isinstance(answer, str) or not prompt.strip() or prompt in seen:
+        key = _prompt_key(prompt)
+        if not _is_prompt(prompt) or not isinstance(answer, str) or key in seen:
             continue
         rejected = near_miss(rng, answer)
-        if rejected is not None:
-            seen.add(prompt)
-            pairs.append({"prompt": prompt, "chosen": answer, "rejected": rejected})
+        if rejected is None:
+            continue
+        seen.add(key)
+        chosen, demo = answer, r.get("demonstration")
+        if isinstance(demo, str) and "####" in demo and gsm8k_answer(demo) == answer:
+            chosen, rejected = demo, demo.rsplit("####", 1)[0] + f"#### {rejected}"
+        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return pairs
+
+
+def _is_prompt(prompt: Any) -> bool:
+    """A non-empty string, or a non-empty conversation (list of messages)."""
+    if isinstance(prompt, str):
+        return bool(prompt.strip())
+    return isinstance(prompt, list) and bool(prompt)
 
 
 def _with_ids(name: str, rows: list[dict[str, Any]], fields: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -338,6 +372,10 @@ def ingest(cfg: Config) -> dict[str, list[dict[str, Any]]]:
         log.info("no preference file: derived %s pairs from the train and eval prompts",
                  {k: len(v) for k, v in prefs.items()})
 
+    # The worked solutions are the cold start's demonstrations: train only (held-out rows are judged by answer).
     out = {name: _with_ids(name, splits[name], ("prompt", "answer")) for name in PROMPT_FILES}
+    for row, src in zip(out["train"], splits["train"], strict=True):
+        if "demonstration" in src:
+            row["demonstration"] = src["demonstration"]
     out.update({name: _with_ids(name, prefs[name], ("prompt", "chosen", "rejected")) for name in PREFERENCE_FILES})
     return out

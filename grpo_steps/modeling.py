@@ -19,7 +19,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from grpo_steps.config import ModelConfig
+from grpo_steps.config import Config, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,13 @@ def load_tokenizer(
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     return tok
+
+
+def policy_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
+    """The starting policy's tokenizer: the pretrained policy's (`model.pretrained`), else the project's."""
+    if cfg.model.pretrained:
+        return load_tokenizer(cfg.model.pretrained, cfg.model.trust_remote_code, allow_hub=True)
+    return load_tokenizer(cfg.paths.tokenizer())
 
 
 def _require_dir(path: str | Path, what: str) -> None:

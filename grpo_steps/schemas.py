@@ -29,12 +29,17 @@ PREFERENCE_COLUMNS = ("id", "prompt", "chosen", "rejected", "kind")
 
 # Turns a list of strings into their token counts (the pipeline's tokenizer, without special tokens).
 TokenCounter = Callable[[list[str]], list[int]]
+# Turns prompts (strings or conversations) into the token counts of their rendered text (grpo_steps/prompts.py).
+PromptTokenCounter = Callable[[list[Any]], list[int]]
+ROLES = ("system", "user", "assistant")
 
 CHECK_DESCRIPTIONS = {
     "missing_column": "a required column is absent from the file",
     "unexpected_column": "the row has a field the contract does not allow",
     "not_nullable": "the value is missing (null)",
-    "is_string": "the value is not a string",
+    "is_string": "the value is not a string (a prompt may also be a conversation: a list of messages)",
+    "is_conversation": f"the prompt is a list, but not of {{role, content}} messages (role {', '.join(ROLES)}; "
+    "content a string, one of them not empty)",
     "non_empty": "the string is empty or only whitespace",
     "unique_id": "the id repeats an earlier row's id",
     "answer_is_number": f"the answer does not parse as a number ({ANSWER_PATTERN})",
@@ -98,6 +103,25 @@ def _is_str(v: Any) -> bool:
     return isinstance(v, str)
 
 
+def _listed(v: Any) -> list | None:
+    """The list held in a cell (a conversation, or something posing as one); None for anything else."""
+    return v.value if isinstance(v, Opaque) and isinstance(v.value, list) else None
+
+
+def is_conversation(v: Any) -> bool:
+    """A non-empty list of {role, content} messages with known roles and string contents, one not empty."""
+    return (isinstance(v, list) and bool(v)
+            and all(isinstance(m, dict) and set(m) == {"role", "content"} and m["role"] in ROLES
+                    and isinstance(m["content"], str) for m in v)
+            and any(m["content"].strip() for m in v))
+
+
+def _prompt_value(v: Any) -> Any:
+    """A prompt as the renderer takes it: the string, or the conversation's list of messages."""
+    listed = _listed(v)
+    return listed if listed is not None else v
+
+
 def _mask(s: pd.Series, fn: Callable[[Any], bool]) -> pd.Series:
     return pd.Series([bool(fn(v)) for v in s], index=s.index, dtype=bool)
 
@@ -131,6 +155,30 @@ def _exact_duplicates(df: pd.DataFrame, cols: tuple[str, ...]) -> pd.Series:
     return dup
 
 
+def prompt_tokens_check(limit: int, count_prompt_tokens: PromptTokenCounter) -> pa.Check:
+    """Prompts (strings and well-formed conversations) whose rendered text has at most `limit` tokens."""
+
+    def within(s: pd.Series) -> pd.Series:
+        prompts = _mask(s, lambda v: _is_str(v) or is_conversation(_listed(v)))
+        ok = pd.Series(True, index=s.index, dtype=bool)
+        if prompts.any():
+            counts = count_prompt_tokens([_prompt_value(v) for v in s[prompts]])
+            ok[prompts] = [n <= limit for n in counts]
+        return ok
+
+    return pa.Check(within, name="max_prompt_tokens", description=f"at most {limit} tokens, rendered")
+
+
+def _prompt_checks(schema: pa.DataFrameSchema) -> pa.DataFrameSchema:
+    """A prompt may be a conversation: `is_string` passes lists, which `is_conversation` judges instead."""
+    column = schema.columns["prompt"]
+    kept = [c for c in column.checks if c.name != "is_string"]
+    added = [pa.Check(lambda s: _mask(s, lambda v: _is_str(v) or _listed(v) is not None), name="is_string"),
+             pa.Check(lambda s: _mask(s, lambda v: _listed(v) is None or is_conversation(_listed(v))),
+                      name="is_conversation")]
+    return schema.update_column("prompt", checks=[*added, *kept])
+
+
 def max_tokens_check(name: str, limit: int, count_tokens: TokenCounter) -> pa.Check:
     """Strings of at most `limit` tokens; the check is reported as `name`."""
 
@@ -152,16 +200,17 @@ class PromptSchema(pa.DataFrameModel):
     prompt: Series[object] = pa.Field(nullable=False)
     answer: Series[object] = pa.Field(nullable=False)
     split: Series[object] = pa.Field(nullable=False)
-    # The cold-start SFT target when it differs from the verified answer (a teacher's demonstration).
+    # The cold-start SFT target when it differs from the verified answer: a teacher's demonstration, or a worked
+    # solution that ends in the answer (GSM8K); bounded by validate.max_completion_tokens.
     demonstration: Optional[Series[object]] = pa.Field(nullable=False)  # noqa: UP045 - pandera needs Optional
 
     @pa.check("demonstration", name="is_string")
     def demonstration_is_string(cls, s: pd.Series) -> Series[bool]:
         return _mask(s, _is_str)
 
-    @pa.check("demonstration", name="answer_is_number")
-    def demonstration_is_number(cls, s: pd.Series) -> Series[bool]:
-        return _mask(s, lambda v: not _is_str(v) or _ANSWER.match(v) is not None)
+    @pa.check("demonstration", name="non_empty")
+    def demonstration_non_empty(cls, s: pd.Series) -> Series[bool]:
+        return _non_empty(s)
 
     @pa.check("id", "prompt", "answer", "split", name="is_string")
     def is_string(cls, s: pd.Series) -> Series[bool]:
@@ -249,13 +298,23 @@ def _add_checks(schema: pa.DataFrameSchema, column: str, *checks: pa.Check) -> p
     return schema.update_column(column, checks=[*schema.columns[column].checks, *checks])
 
 
+def _strings_counter(count_tokens: TokenCounter) -> PromptTokenCounter:
+    return lambda prompts: count_tokens([p if isinstance(p, str) else "\n\n".join(m["content"] for m in p)
+                                         for p in prompts])
+
+
 def prompt_schema(
-    split: str, max_prompt_tokens: int, max_answer_tokens: int, count_tokens: TokenCounter
+    split: str, max_prompt_tokens: int, max_answer_tokens: int, count_tokens: TokenCounter,
+    max_completion_tokens: int | None = None, count_prompt_tokens: PromptTokenCounter | None = None,
 ) -> pa.DataFrameSchema:
-    """PromptSchema for the file of `split`, with the token bounds from params."""
-    schema = PromptSchema.to_schema()
+    """PromptSchema for the file of `split`, with the token bounds from params (demonstrations are completions:
+    `max_completion_tokens`, default the answer bound; prompts are counted rendered, by `count_prompt_tokens`)."""
+    schema = _prompt_checks(PromptSchema.to_schema())
     schema = _add_checks(schema, "split", _split_matches(split))
-    schema = _add_checks(schema, "prompt", max_tokens_check("max_prompt_tokens", max_prompt_tokens, count_tokens))
+    schema = _add_checks(schema, "prompt", prompt_tokens_check(
+        max_prompt_tokens, count_prompt_tokens or _strings_counter(count_tokens)))
+    schema = _add_checks(schema, "demonstration", max_tokens_check(
+        "max_completion_tokens", max_completion_tokens or max_answer_tokens, count_tokens))
     return _add_checks(schema, "answer", max_tokens_check("max_answer_tokens", max_answer_tokens, count_tokens))
 
 
@@ -267,11 +326,13 @@ def _no_duplicate_pairs() -> pa.Check:
 
 
 def preference_schema(
-    max_prompt_tokens: int, max_completion_tokens: int, count_tokens: TokenCounter, unique_pairs: bool = False
+    max_prompt_tokens: int, max_completion_tokens: int, count_tokens: TokenCounter, unique_pairs: bool = False,
+    count_prompt_tokens: PromptTokenCounter | None = None,
 ) -> pa.DataFrameSchema:
     """PreferenceSchema with the token bounds from params (and, optionally, no repeated pairs)."""
-    schema = PreferenceSchema.to_schema()
-    schema = _add_checks(schema, "prompt", max_tokens_check("max_prompt_tokens", max_prompt_tokens, count_tokens))
+    schema = _prompt_checks(PreferenceSchema.to_schema())
+    schema = _add_checks(schema, "prompt", prompt_tokens_check(
+        max_prompt_tokens, count_prompt_tokens or _strings_counter(count_tokens)))
     for col in ("chosen", "rejected"):
         schema = _add_checks(
             schema, col, max_tokens_check("max_completion_tokens", max_completion_tokens, count_tokens)

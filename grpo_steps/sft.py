@@ -1,6 +1,9 @@
 """Stage `sft`: the cold start. A short supervised run (TRL SFTTrainer, loss on the completion only) so
 GRPO starts from a policy that is sometimes right; GRPO needs groups with mixed rewards to learn anything.
-Skipped when `model.pretrained` names a policy that already answers the task's format.
+Skipped by default when `model.pretrained` names a policy (`sft.enabled: auto`); `sft.enabled: true` fine-tunes
+a pretrained policy on the worked solutions too (a reasoning cold start). Prompts are rendered as every stage
+renders them (grpo_steps/prompts.py) and tokenized here, so the loss covers exactly the demonstration's tokens
+and EOS after the prompt the policy will see.
 """
 
 from __future__ import annotations
@@ -12,25 +15,42 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from grpo_steps.config import Config
+from grpo_steps.grpo.tokens import prompt_completion_ids
 from grpo_steps.io import atomic_path, read_jsonl
-from grpo_steps.modeling import begin_stage, build_policy, load_tokenizer, trl_args
+from grpo_steps.modeling import begin_stage, build_policy, policy_tokenizer, trl_args
+from grpo_steps.prompts import render
 from grpo_steps.results import StageResult
 
 log = logging.getLogger(__name__)
 
 
+def cold_start_runs(cfg: Config) -> bool:
+    """`sft.enabled`: auto runs the cold start for a policy built from `model`, not for a pretrained one."""
+    enabled = cfg.sft.enabled
+    return not cfg.model.pretrained if enabled == "auto" else bool(enabled)
+
+
+def demonstrations_dataset(cfg: Config, tok, rows: list[dict]) -> Dataset:
+    """Tokenized (rendered prompt, demonstration) rows: `input_ids` and the `completion_mask` of the loss, the
+    same ids the policy sees when it answers that prompt and the reward model scores (EOS included)."""
+    data = cfg.data
+    out = []
+    for r in rows:
+        prompt = render(tok, r["prompt"], data.system_prompt, data.chat_template)
+        ids, start = prompt_completion_ids(tok, prompt, r.get("demonstration", r["answer"]))
+        out.append({"input_ids": ids, "completion_mask": [0] * start + [1] * (len(ids) - start)})
+    return Dataset.from_list(out)
+
+
 def sft(cfg: Config) -> StageResult:
     begin_stage(cfg.seed)
-    if cfg.model.pretrained:
-        tok = load_tokenizer(cfg.model.pretrained, cfg.model.trust_remote_code, allow_hub=True)
-    else:
-        tok = load_tokenizer(cfg.paths.tokenizer())
+    tok = policy_tokenizer(cfg)
     policy = build_policy(cfg.model, tok)
     out = cfg.paths.sft_policy()
     with atomic_path(out) as tmp:  # TRL logs its curve on the stage's MLflow run (report_to)
-        if cfg.model.pretrained:
-            log.info("model.pretrained is set: skipping the cold start, saving %s as the starting policy",
-                     cfg.model.pretrained)
+        if not cold_start_runs(cfg):
+            log.info("sft.enabled=%s with model.pretrained=%s: no cold start, the pretrained policy is the "
+                     "starting policy", cfg.sft.enabled, cfg.model.pretrained)
             metrics = {"skipped": 1.0}
         else:
             rows = read_jsonl(cfg.paths.validated_file("train"))
@@ -44,17 +64,11 @@ def sft(cfg: Config) -> StageResult:
                 lr_scheduler_type="cosine",
                 warmup_steps=sc.warmup_ratio,
                 completion_only_loss=True,
-                max_length=cfg.validate_.max_prompt_tokens + cfg.validate_.max_answer_tokens + 2,
+                max_length=cfg.validate_.max_prompt_tokens + cfg.validate_.completion_tokens() + 2,
                 **trl_args(cfg.seed, cfg.model),
             )
-            trainer = SFTTrainer(
-                model=policy,
-                args=args,
-                train_dataset=Dataset.from_list(
-                    [{"prompt": r["prompt"], "completion": r.get("demonstration", r["answer"])} for r in rows]
-                ),
-                processing_class=tok,
-            )
+            trainer = SFTTrainer(model=policy, args=args, train_dataset=demonstrations_dataset(cfg, tok, rows),
+                                 processing_class=tok)
             result = trainer.train()
             policy = trainer.model
             metrics = {"train_loss": float(result.training_loss)}

@@ -108,7 +108,9 @@ def _reward_init_model(cfg: Config) -> list[Path]:
     return [cfg.paths.sft_policy()] if rc.init == "policy" else []
 
 
-_TRAIN_LENGTHS = ("validate.max_prompt_tokens", "validate.max_answer_tokens")  # the trainers' max_length
+# the trainers' max_length
+_TRAIN_LENGTHS = ("validate.max_prompt_tokens", "validate.max_answer_tokens", "validate.max_completion_tokens")
+_RENDER = ("data.system_prompt", "data.chat_template")  # how prompts are rendered (grpo_steps/prompts.py)
 
 STAGE_LIST: tuple[Stage, ...] = (
     Stage(
@@ -125,9 +127,10 @@ STAGE_LIST: tuple[Stage, ...] = (
         "validate", "grpo_steps.validate:validate",
         "check every prepared file against its pandera schema, all failures listed; reads data/prepared, writes "
         "data/validated and reports/validation.{json,md}",
-        code=("grpo_steps/validate.py", "grpo_steps/schemas.py"),
-        params=("validate", "model.trust_remote_code"),  # tokens are counted with the project's tokenizer
-        deps=lambda cfg: [cfg.paths.prepared(), cfg.paths.tokenizer()],
+        code=("grpo_steps/validate.py", "grpo_steps/schemas.py", "grpo_steps/prompts.py"),
+        # tokens are counted with the policy's tokenizer, on prompts rendered as the policy sees them
+        params=("validate", "model.pretrained", "model.trust_remote_code", *_RENDER),
+        deps=lambda cfg: [cfg.paths.prepared(), cfg.paths.tokenizer(), *_local_model(cfg.model.pretrained)],
         outputs=(Out("validated"), Out("validation_report", kind="metrics"),
               Out("validation_summary"),
               Out("quarantine", note="rows set aside with their reasons (empty unless validate.on_failure: "
@@ -137,8 +140,8 @@ STAGE_LIST: tuple[Stage, ...] = (
         "sft", "grpo_steps.sft:sft",
         "cold-start the policy with supervised fine-tuning (TRL SFTTrainer) on the train demonstrations; "
         "writes models/sft, the starting policy",
-        code=("grpo_steps/sft.py", "grpo_steps/modeling.py"),
-        params=("seed", "model", "sft", *_TRAIN_LENGTHS),
+        code=("grpo_steps/sft.py", "grpo_steps/modeling.py", "grpo_steps/prompts.py", "grpo_steps/grpo/tokens.py"),
+        params=("seed", "model", "sft", *_TRAIN_LENGTHS, *_RENDER),
         deps=lambda cfg: [*_v("train")(cfg), cfg.paths.tokenizer(), *_local_model(cfg.model.pretrained)],
         outputs=(Out("sft_policy"),),
         retries=1, log_prints=False,
@@ -147,8 +150,9 @@ STAGE_LIST: tuple[Stage, ...] = (
         "train_reward", "grpo_steps.train_reward:train_reward",
         "train the Bradley-Terry reward model from the starting policy on the preference pairs and gate on its "
         "held-out pairwise accuracy; writes models/reward, reports/reward_model.json",
-        code=("grpo_steps/train_reward.py", "grpo_steps/modeling.py", "grpo_steps/grpo/reward_model.py"),
-        params=("seed", "model", "reward_model", *_TRAIN_LENGTHS, "validate.max_completion_tokens"),
+        code=("grpo_steps/train_reward.py", "grpo_steps/modeling.py", "grpo_steps/prompts.py",
+              "grpo_steps/grpo/reward_model.py", "grpo_steps/grpo/tokens.py"),
+        params=("seed", "model", "reward_model", *_TRAIN_LENGTHS, *_RENDER),
         deps=lambda cfg: [*_v("preferences_train", "preferences_eval")(cfg), cfg.paths.tokenizer(),
                           *_reward_init_model(cfg)],
         outputs=(Out("reward_model"), Out("reward_report", kind="metrics")),
@@ -159,9 +163,10 @@ STAGE_LIST: tuple[Stage, ...] = (
         "grpo", "grpo_steps.train_grpo:train_grpo",
         "optimise the policy with GRPO against the weighted reward functions; reads models/sft, models/reward, "
         "writes models/grpo, reports/grpo_steps.csv and resumable checkpoints",
-        code=("grpo_steps/grpo", "grpo_steps/train_grpo.py", "grpo_steps/checkpoint.py", "grpo_steps/modeling.py"),
+        code=("grpo_steps/grpo", "grpo_steps/train_grpo.py", "grpo_steps/checkpoint.py", "grpo_steps/modeling.py",
+              "grpo_steps/prompts.py"),
         params=("seed", "grpo", "model.trust_remote_code", "model.precision", "model.activation_checkpointing",
-                "reward_model.trust_remote_code"),
+                "reward_model.trust_remote_code", *_RENDER),
         deps=lambda cfg: [*_v("train")(cfg), cfg.paths.sft_policy(), cfg.paths.reward_model()],
         outputs=(Out("grpo_policy"),
               Out("grpo_checkpoints", persist=True,
@@ -173,10 +178,10 @@ STAGE_LIST: tuple[Stage, ...] = (
         "evaluate", "grpo_steps.evaluate:evaluate",
         "compare the starting and GRPO policies (and the registry's champion) on the held-out test split; writes "
         "reports/metrics.json, samples.jsonl, eval.png",
-        code=("grpo_steps/evaluate.py", "grpo_steps/grpo", "grpo_steps/modeling.py"),
+        code=("grpo_steps/evaluate.py", "grpo_steps/grpo", "grpo_steps/modeling.py", "grpo_steps/prompts.py"),
         # The registry's champion is evaluated too: which registry (tracking) and model name matter.
-        params=("seed", "evaluate", "grpo.max_completion_length", "model.trust_remote_code",
-                "reward_model.trust_remote_code", "registry.model_name", "tracking.tracking_uri"),
+        params=("seed", "evaluate", "grpo.max_completion_length", "grpo.reward_functions", "model.trust_remote_code",
+                "reward_model.trust_remote_code", "registry.model_name", "tracking.tracking_uri", *_RENDER),
         deps=lambda cfg: [*_v("test")(cfg), cfg.paths.sft_policy(), cfg.paths.grpo_policy(),
                           cfg.paths.reward_model(), cfg.paths.grpo_curve()],
         outputs=(Out("samples"), Out("metrics", kind="metrics"),

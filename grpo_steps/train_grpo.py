@@ -29,7 +29,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from grpo_steps.checkpoint import CheckpointStore, checkpoints_root, restore, set_rng_state, training_key
-from grpo_steps.config import Config, ConfigError
+from grpo_steps.config import Config, ConfigError, RewardFunctionConfig
 from grpo_steps.grpo.reward_model import RewardModelFunction
 from grpo_steps.grpo.rewards import RewardFunction, function_name, resolve_reward_function
 from grpo_steps.grpo.trainer import GRPOTrainer, NonFiniteLossError, PromptSampler
@@ -42,6 +42,7 @@ from grpo_steps.modeling import (
     load_tokenizer,
     seed_everything,
 )
+from grpo_steps.prompts import render
 from grpo_steps.results import StageResult
 from grpo_steps.tracking import log_curve
 
@@ -60,9 +61,16 @@ def build_reward_functions(cfg: Config, tokenizer) -> tuple[list[RewardFunction]
             model = load_reward_model(cfg.paths.reward_model(), cfg.reward_trust_remote_code())
             funcs.append(RewardModelFunction(model, tokenizer))
         else:
-            funcs.append(resolve_reward_function(rf.name))
+            funcs.append(resolve_reward_function(rf.name, reward_kwargs(cfg, rf)))
         weights.append(rf.weight)
     return funcs, weights
+
+
+def reward_kwargs(cfg: Config, rf: RewardFunctionConfig) -> dict[str, Any]:
+    """The kwargs a reward function is built with: its own, and the length budget for the overlong penalty."""
+    if rf.name == "overlong_penalty":
+        return {"max_length": cfg.grpo.max_completion_length, **rf.kwargs}
+    return dict(rf.kwargs)
 
 
 def preflight(cfg: Config) -> None:
@@ -71,7 +79,8 @@ def preflight(cfg: Config) -> None:
     seen: dict[str, int] = {}
     for i, rf in enumerate(cfg.grpo.reward_functions):
         try:
-            name = "reward_model" if rf.name == "reward_model" else function_name(resolve_reward_function(rf.name))
+            name = ("reward_model" if rf.name == "reward_model"
+                    else function_name(resolve_reward_function(rf.name, reward_kwargs(cfg, rf))))
         except ValueError as e:
             raise ConfigError(f"grpo.reward_functions[{i}].name: {e}") from None
         if name in seen:  # metrics are logged per function name: two functions must not share one
@@ -135,7 +144,9 @@ def _train(cfg: Config, acc: Accelerator, progress: bool) -> StageResult:
     policy = load_policy(cfg.paths.sft_policy(), cfg.model.trust_remote_code)
     if cfg.model.activation_checkpointing:
         policy.gradient_checkpointing_enable()
-    rows = read_jsonl(cfg.paths.validated_file("train"))
+    # prompts as the policy sees them (grpo_steps/prompts.py); reward functions get this text as `prompts`
+    rows = [{**r, "prompt": render(tok, r["prompt"], cfg.data.system_prompt, cfg.data.chat_template)}
+            for r in read_jsonl(cfg.paths.validated_file("train"))]
     funcs, weights = build_reward_functions(cfg, tok)
     trainer = GRPOTrainer(policy, tok, funcs, weights, cfg.grpo.settings(), seed=cfg.seed, accelerator=acc)
     sampler = PromptSampler(rows, seed=cfg.seed)

@@ -41,9 +41,11 @@ from grpo_steps.modeling import (
     build_policy,
     build_reward_backbone,
     load_tokenizer,
+    policy_tokenizer,
     require_safetensors,
     trl_args,
 )
+from grpo_steps.prompts import render
 from grpo_steps.results import Artifact, StageResult
 from grpo_steps.tracking import log_curve
 
@@ -77,6 +79,12 @@ def pairwise_report(scorer: RewardModelFunction, pairs: list[dict]) -> dict[str,
     return report
 
 
+def rendered(cfg: Config, tok: PreTrainedTokenizerBase, pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The pairs with their prompts rendered by the one rendering every stage uses (grpo_steps/prompts.py)."""
+    return [{**p, "prompt": render(tok, p["prompt"], cfg.data.system_prompt, cfg.data.chat_template)}
+            for p in pairs]
+
+
 def trust_remote_code(cfg: Config) -> bool:
     return cfg.reward_trust_remote_code()
 
@@ -94,7 +102,7 @@ def build_reward_model(cfg: Config) -> tuple[PreTrainedModel, PreTrainedTokenize
     """
     backbone = cfg.reward_model.backbone
     if backbone is None and cfg.reward_model.init == "config":  # built from the `model` section
-        tok = load_tokenizer(cfg.paths.tokenizer())
+        tok = policy_tokenizer(cfg)
         if cfg.reward_model.head == "likelihood":
             return build_policy(cfg.model.model_copy(update={"pretrained": None}), tok), tok
         return build_reward_backbone(cfg.model, tok), tok
@@ -241,6 +249,8 @@ def train_reward(cfg: Config) -> StageResult:
     _margins(train_pairs, cfg, source)  # a bad margin column fails before any model is built
     rc = cfg.reward_model
     model, tok = build_reward_model(cfg)
+    # the prompts as the policy sees them, so the model scores what it will be asked to score in grpo
+    train_pairs, eval_pairs = rendered(cfg, tok, train_pairs), rendered(cfg, tok, eval_pairs)
     out = cfg.paths.reward_model()
     with atomic_path(out) as tmp:
         if rc.head == "likelihood":

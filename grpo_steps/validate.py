@@ -30,12 +30,14 @@ from grpo_steps.config import DATA_FILES, SPLITS, Config, ValidateConfig, data_f
 from grpo_steps.errors import UserError
 from grpo_steps.io import atomic_path, read_jsonl, write_json, write_jsonl
 from grpo_steps.lineage import data_hashes
+from grpo_steps.prompts import render_all
 from grpo_steps.results import Artifact, Report, StageResult
 from grpo_steps.schemas import (
     CHECK_DESCRIPTIONS,
     PREFERENCE_COLUMNS,
     PROMPT_COLUMNS,
     Opaque,
+    PromptTokenCounter,
     TokenCounter,
     preference_schema,
     prompt_schema,
@@ -141,9 +143,11 @@ def leakage_failures(frames: Mapping[str, pd.DataFrame]) -> list[dict[str, Any]]
 
 
 def check_rows(
-    rows: Mapping[str, list[dict[str, Any]]], vcfg: ValidateConfig, count_tokens: TokenCounter
+    rows: Mapping[str, list[dict[str, Any]]], vcfg: ValidateConfig, count_tokens: TokenCounter,
+    count_prompt_tokens: PromptTokenCounter | None = None,
 ) -> pd.DataFrame:
     """The failure table of the five prepared files (rows as read), sorted by file and row; empty when clean.
+    Prompts are counted by `count_prompt_tokens` (rendered as the policy sees them), else as plain text.
 
     Never raises for bad content: whatever the rows hold is a row of the table.
     """
@@ -161,10 +165,11 @@ def check_rows(
             records.append({"file": file_name(name), "column": None, "check": "at_least_one_row", "row": None,
                             "value": None})
         if is_prompt:
-            schema = prompt_schema(name, vcfg.max_prompt_tokens, vcfg.max_answer_tokens, count_tokens)
+            schema = prompt_schema(name, vcfg.max_prompt_tokens, vcfg.max_answer_tokens, count_tokens,
+                                   vcfg.completion_tokens(), count_prompt_tokens)
         else:
             schema = preference_schema(vcfg.max_prompt_tokens, vcfg.completion_tokens(), count_tokens,
-                                       vcfg.unique_preference_pairs)
+                                       vcfg.unique_preference_pairs, count_prompt_tokens)
         records.extend(schema_failures(frame, schema, file_name(name)))
     records.extend(leakage_failures(frames))
     order = {file_name(n): i for i, n in enumerate(FILES)}
@@ -299,29 +304,23 @@ def _tracked(report: dict[str, Any], markdown: str, table: pd.DataFrame, files: 
 # ------------------------------------------------------------------------------------------------ the stage
 
 
-def _token_counter(cfg: Config) -> TokenCounter:
-    """Token counts without special tokens, by the pipeline's tokenizer (the fast `tokenizers` file when
-    there is one: no torch import for a data check)."""
+def _token_counters(cfg: Config) -> tuple[TokenCounter, PromptTokenCounter]:
+    """Token counts by the policy's tokenizer (the pretrained policy's, else the project's): of completions and
+    answers as they are, of prompts as rendered for the policy (chat template, system prompt)."""
     path = cfg.paths.tokenizer()
-    if not path.is_dir():
+    if not cfg.model.pretrained and not path.is_dir():
         raise FileNotFoundError(f"tokenizer not found at {path.resolve()} (run `grpo prepare` first)")
-    if (path / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
+    from grpo_steps.modeling import policy_tokenizer  # deferred: torch, transformers
 
-        core = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tok = policy_tokenizer(cfg)
 
-        def count(texts: list[str]) -> list[int]:
-            return [len(e.ids) for e in core.encode_batch(texts, add_special_tokens=False)] if texts else []
-
-        return count
-    from grpo_steps.modeling import load_tokenizer  # deferred: torch, transformers
-
-    tok = load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code)
-
-    def count_slow(texts: list[str]) -> list[int]:
+    def count(texts: list[str]) -> list[int]:
         return [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]] if texts else []
 
-    return count_slow
+    def count_prompts(prompts: list[Any]) -> list[int]:
+        return count(render_all(tok, prompts, cfg.data.system_prompt, cfg.data.chat_template))
+
+    return count, count_prompts
 
 
 def _write_folder(path: Path, files: Mapping[str, list[dict[str, Any]]]) -> None:
@@ -337,7 +336,7 @@ def validate(cfg: Config) -> StageResult:
     quarantine_dir = cfg.paths.quarantine()
     policy = cfg.validate_.on_failure
     rows = {name: read_jsonl(src / file_name(name)) for name in FILES}
-    table = check_rows(rows, cfg.validate_, _token_counter(cfg))
+    table = check_rows(rows, cfg.validate_, *_token_counters(cfg))
     passing, failing = partition(rows, table)
     # Quarantine sets bad rows aside, but a file it would leave empty cannot feed the next stage: stop instead.
     emptied = [file_name(n) for n in FILES if not passing[n]] if len(table) else []

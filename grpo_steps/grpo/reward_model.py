@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from grpo_steps.grpo.tokens import prompt_completion_ids
+
 log = logging.getLogger(__name__)
 
 
@@ -41,16 +43,14 @@ def encode_pairs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded `prompt + completion + EOS` ids, attention mask and completion mask, all (N, T).
 
-    Prompt and completion are tokenized apart and joined, as the policy generated them: the completion's
-    tokens follow the prompt's, and its log-likelihood covers exactly those tokens and the EOS.
+    Prompts are rendered text (grpo_steps/prompts.py); prompt and completion are tokenized apart and joined, as
+    the policy generated them, and the log-likelihood covers exactly the completion's tokens and the EOS.
     """
-    eos = tokenizer.eos_token_id
     rows, starts = [], []
     for p, c in zip(prompts, completions, strict=True):
-        prompt_ids = tokenizer(p, add_special_tokens=True)["input_ids"]
-        completion_ids = tokenizer(c, add_special_tokens=False)["input_ids"]
-        rows.append(prompt_ids + completion_ids + [eos])
-        starts.append(len(prompt_ids))
+        ids, start = prompt_completion_ids(tokenizer, p, c)
+        rows.append(ids)
+        starts.append(start)
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     attention = torch.zeros_like(ids)

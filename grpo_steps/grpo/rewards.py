@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from grpo_steps.grpo.verifiable import FormatReward, MathAccuracy, OverlongPenalty
+
 RewardFunction = Callable[..., list[float | None]]
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -53,10 +55,19 @@ BUILTIN: dict[str, RewardFunction] = {
 }
 
 
+# Built-in rewards built from keyword arguments (`grpo.reward_functions[i].kwargs`; each has defaults).
+FACTORIES: dict[str, Callable[..., RewardFunction]] = {
+    "math_accuracy": MathAccuracy,
+    "format": FormatReward,
+    "overlong_penalty": OverlongPenalty,
+}
+
+
 def import_reward_function(path: str) -> RewardFunction:
     """Load `package.module:function` named in params.yaml; only configured paths are ever imported."""
     if ":" not in path:
-        raise ValueError(f"reward function {path!r}: use a built-in name {sorted(BUILTIN)} or 'module:function'")
+        raise ValueError(f"reward function {path!r}: use a built-in name "
+                         f"{sorted([*BUILTIN, *FACTORIES])} or 'module:function'")
     module_name, attr = path.split(":", 1)
     try:
         fn = getattr(importlib.import_module(module_name), attr)
@@ -67,9 +78,27 @@ def import_reward_function(path: str) -> RewardFunction:
     return fn
 
 
-def resolve_reward_function(name: str) -> RewardFunction:
-    """A built-in reward function by name, else the `module:function` named in params.yaml."""
-    return BUILTIN[name] if name in BUILTIN else import_reward_function(name)
+def resolve_reward_function(name: str, kwargs: dict[str, Any] | None = None) -> RewardFunction:
+    """A built-in reward function by name, else the `module:function` named in params.yaml.
+
+    With `kwargs`, the named object is a factory called with them (the built-ins `math_accuracy`, `format`,
+    `overlong_penalty`, or a class of your own); without, it is the reward function itself.
+    """
+    kwargs = kwargs or {}
+    if name in FACTORIES:
+        factory = FACTORIES[name]
+    elif name in BUILTIN:
+        if kwargs:
+            raise ValueError(f"reward function {name!r} takes no kwargs (got {sorted(kwargs)})")
+        return BUILTIN[name]
+    else:
+        factory = import_reward_function(name)
+        if not kwargs:
+            return factory
+    try:
+        return factory(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"reward function {name!r}: bad kwargs {kwargs}: {e}") from None
 
 
 def function_name(fn: RewardFunction) -> str:

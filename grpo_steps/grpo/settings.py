@@ -29,3 +29,4 @@ class GRPOSettings:
     scale_rewards: Literal["group", "batch", "none"] = "batch"
     logprob_chunk_size: int = 0  # rows per log-prob chunk; 0: all at once
     max_consecutive_nonfinite: int = 3  # stop after this many skipped non-finite steps
+    mask_truncated_completions: bool = False  # DAPO: no loss on completions cut off by the length budget

@@ -165,8 +165,11 @@ class GRPOTrainer:
         rollout = sample_groups(self.unwrapped, self.tokenizer, [r["prompt"] for r in rows], G,
                                 self.cfg.max_completion_length, self.cfg.temperature)
         columns = {k: [r[k] for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
+        columns["completion_lengths"] = rollout.completion_mask.sum(dim=1).tolist()  # tokens, EOS included
         per_func, rewards = score_completions(self.reward_funcs, self.reward_weights, rollout.prompts,
                                               rollout.completions, columns)
+        if self.cfg.mask_truncated_completions:  # DAPO: scored, but no gradient from a cut-off completion
+            rollout.completion_mask = rollout.completion_mask * (~rollout.truncated).unsqueeze(1).long()
         advantages, group_std = group_advantages(rewards, G, self.cfg.scale_rewards)
         return GenerationBatch(rollout, rewards, per_func, advantages.to(self.accelerator.device), group_std)
 

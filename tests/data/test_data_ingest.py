@@ -15,6 +15,8 @@ from grpo_steps.ingest import derive_preferences, gsm8k_answer, load_preferences
 from grpo_steps.io import DataFileError, read_jsonl
 from tests.support.stages import prepare
 
+P = load_config(None).paths  # the catalog, default layout (tests run in a project dir)
+
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 PROMPT_FILES = ("train", "eval", "test")
 PREF_FILES = ("preferences_train", "preferences_eval")
@@ -37,7 +39,7 @@ def _fixture_rows(name: str) -> list[dict]:
 
 
 def _prepared(name: str) -> list[dict]:
-    return read_jsonl(Path("data/prepared") / f"{name}.jsonl")
+    return read_jsonl(P.prepared() / f"{name}.jsonl")
 
 
 def _write_parquet(path: Path, rows: list[dict] | dict, schema: pa.Schema | None = None) -> Path:
@@ -50,7 +52,8 @@ def _assert_prepared_layout():
     ids = []
     for name in PROMPT_FILES:
         for row in _prepared(name):
-            assert list(row) == ["id", "prompt", "answer", "split"] and row["split"] == name
+            assert list(row) in (["id", "prompt", "answer", "split"], ["id", "prompt", "answer", "split",
+                                 "demonstration"]) and row["split"] == name
             ids.append(row["id"])
     for name in PREF_FILES:
         for row in _prepared(name):
@@ -84,7 +87,7 @@ def test_jsonl_round_trip_with_split_off_then_validates(workdir, mlflow_uri):
     result = validate(cfg)
     assert result["quarantined"] == 0
     for name in (*PROMPT_FILES, *PREF_FILES):
-        assert read_jsonl(f"data/validated/{name}.jsonl") == _prepared(name)
+        assert read_jsonl(P.validated_file(name)) == _prepared(name)
 
 
 def test_split_off_is_deterministic_by_seed(workdir, mlflow_uri):
@@ -125,13 +128,23 @@ def test_gsm8k_round_trip(workdir, mlflow_uri):
     from tests.support.stages import validate
 
     cfg = _cfg(mlflow_uri, "data.source=files", f"data.train={FIXTURES / 'gsm8k.jsonl'}", "data.gsm8k=true",
-               "validate.max_prompt_tokens=80")
+               "validate.max_prompt_tokens=80", "validate.max_completion_tokens=80")
     prepare(cfg)
     got = dict(_prompt_pairs(*PROMPT_FILES))
     src = _fixture_rows("gsm8k.jsonl")
     assert set(got) == {r["question"] for r in src}
     assert got[src[0]["question"]] == "7" and got[src[3]["question"]] == "1200"
     assert got[src[4]["question"]] == "-3" and got[src[5]["question"]] == "2.5"
+    # the worked solution is the cold start's demonstration (train only), without calculator annotations
+    solutions = {r["question"]: r["answer"] for r in src}
+    train = _prepared("train")
+    assert train and all(r["demonstration"].endswith(f"#### {solutions[r['prompt']].rsplit('#### ', 1)[1]}")
+                         and "<<" not in r["demonstration"] for r in train)
+    assert all("demonstration" not in r for n in ("eval", "test") for r in _prepared(n))
+    # derived pairs: the solution against the same solution ending in a near miss
+    for pair in _prepared("preferences_train"):
+        assert pair["chosen"].rsplit("####", 1)[0] == pair["rejected"].rsplit("####", 1)[0]
+        assert pair["chosen"] != pair["rejected"]
     validate(cfg)
 
 
@@ -190,7 +203,7 @@ def test_synthetic_default_is_unchanged(workdir, mlflow_uri):
                                      "answer": splits["train"][3].answer, "split": "train",
                                      "demonstration": demos[3]}
     assert "demonstration" not in _prepared("test")[0]  # only the cold start imitates the teacher
-    assert sorted(p.name for p in Path("data/prepared").iterdir()) == sorted(
+    assert sorted(p.name for p in P.prepared().iterdir()) == sorted(
         f"{n}.jsonl" for n in (*PROMPT_FILES, *PREF_FILES))
 
 
@@ -356,11 +369,11 @@ def test_unknown_extension(tmp_path):
 
 def test_prepare_stops_before_writing_on_unreadable_input(workdir, mlflow_uri):
     prepare(_cfg(mlflow_uri, "task.n_train=20", "task.n_eval=5", "task.n_test=5", "task.n_preference_pairs=10"))
-    before = {p.name: p.read_bytes() for p in Path("data/prepared").iterdir()}
+    before = {p.name: p.read_bytes() for p in P.prepared().iterdir()}
     (workdir / "bad.jsonl").write_bytes(b'{"prompt": "\xff", "answer": "1"}\n')
     with pytest.raises(DataFileError, match="bad.jsonl"):
         prepare(_cfg(mlflow_uri, "data.source=files", "data.train=bad.jsonl"))
-    assert {p.name: p.read_bytes() for p in Path("data/prepared").iterdir()} == before
+    assert {p.name: p.read_bytes() for p in P.prepared().iterdir()} == before
 
 
 def test_cli_reports_unreadable_input_with_exit_code_2(workdir, capsys):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -14,6 +13,8 @@ from grpo_steps.config import load_config
 from grpo_steps.io import DataFileError, read_jsonl
 from grpo_steps.tokenizer import save_tokenizer
 from grpo_steps.validate import FAILURE_COLUMNS, FILES, DataValidationError, check_rows, partition, validate
+
+P = load_config(None).paths  # the catalog, default layout (tests run in a project dir)
 
 VCFG = load_config(None).validate_
 
@@ -75,20 +76,20 @@ def stage_cfg(workdir, tmp_path_factory):
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(files=datasets, corrupt=corruptions, policy=st.sampled_from(["fail", "quarantine"]))
 def test_validate_stage_raises_only_data_errors(stage_cfg, files, corrupt, policy):
-    prepared = Path("data/prepared")
+    prepared = P.prepared()
     prepared.mkdir(parents=True, exist_ok=True)
     for name, rows in files.items():
         text = "".join(json.dumps(r) + "\n" for r in rows)
         if corrupt and corrupt[0] == name:
             text += corrupt[1] + "\n"
         (prepared / f"{name}.jsonl").write_text(text, encoding="utf-8")
-    before = {p.name: p.read_bytes() for p in Path("data/validated").glob("*")}
+    before = {p.name: p.read_bytes() for p in P.validated().glob("*")}
     try:
         validate(stage_cfg(policy)).unwrap()  # the bare stage function: a StageResult
     except (DataValidationError, DataFileError):
-        assert {p.name: p.read_bytes() for p in Path("data/validated").glob("*")} == before
+        assert {p.name: p.read_bytes() for p in P.validated().glob("*")} == before
         return
     for name in FILES:  # passed, or quarantined: every row is in exactly one place
         n_in = len(read_jsonl(prepared / f"{name}.jsonl"))
-        q = Path(f"reports/quarantine/{name}.jsonl")
-        assert n_in == len(read_jsonl(f"data/validated/{name}.jsonl")) + (len(read_jsonl(q)) if q.exists() else 0)
+        q = P.quarantine() / f"{name}.jsonl"
+        assert n_in == len(read_jsonl(P.validated_file(name))) + (len(read_jsonl(q)) if q.exists() else 0)

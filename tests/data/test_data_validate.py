@@ -15,6 +15,8 @@ from grpo_steps.tokenizer import save_tokenizer
 from grpo_steps.validate import FAILURE_COLUMNS, FILES, DataValidationError, check_rows, partition
 from tests.support.stages import validate
 
+P = load_config(None).paths  # the catalog, default layout (tests run in a project dir)
+
 
 @pytest.fixture(scope="session")
 def mlflow_uri(tmp_path_factory):
@@ -55,8 +57,9 @@ def clean_rows() -> dict[str, list[dict]]:
     return rows
 
 
-def write_prepared(rows: dict[str, list[dict]], folder: str = "data/prepared") -> None:
-    Path(folder).mkdir(parents=True, exist_ok=True)
+def write_prepared(rows: dict[str, list[dict]], folder: str | Path | None = None) -> None:
+    folder = Path(folder or P.prepared())
+    folder.mkdir(parents=True, exist_ok=True)
     for name, file_rows in rows.items():
         Path(folder, f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in file_rows))
 
@@ -122,7 +125,9 @@ DEFECTS = [
     ("unexpected column", _set("train", 0, note="x"), ("train.jsonl", "note", "unexpected_column", 0)),
     ("null answer", _set("train", 3, answer=None), ("train.jsonl", "answer", "not_nullable", 3)),
     ("number instead of string", _set("train", 3, answer=7), ("train.jsonl", "answer", "is_string", 3)),
-    ("list as prompt", _set("eval", 0, prompt=["3-6="]), ("eval.jsonl", "prompt", "is_string", 0)),
+    # a list is a conversation or nothing: ["3-6="] holds no {role, content} messages
+    ("list as prompt", _set("eval", 0, prompt=["3-6="]), ("eval.jsonl", "prompt", "is_conversation", 0)),
+    ("dict as prompt", _set("eval", 0, prompt={"text": "3-6="}), ("eval.jsonl", "prompt", "is_string", 0)),
     ("empty file", _empty("preferences_eval"), ("preferences_eval.jsonl", None, "at_least_one_row", None)),
 ]
 
@@ -145,12 +150,12 @@ def test_each_defect_is_reported_once_with_file_column_check_row(make_cfg, mutat
     assert got == [expected]
     file, column, check, _ = expected
     assert check in str(e.value) and file in str(e.value)  # the printed table
-    report = json.loads(Path("reports/validation.json").read_text())
+    report = json.loads(P.validation_report().read_text())
     assert report["status"] == "failed" and report["failures"] == 1
     assert {k: report["failure_cases"][0][k] for k in ("file", "column", "check", "row")} == dict(
         zip(("file", "column", "check", "row"), expected, strict=True))
-    assert check in Path("reports/validation.md").read_text()
-    assert not Path("data/validated").exists()
+    assert check in P.validation_summary().read_text()
+    assert not P.validated().exists()
 
 
 def test_all_failures_are_listed_at_once(make_cfg):
@@ -180,20 +185,20 @@ def test_fail_policy_leaves_validated_byte_identical(make_cfg):
 
     write_prepared(clean_rows())
     validate(make_cfg())
-    before = snapshot("data/validated")
+    before = snapshot(P.validated())
     bad = clean_rows()
     bad["train"][0]["prompt"] = ""
     bad["test"][0]["prompt"] = bad["train"][1]["prompt"]
     write_prepared(bad)
     with pytest.raises(DataValidationError):
         validate(make_cfg())
-    assert snapshot("data/validated") == before
+    assert snapshot(P.validated()) == before
     assert sorted(p.name for p in Path("data").iterdir()) == ["prepared", "validated"]  # no temporaries left
     # the CLI maps it to exit code 2
     overrides = [f"--set={o}" for o in (f"tracking.tracking_uri={make_cfg().tracking.tracking_uri}",
                                         f"paths.models_dir={make_cfg().paths.models_dir}")]
     assert main(["validate", *overrides]) == 2
-    assert snapshot("data/validated") == before
+    assert snapshot(P.validated()) == before
 
 
 def _count(path: Path) -> int:
@@ -207,26 +212,26 @@ def test_quarantine_conserves_rows_and_leaves_clean_data(make_cfg):
     write_prepared(rows)
     cfg = make_cfg("validate.on_failure=quarantine")
     result = validate(cfg)
-    report = json.loads(Path("reports/validation.json").read_text())
+    report = json.loads(P.validation_report().read_text())
     assert report["status"] == "quarantined"
     total_q = 0
     for name in FILES:
         n_in = len(rows[name])
-        n_ok = _count(Path(f"data/validated/{name}.jsonl"))
-        n_q = _count(Path(f"reports/quarantine/{name}.jsonl"))
+        n_ok = _count(P.validated_file(name))
+        n_q = _count(P.quarantine() / f"{name}.jsonl")
         assert n_in == n_ok + n_q, name  # never a silent drop
         assert report["rows"][name] == n_in and report["validated"][name] == n_ok == result[name]
         assert report["quarantined"][name] == n_q
         total_q += n_q
     assert result["quarantined"] == total_q == 16  # one row per defect
     # every quarantined record keeps the original row and says why
-    for rec in read_jsonl("reports/quarantine/train.jsonl"):
+    for rec in read_jsonl(P.quarantine() / "train.jsonl"):
         assert rec["reasons"] and rec["record"] == rows["train"][rec["row"]]
     # what passed is clean, and its hashes are in the report
-    validated = {name: read_jsonl(f"data/validated/{name}.jsonl") for name in FILES}
+    validated = {name: read_jsonl(P.validated_file(name)) for name in FILES}
     assert check_rows(validated, cfg.validate_, lambda texts: [len(t) for t in texts]).empty
-    assert report["md5"]["train.jsonl"] == file_md5(Path("data/validated/train.jsonl"))
-    assert "quarantined" in Path("reports/validation.md").read_text()
+    assert report["md5"]["train.jsonl"] == file_md5(P.validated_file("train"))
+    assert "quarantined" in P.validation_summary().read_text()
 
 
 def test_quarantine_that_would_empty_a_file_stops(make_cfg):
@@ -234,19 +239,19 @@ def test_quarantine_that_would_empty_a_file_stops(make_cfg):
     rows["train"][0]["prompt"] = ""
     write_prepared(rows)
     validate(make_cfg("validate.on_failure=quarantine"))
-    before, quarantine_before = snapshot("data/validated"), snapshot("reports/quarantine")
+    before, quarantine_before = snapshot(P.validated()), snapshot(P.quarantine())
     _drop_column("eval", "answer")(rows)  # a missing column fails every row of eval
     write_prepared(rows)
     with pytest.raises(DataValidationError, match="quarantine would leave eval.jsonl empty"):
         validate(make_cfg("validate.on_failure=quarantine"))
-    assert snapshot("data/validated") == before and snapshot("reports/quarantine") == quarantine_before
-    report = json.loads(Path("reports/validation.json").read_text())
+    assert snapshot(P.validated()) == before and snapshot(P.quarantine()) == quarantine_before
+    report = json.loads(P.validation_report().read_text())
     assert report["status"] == "failed" and report["failing_rows"]["eval"] == 3
     # a later clean run replaces data/validated and the quarantine folder as a whole
     write_prepared(clean_rows())
     validate(make_cfg("validate.on_failure=quarantine"))
-    assert len(read_jsonl("data/validated/eval.jsonl")) == 3
-    assert list(Path("reports/quarantine").iterdir()) == []
+    assert len(read_jsonl(P.validated_file("eval"))) == 3
+    assert list(P.quarantine().iterdir()) == []
 
 
 def test_partition_conserves_rows_with_file_level_failures():
@@ -272,7 +277,7 @@ def test_mlflow_run_gets_hashes_and_report(make_cfg):
                               order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
     run = runs[0]
     for name in FILES:
-        assert run.data.params[f"data_md5.{name}.jsonl"] == file_md5(Path(f"data/validated/{name}.jsonl"))
+        assert run.data.params[f"data_md5.{name}.jsonl"] == file_md5(P.validated_file(name))
     assert run.data.tags["validation_status"] == "passed" and run.data.metrics["validation_failures"] == 0
     artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "validation")}
     assert artifacts == {"validation/validation.json", "validation/validation.md"}
@@ -309,17 +314,17 @@ def test_synthetic_default_passes(make_cfg):
 
     cfg = make_cfg("task.n_train=400", "task.n_eval=40", "task.n_test=60", "task.n_preference_pairs=200")
     prepare(cfg)
-    before = snapshot("data/prepared")
+    before = snapshot(P.prepared())
     validate(cfg)
-    assert snapshot("data/validated") == before
+    assert snapshot(P.validated()) == before
 
 
 def test_validated_folder_is_swapped_whole(make_cfg):
     write_prepared(clean_rows())
     validate(make_cfg())
-    Path("data/validated/stale.jsonl").write_text("{}\n")
+    (P.validated() / "stale.jsonl").write_text("{}\n")
     validate(make_cfg())
-    assert sorted(p.name for p in Path("data/validated").iterdir()) == sorted(f"{n}.jsonl" for n in FILES)
+    assert sorted(p.name for p in P.validated().iterdir()) == sorted(f"{n}.jsonl" for n in FILES)
 
 
 def test_unreadable_prepared_file_is_a_data_file_error(make_cfg):
@@ -327,7 +332,7 @@ def test_unreadable_prepared_file_is_a_data_file_error(make_cfg):
 
     rows = clean_rows()
     write_prepared(rows)
-    Path("data/prepared/eval.jsonl").write_text('{"id": "eval-0"\n')
+    P.prepared_file("eval").write_text('{"id": "eval-0"\n')
     with pytest.raises(DataFileError, match="eval.jsonl: line 1"):
         validate(make_cfg())
 

@@ -25,17 +25,17 @@ def test_evaluate_without_champion_writes_reports_and_logs(project, capsys):
     cfg = load_tiny(project)
     result = evaluate(cfg)
 
-    metrics = json.loads((project / "reports/metrics.json").read_text())
+    metrics = json.loads(load_tiny(project).paths.metrics().read_text())
     assert KEPT_KEYS <= set(metrics) and "champion" not in metrics
     assert "no champion" in metrics["champion_note"]
-    assert metrics["n_test"] == len((project / "data/validated/test.jsonl").read_text().splitlines())
+    assert metrics["n_test"] == len(load_tiny(project).paths.validated_file("test").read_text().splitlines())
     for key in ("accuracy", "pass_at_2", "sampled_accuracy", "reward_model_score", "mean_completion_length"):
         assert key in metrics["start"] and key in metrics["grpo"], key
     assert "kl_to_reference" in metrics["grpo"]
     assert result["accuracy_gain"] == pytest.approx(metrics["grpo"]["accuracy"] - metrics["start"]["accuracy"])
-    assert (project / "reports/eval.png").stat().st_size > 1000
+    assert load_tiny(project).paths.eval_plot().stat().st_size > 1000
 
-    samples = [json.loads(line) for line in (project / "reports/samples.jsonl").read_text().splitlines()]
+    samples = [json.loads(line) for line in load_tiny(project).paths.samples().read_text().splitlines()]
     assert len(samples) == cfg.evaluate.n_samples_logged
     assert {"prompt", "answer", "completion", "correct", "start_completion", "start_correct"} <= set(samples[0])
 
@@ -64,9 +64,9 @@ def test_evaluate_compares_against_the_registered_champion(project):
     assert {"accuracy", "pass_at_2", "reward_model_score"} <= set(result["champion"])
     assert result["accuracy_gain_over_champion"] == pytest.approx(
         result["grpo"]["accuracy"] - result["champion"]["accuracy"])
-    metrics = json.loads((project / "reports/metrics.json").read_text())
+    metrics = json.loads(load_tiny(project).paths.metrics().read_text())
     assert KEPT_KEYS | {"champion", "champion_version"} <= set(metrics)
-    sample = json.loads((project / "reports/samples.jsonl").read_text().splitlines()[0])
+    sample = json.loads(load_tiny(project).paths.samples().read_text().splitlines()[0])
     assert {"champion_completion", "champion_correct", "start_completion"} <= set(sample)
     _, run = _evaluate_run(cfg)
     assert "eval/champion/accuracy" in run.data.metrics and run.data.tags["champion_version"] == "1"
@@ -102,7 +102,7 @@ def test_compare_champion_can_be_switched_off(project, monkeypatch):
     monkeypatch.setattr("grpo_steps.evaluate.load_champion", must_not_run)
     result = evaluate(cfg)
     assert result["champion_note"] == "evaluate.compare_champion is off" and "champion" not in result
-    assert (project / "reports/samples.jsonl").read_text() == ""
+    assert load_tiny(project).paths.samples().read_text() == ""
 
 
 def test_format_comparison_lists_every_policy():

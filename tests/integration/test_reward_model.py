@@ -61,7 +61,7 @@ def test_train_reward_with_margin_and_centering(project, monkeypatch):
     metrics = train_reward(cfg)
 
     assert SpyTrainer.batches and all(b["margin"].eq(0.5).all() for b in SpyTrainer.batches)  # reached the loss
-    report = json.loads((project / "reports/reward_model.json").read_text())
+    report = json.loads(load_tiny(project).paths.reward_report().read_text())
     assert report["pairwise_accuracy"] == metrics["pairwise_accuracy"] and report["gate_passed"] is True
     assert 0.0 <= report["pairwise_accuracy"] <= 1.0 and report["n_eval_pairs"] > 0
 
@@ -111,7 +111,7 @@ def test_gate_failure_stops_the_stage_and_the_cli_exits_2(project, capsys):
     assert main(["train_reward", *args]) == 2
     err = capsys.readouterr().err
     assert "grpo train_reward: error:" in err and "below the gate" in err and "stopping before GRPO" in err
-    report = json.loads((project / "reports/reward_model.json").read_text())  # kept for a look at why
+    report = json.loads(load_tiny(project).paths.reward_report().read_text())  # kept for a look at why
     assert report["gate_passed"] is False and report["min_pairwise_accuracy"] == 1.0
 
 

@@ -63,7 +63,8 @@ def test_the_recorder_catches_an_undeclared_read(workdir):
     cfg = Recording(load_tiny(workdir), "", reads)
     assert cfg.grpo.beta == 0.02 and cfg.validate_.completion_tokens() == 8
     assert reads == {"grpo.beta", "validate.max_completion_tokens", "validate.max_answer_tokens"}
-    assert undeclared("sft", reads) == {"grpo.beta", "validate.max_completion_tokens"}
+    assert undeclared("sft", reads) == {"grpo.beta"}
+    assert undeclared("evaluate", reads) == reads
     assert undeclared("grpo", reads) == {"validate.max_completion_tokens", "validate.max_answer_tokens"}
 
 

@@ -21,6 +21,7 @@ from grpo_steps.grpo.reward_model import (
     sequence_logps,
 )
 from grpo_steps.modeling import build_policy, load_reward_model, load_tokenizer
+from grpo_steps.prompts import render
 from grpo_steps.task import REJECTED_KINDS, make_preference_pairs, make_splits, sloppy_answer, wrong_answer_of_kind
 from tests.support.grpo_inputs import assert_identical, config, weights
 from tests.support.project import load_tiny
@@ -173,9 +174,9 @@ def test_likelihood_scores_on_a_bpe_tokenizer_with_bos(tmp_path):
     core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                   pad_token="</s>")
-    prompt, answer = "Question: what is 23 plus 48? Answer:", " 71"
+    prompt, answer = render(tok, "Question: what is 23 plus 48? Answer:"), " 71"  # as every stage renders it
     ids, attention, completion = encode_pairs(tok, [prompt, prompt], [answer, " 61"])
-    n_prompt = len(tok(prompt)["input_ids"])
+    n_prompt = len(tok("Question: what is 23 plus 48? Answer:")["input_ids"])
     assert ids[0, 0].item() == tok.bos_token_id, "BOS from the tokenizer's own template"
     expected = len(tok(answer, add_special_tokens=False)["input_ids"]) + 1  # + EOS
     assert completion[0].sum().item() == expected and completion[0, :n_prompt].sum().item() == 0

@@ -1,0 +1,10 @@
+"""A batch function that never finishes, run in math_accuracy's worker process to test its backstop."""
+
+from __future__ import annotations
+
+import time
+
+
+def never_returns(completions: list[str], timeout_s: int) -> list[float]:
+    time.sleep(3600)
+    return [1.0] * len(completions)
