@@ -19,6 +19,7 @@ the gain, KL to the start policy, the reward-model score before and after, and w
     python bench/learning_seeds.py --seeds 0 --threads 1 --setups default --set grpo.steps=50
     python bench/learning_seeds.py --jobs 2 --out reports/learning_seeds.json
     python bench/learning_seeds.py --threads 1 --float-paths native default   # the other float path
+    python bench/learning_seeds.py --params configs/reasoning-cpu.yaml --seeds 0 --threads 2 --setups default
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ SHARED = ("prepare", "validate", "sft", "train_reward")
 
 
 def run_one(seed: int, threads: int, setups: list[str], overrides: list[str], workdir: Path,
-            float_path: str = "native") -> list[dict]:
+            float_path: str = "native", params: Path = ROOT / "params.yaml") -> list[dict]:
     """In this process: the shared stages once, then grpo + evaluate per reward setup."""
     import torch
 
@@ -52,7 +53,7 @@ def run_one(seed: int, threads: int, setups: list[str], overrides: list[str], wo
     from grpo_steps.stages import STAGES
 
     workdir.mkdir(parents=True, exist_ok=True)
-    shutil.copy(ROOT / "params.yaml", workdir / "params.yaml")
+    shutil.copy(params, workdir / "params.yaml")
     os.chdir(workdir)
     base = [f"seed={seed}", f"tracking.tracking_uri=sqlite:///{workdir}/mlflow.db", "tracking.system_metrics=false",
             "evaluate.compare_champion=false", *overrides]
@@ -92,7 +93,8 @@ def _child(args: argparse.Namespace, seed: int, threads: int, float_path: str, b
     name = _name(seed, threads, float_path)
     out = base / f"{name}.json"
     cmd = [sys.executable, __file__, "--child", str(seed), str(threads), "--child-float-path", float_path,
-           "--workdir", str(base), "--setups", *args.setups, *[x for o in args.overrides for x in ("--set", o)]]
+           "--workdir", str(base), "--params", str(args.params.resolve()), "--setups", *args.setups,
+           *[x for o in args.overrides for x in ("--set", o)]]
     log = (base / f"{name}.log").open("w")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if float_path != "native":
@@ -134,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="ATen CPU kernels per run: native (the CPU's best, e.g. AVX2) or an ATEN_CPU_CAPABILITY "
                    "value such as default (scalar) or avx2")
     p.add_argument("--setups", nargs="+", choices=sorted(SETUPS), default=["default", "rm_only"])
+    p.add_argument("--params", type=Path, default=ROOT / "params.yaml",
+                   help="params file the runs start from, e.g. configs/reasoning-cpu.yaml (default: %(default)s)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (the wall times then share the cores)")
     p.add_argument("--workdir", type=Path, default=None, help="keep each run's outputs here (default: a temp dir)")
@@ -146,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         seed, threads = args.child
         name = _name(seed, threads, args.child_float_path)
-        rows = run_one(seed, threads, args.setups, args.overrides, base / name, args.child_float_path)
+        rows = run_one(seed, threads, args.setups, args.overrides, base / name, args.child_float_path,
+                       args.params.resolve())
         (base / f"{name}.json").write_text(json.dumps(rows, indent=2))
         return 0
     runs = [(s, t, f) for s in args.seeds for t in args.threads for f in args.float_paths]

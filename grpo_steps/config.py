@@ -115,7 +115,8 @@ def data_file_name(name: str) -> str:
 
 
 class TaskConfig(_Section):
-    """The embedded synthetic task: arithmetic prompts like `37+48=` with an exact integer answer."""
+    """The embedded synthetic task: arithmetic prompts like `37+48=` with an exact integer answer (or, in the
+    reasoning format, questions answered with their working)."""
 
     n_train: int = Field(1800, ge=1, description="training prompts (SFT demonstrations and GRPO prompts)")
     n_eval: int = Field(200, ge=1, description="validation prompts (reward-model gate, monitoring)")
@@ -133,6 +134,15 @@ class TaskConfig(_Section):
         description="share of slip-prone train problems whose cold-start demonstration is a weak teacher's "
         "systematic slip (no carry / no borrow); GRPO's verifier reward is always the true answer",
     )
+    format: Literal["answer", "reasoning"] = Field(
+        "answer", description="answer: `37+48=` -> `85`; reasoning: `What is 37 + 48?` -> the column-by-column "
+        "working, then `#### 85` (judged by math_accuracy), the shape of GSM8K",
+    )
+    tokenizer: Literal["char", "bpe"] = Field(
+        "char", description="the project's tokenizer: characters, or a byte-level BPE trained on the task's text "
+        "with a ChatML chat template (as a chat model's)",
+    )
+    bpe_vocab_size: int = Field(512, ge=64, description="vocabulary of the bpe tokenizer")
 
 
     @model_validator(mode="after")

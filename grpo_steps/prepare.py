@@ -14,26 +14,35 @@ from typing import Any
 from grpo_steps.config import SPLITS, Config, data_file_name
 from grpo_steps.io import atomic_path, write_jsonl
 from grpo_steps.results import StageResult
-from grpo_steps.task import demonstrations, make_preference_pairs, make_splits
-from grpo_steps.tokenizer import save_tokenizer
+from grpo_steps.task import (
+    demonstrations,
+    make_preference_pairs,
+    make_splits,
+    question,
+    reasoning_rejected,
+    worked_solution,
+)
+from grpo_steps.tokenizer import build_bpe_tokenizer, save_tokenizer
 
 log = logging.getLogger(__name__)
 
 
 def synthetic_rows(cfg: Config) -> dict[str, list[dict[str, Any]]]:
-    """The embedded arithmetic task's rows for the five prepared files."""
+    """The embedded arithmetic task's rows for the five prepared files, in `task.format`."""
     t = cfg.task
     splits = make_splits(
         cfg.seed, {"train": t.n_train, "eval": t.n_eval, "test": t.n_test}, t.max_operand, list(t.operations)
     )
+    reasoning = t.format == "reasoning"
+    shown = question if reasoning else (lambda prompt: prompt)
     out: dict[str, list[dict[str, Any]]] = {}
     for name in SPLITS:
-        out[name] = [{"id": f"{name}-{i:06d}", "prompt": p.prompt, "answer": p.answer, "split": name}
+        out[name] = [{"id": f"{name}-{i:06d}", "prompt": shown(p.prompt), "answer": p.answer, "split": name}
                      for i, p in enumerate(splits[name])]
-    if t.demo_error_rate > 0:  # the SFT target; GRPO and evaluation keep scoring against `answer`
+    if t.demo_error_rate > 0 or reasoning:  # the SFT target; GRPO and evaluation keep scoring against `answer`
         demos = demonstrations(cfg.seed, splits["train"], t.demo_error_rate)
-        for row, demo in zip(out["train"], demos, strict=True):
-            row["demonstration"] = demo
+        for row, p, demo in zip(out["train"], splits["train"], demos, strict=True):
+            row["demonstration"] = worked_solution(p.prompt, p.answer, slip=demo != p.answer) if reasoning else demo
     # Preference pairs come from train and eval prompts only: the test split stays unseen by every model.
     n_eval_pairs = max(1, t.n_preference_pairs // 10)
     pairs = {
@@ -42,8 +51,23 @@ def synthetic_rows(cfg: Config) -> dict[str, list[dict[str, Any]]]:
         "preferences_eval": make_preference_pairs(cfg.seed + 7, splits["eval"], n_eval_pairs, t.rejected_mix),
     }
     for name, rows in pairs.items():
+        if reasoning:
+            rows = [{"prompt": question(r["prompt"]),
+                     "chosen": worked_solution(r["prompt"], r["chosen"]),
+                     "rejected": reasoning_rejected(r["prompt"], r["chosen"], r["rejected"], r["kind"]),
+                     "kind": r["kind"]} for r in rows]
         out[name] = [{"id": f"{name}-{i:06d}", **r} for i, r in enumerate(rows)]
     return out
+
+
+def task_corpus(files: dict[str, list[dict[str, Any]]], system_prompt: str | None) -> list[str]:
+    """The text a `bpe` tokenizer is trained on: every prompt and completion of the prepared rows."""
+    corpus = [system_prompt] if system_prompt else []
+    for rows in files.values():
+        for r in rows:
+            corpus += [v for k, v in r.items() if k in ("prompt", "demonstration", "chosen", "rejected")
+                       and isinstance(v, str)]
+    return corpus
 
 
 def prepare(cfg: Config) -> StageResult:
@@ -60,7 +84,11 @@ def prepare(cfg: Config) -> StageResult:
             write_jsonl(tmp / data_file_name(name), rows)
     counts = {name: len(rows) for name, rows in files.items()}
     with atomic_path(cfg.paths.tokenizer()) as tmp:
-        save_tokenizer(tmp)
+        if cfg.task.tokenizer == "bpe":
+            tok = build_bpe_tokenizer(task_corpus(files, cfg.data.system_prompt), cfg.task.bpe_vocab_size)
+            tok.save_pretrained(str(tmp))
+        else:
+            save_tokenizer(tmp)
     log.info("prepared %s (%s) in %s; tokenizer in %s", counts, cfg.data.source, out, cfg.paths.tokenizer())
     return StageResult(counts, metrics={f"rows.{name}": n for name, n in counts.items()},
                        tags={"data_source": cfg.data.source})

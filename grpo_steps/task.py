@@ -1,7 +1,11 @@
 """The embedded verifiable task: integer arithmetic with exact answers, generated from a seed.
 
-Prompts are bare expressions (`37+48=`) so a tiny character-level model can learn them on a CPU in minutes;
-the answer is the exact integer, checked by `grpo_steps.grpo.rewards.exact_match`.
+Two formats of the same problems (`task.format`):
+* `answer` (the default): bare expressions (`37+48=`) answered by the number alone, so a tiny character-level
+  model learns them on a CPU in minutes; checked by `grpo_steps.grpo.rewards.exact_match`.
+* `reasoning`: a question (`What is 37 + 48?`) answered with the working, column by column, then the answer
+  after `####` (`7 + 8 = 15, 3 + 4 + 1 = 8. #### 85`), the shape of a GSM8K solution; checked by the
+  math-verify accuracy reward. The weak teacher's slip is then a line of working that drops the carry.
 """
 
 from __future__ import annotations
@@ -142,3 +146,45 @@ def make_preference_pairs(
         rejected, kind = wrong_answer_of_kind(rng, p.answer, p.prompt, mix)
         pairs.append({"prompt": p.prompt, "chosen": p.answer, "rejected": rejected, "kind": kind})
     return pairs
+
+
+# ------------------------------------------------------------------------------------- the reasoning format
+
+
+def question(prompt: str) -> str:
+    """`37+48=` as the reasoning format asks it: `What is 37 + 48?`."""
+    expr = prompt.rstrip("=")
+    for op in "+-*":
+        a, sep, b = expr.partition(op)
+        if sep and a:
+            return f"What is {a} {op} {b}?"
+    return f"What is {expr}?"
+
+
+def worked_solution(prompt: str, answer: str, slip: bool = False) -> str:
+    """The working of an addition column by column, then `#### <answer>`; with `slip`, the weak teacher's:
+    every carry dropped (its final number is `sloppy_answer`). Other operations: one line of working."""
+    expr = prompt.rstrip("=")
+    a, sep, b = expr.partition("+")
+    if not (sep and a.isdigit() and b.isdigit()):
+        shown = question(prompt)[len("What is "):-1]
+        return f"{shown} = {answer}. #### {answer}"
+    steps, digits, carry = [], [], 0
+    cols = list(reversed(_digits(int(a), int(b))))
+    for i, (x, y) in enumerate(cols):
+        c = 0 if slip else carry
+        total = x + y + c
+        steps.append(f"{x} + {y}{' + 1' if c else ''} = {total}")
+        last = i == len(cols) - 1
+        digits.append(str(total) if last and not slip else str(total % 10))
+        carry = total // 10
+    result = str(int("".join(reversed(digits))))
+    return ", ".join(steps) + f". #### {result}"
+
+
+def reasoning_rejected(prompt: str, answer: str, rejected: str, kind: str) -> str:
+    """A preference pair's rejected completion in the reasoning format: the teacher's slipped working for a
+    slip, else the right working with a wrong final answer (the reward model must check that they agree)."""
+    if kind == "slip":
+        return worked_solution(prompt, answer, slip=True)
+    return worked_solution(prompt, answer).rsplit("####", 1)[0] + f"#### {rejected}"

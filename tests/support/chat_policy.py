@@ -8,12 +8,10 @@ import json
 import random
 from pathlib import Path
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-START, END = "<|im_start|>", "<|im_end|>"
+from grpo_steps.tokenizer import CHAT_END as END
+from grpo_steps.tokenizer import CHAT_START as START
+
+__all__ = ["END", "START", "build_chat_policy", "gsm8k_rows", "write_gsm8k"]
 
 NAMES = ["Ava", "Ben", "Cleo", "Dan", "Eve", "Finn", "Gus", "Hana"]
 THINGS = ["apples", "books", "coins", "shells", "stamps", "pens"]
@@ -40,19 +38,13 @@ def write_gsm8k(path: Path, n: int, seed: int = 0) -> Path:
 def build_chat_policy(folder: Path, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
     """A small Llama with a byte-level BPE tokenizer and a ChatML template, saved as a user would have it."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
+    from grpo_steps.tokenizer import build_bpe_tokenizer
+
     corpus = [r["question"] + "\n" + r["answer"] for r in gsm8k_rows(400, seed=99)]
     corpus += ["You are a careful math tutor. Show your work, then give the answer after ####."] * 20
-    core.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=600, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token=END, pad_token="<|endoftext|>",
-                                  additional_special_tokens=[START])
-    tok.chat_template = CHAT_TEMPLATE
+    tok = build_bpe_tokenizer(corpus, vocab_size=600)
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
