@@ -304,6 +304,15 @@ class RewardModelConfig(_Section):
     min_pairwise_accuracy: float = Field(
         0.7, ge=0, le=1, description="gate: the pipeline stops before GRPO when held-out accuracy is below this"
     )
+    pairs: Literal["data", "policy"] = Field(
+        "data", description="data: the prepared preference files; policy: sampled from the starting policy on "
+        "the train (held out: eval) prompts, a verified-right completion over a wrong one of the same prompt",
+    )
+    samples_per_prompt: int = Field(8, ge=2, description="pairs: policy: completions sampled per prompt")
+    pairs_per_prompt: int = Field(1, ge=1, description="pairs: policy: at most this many pairs per prompt")
+    sample_prompts: int | None = Field(
+        None, ge=1, description="pairs: policy: sample on at most this many train prompts (unset: all)",
+    )
 
     @model_validator(mode="after")
     def _one_margin(self) -> RewardModelConfig:

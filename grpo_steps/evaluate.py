@@ -27,9 +27,10 @@ from grpo_steps.config import Config
 from grpo_steps.grpo.logprobs import completion_logps
 from grpo_steps.grpo.loss import k3_kl
 from grpo_steps.grpo.reward_model import RewardModelFunction
-from grpo_steps.grpo.rewards import RewardFunction, resolve_reward_function
+from grpo_steps.grpo.rewards import RewardFunction
 from grpo_steps.grpo.sampling import Rollout, sample_groups
 from grpo_steps.io import atomic_path, read_jsonl, write_json, write_jsonl
+from grpo_steps.judge import accuracy_judge
 from grpo_steps.lineage import file_md5
 from grpo_steps.modeling import load_policy, load_reward_model, load_tokenizer, seed_everything
 from grpo_steps.prompts import render_all
@@ -87,16 +88,6 @@ def policy_metrics(
     samples = [{"prompt": r["prompt"], "answer": a, "completion": c, "correct": bool(x)}
                for r, a, c, x in zip(rows, answers, completions, correct, strict=True)]
     return metrics, samples
-
-
-def accuracy_judge(cfg: Config) -> RewardFunction:
-    """The accuracy reward evaluation judges answers with (`evaluate.accuracy`; auto: GRPO's own)."""
-    name = cfg.evaluate.accuracy
-    if name == "auto":
-        listed = {rf.name for rf in cfg.grpo.reward_functions}
-        name = "math_accuracy" if "math_accuracy" in listed else "exact_match"
-    kwargs = next((rf.kwargs for rf in cfg.grpo.reward_functions if rf.name == name), {})
-    return resolve_reward_function(name, kwargs)
 
 
 def answer_keys(judge: RewardFunction, completions: list[str]) -> list[str | None]:

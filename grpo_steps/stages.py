@@ -100,6 +100,13 @@ def _local_model(name: str | None) -> list[Path]:
     return [Path(name)] if name and Path(name).is_dir() else []
 
 
+def _reward_pairs(cfg: Config) -> list[Path]:
+    """The pairs' source: the preference files, or the prompts the starting policy is sampled on."""
+    if cfg.reward_model.pairs == "policy":
+        return _v("train", "eval")(cfg) + [cfg.paths.sft_policy()]
+    return _v("preferences_train", "preferences_eval")(cfg)
+
+
 def _reward_init_model(cfg: Config) -> list[Path]:
     """The weights the reward model starts from: a local backbone, or the starting policy (models/sft)."""
     rc = cfg.reward_model
@@ -150,11 +157,12 @@ STAGE_LIST: tuple[Stage, ...] = (
         "train_reward", "grpo_steps.train_reward:train_reward",
         "train the Bradley-Terry reward model from the starting policy on the preference pairs and gate on its "
         "held-out pairwise accuracy; writes models/reward, reports/reward_model.json",
-        code=("grpo_steps/train_reward.py", "grpo_steps/modeling.py", "grpo_steps/prompts.py",
-              "grpo_steps/grpo/reward_model.py", "grpo_steps/grpo/tokens.py"),
-        params=("seed", "model", "reward_model", *_TRAIN_LENGTHS, *_RENDER),
-        deps=lambda cfg: [*_v("preferences_train", "preferences_eval")(cfg), cfg.paths.tokenizer(),
-                          *_reward_init_model(cfg)],
+        code=("grpo_steps/train_reward.py", "grpo_steps/modeling.py", "grpo_steps/prompts.py", "grpo_steps/judge.py",
+              "grpo_steps/policy_pairs.py", "grpo_steps/grpo"),
+        # with reward_model.pairs: policy, pairs are the starting policy's samples, judged as evaluate judges
+        params=("seed", "model", "reward_model", *_TRAIN_LENGTHS, *_RENDER, "grpo.max_completion_length",
+                "grpo.reward_functions", "evaluate.accuracy"),
+        deps=lambda cfg: [*_reward_pairs(cfg), cfg.paths.tokenizer(), *_reward_init_model(cfg)],
         outputs=(Out("reward_model"), Out("reward_report", kind="metrics")),
         retries=1, log_prints=False,
         notes={"models/sft": "the reward model starts from the starting policy (reward_model.init: policy)"},
@@ -178,7 +186,8 @@ STAGE_LIST: tuple[Stage, ...] = (
         "evaluate", "grpo_steps.evaluate:evaluate",
         "compare the starting and GRPO policies (and the registry's champion) on the held-out test split; writes "
         "reports/metrics.json, samples.jsonl, eval.png",
-        code=("grpo_steps/evaluate.py", "grpo_steps/grpo", "grpo_steps/modeling.py", "grpo_steps/prompts.py"),
+        code=("grpo_steps/evaluate.py", "grpo_steps/grpo", "grpo_steps/modeling.py", "grpo_steps/prompts.py",
+              "grpo_steps/judge.py"),
         # The registry's champion is evaluated too: which registry (tracking) and model name matter.
         params=("seed", "evaluate", "grpo.max_completion_length", "grpo.reward_functions", "model.trust_remote_code",
                 "reward_model.trust_remote_code", "registry.model_name", "tracking.tracking_uri", *_RENDER),

@@ -35,16 +35,19 @@ from grpo_steps.config import Config
 from grpo_steps.errors import UserError
 from grpo_steps.grpo.reward_model import RewardModelFunction, bradley_terry_loss, encode_pairs, sequence_logps
 from grpo_steps.io import DataFileError, atomic_path, read_jsonl, write_json
+from grpo_steps.judge import accuracy_judge
 from grpo_steps.modeling import (
     accelerate_precision,
     begin_stage,
     build_policy,
     build_reward_backbone,
+    load_policy,
     load_tokenizer,
     policy_tokenizer,
     require_safetensors,
     trl_args,
 )
+from grpo_steps.policy_pairs import sample_pairs
 from grpo_steps.prompts import render
 from grpo_steps.results import Artifact, StageResult
 from grpo_steps.tracking import log_curve
@@ -241,13 +244,27 @@ def _train_likelihood(cfg: Config, model, tok, train_pairs: list[dict], source: 
     return model
 
 
+def policy_sampled_pairs(cfg: Config) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train, held-out) pairs from the starting policy's samples on the train and eval prompts."""
+    policy = load_policy(cfg.paths.sft_policy(), cfg.model.trust_remote_code).eval()
+    tok = load_tokenizer(cfg.paths.sft_policy(), cfg.model.trust_remote_code)
+    judge = accuracy_judge(cfg)
+    train_rows = read_jsonl(cfg.paths.validated_file("train"))[: cfg.reward_model.sample_prompts]
+    return (sample_pairs(cfg, policy, tok, train_rows, judge, "train"),
+            sample_pairs(cfg, policy, tok, read_jsonl(cfg.paths.validated_file("eval")), judge, "eval"))
+
+
 def train_reward(cfg: Config) -> StageResult:
     begin_stage(cfg.seed)
-    source = str(cfg.paths.validated_file("preferences_train"))
-    train_pairs = read_jsonl(cfg.paths.validated_file("preferences_train"))
-    eval_pairs = read_jsonl(cfg.paths.validated_file("preferences_eval"))
-    _margins(train_pairs, cfg, source)  # a bad margin column fails before any model is built
     rc = cfg.reward_model
+    if rc.pairs == "policy":
+        source = "the starting policy's samples"
+        train_pairs, eval_pairs = policy_sampled_pairs(cfg)
+    else:
+        source = str(cfg.paths.validated_file("preferences_train"))
+        train_pairs = read_jsonl(cfg.paths.validated_file("preferences_train"))
+        eval_pairs = read_jsonl(cfg.paths.validated_file("preferences_eval"))
+    _margins(train_pairs, cfg, source)  # a bad margin column fails before any model is built
     model, tok = build_reward_model(cfg)
     # the prompts as the policy sees them, so the model scores what it will be asked to score in grpo
     train_pairs, eval_pairs = rendered(cfg, tok, train_pairs), rendered(cfg, tok, eval_pairs)
@@ -271,6 +288,7 @@ def train_reward(cfg: Config) -> StageResult:
             "gate_passed": passed,
             "init": reward_init(cfg),
             "head": rc.head,
+            "pairs": rc.pairs,
         }
         model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))

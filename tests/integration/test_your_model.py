@@ -1,8 +1,9 @@
 """Your model, your data: a Llama-shaped policy saved locally (byte-level BPE, ChatML chat template) and a
 GSM8K-style file whose answers reason and end in `#### <n>`, through every stage, offline.
 
-Checked: each stage renders prompts through the chat template (the markers and the system prompt are in what
-sft, train_reward, grpo, evaluate and validate see); the cold start runs on the pretrained policy
+Checked: the seven stages run, register included; each stage renders prompts through the chat template (the
+markers and the system prompt are in what sft, train_reward, grpo, evaluate and validate see); the cold start
+runs on the pretrained policy
 (`sft.enabled: true`) on the worked solutions; the math-verify accuracy reward and the format reward score
 grpo's completions; evaluation reports maj@k beside pass@k. A file of conversations runs the same way.
 """
@@ -17,7 +18,7 @@ from mlflow import MlflowClient
 
 from grpo_steps.config import load_config
 from tests.support.chat_policy import START, build_chat_policy, gsm8k_rows, write_gsm8k
-from tests.support.stages import evaluate, prepare, sft, train_grpo, train_reward, validate
+from tests.support.stages import evaluate, prepare, register, sft, train_grpo, train_reward, validate
 
 SYSTEM = "You are a careful math tutor. Show your work, then give the answer after ####."
 
@@ -71,7 +72,10 @@ def _run_all(cfg) -> dict:
     sft(cfg)
     train_reward(cfg)
     train_grpo(cfg)
-    return evaluate(cfg)
+    metrics = evaluate(cfg)
+    reg = register(cfg)
+    assert reg["alias"] == "champion" and reg["version"] == "1"
+    return metrics
 
 
 @pytest.mark.slow  # six stages on a small Llama, ~10 s: kept out of test-fast, which is near its 3-minute budget
