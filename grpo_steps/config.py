@@ -277,6 +277,10 @@ class RewardModelConfig(_Section):
         "scalar: a sequence-classification head on the last token (TRL RewardTrainer, InstructGPT)",
     )
     beta: float = Field(1.0, gt=0, description="likelihood head: score = beta * sum of completion log-probs")
+    length_normalize: bool = Field(
+        False, description="likelihood head: the mean log-prob per completion token instead of the sum (SimPO); "
+        "for completions of varied length, where a sum rewards writing less",
+    )
     init: Literal["policy", "config"] = Field(
         "policy",
         description="what the reward model starts from when `backbone` is unset: 'policy' = the starting policy "

@@ -46,10 +46,12 @@ CHAT_PAD, CHAT_START, CHAT_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 
 
 def build_bpe_tokenizer(corpus: list[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """A byte-level BPE trained on `corpus` (deterministic for the same corpus), ChatML markers as special
-    tokens, `<|im_end|>` as EOS: it ends the assistant's turn."""
+    """A byte-level BPE trained on `corpus` (deterministic for the same corpus), digits split one by one,
+    ChatML markers as special tokens, `<|im_end|>` as EOS: it ends the assistant's turn."""
     core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # digits one by one, as Qwen2's and Llama 2's tokenizers split them: a number stays readable digit by digit
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                  pre_tokenizers.ByteLevel(add_prefix_space=False)])
     core.decoder = decoders.ByteLevel()
     core.train_from_iterator(corpus, trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=[CHAT_PAD, CHAT_START, CHAT_END], show_progress=False,

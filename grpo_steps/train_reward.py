@@ -222,7 +222,8 @@ def _train_likelihood(cfg: Config, model, tok, train_pairs: list[dict], source: 
         prompts = [p["prompt"] for p in batch]
         ids, attention, completion = (t.to(acc.device) for t in encode_pairs(
             tok, prompts + prompts, [p["chosen"] for p in batch] + [p["rejected"] for p in batch]))
-        scores = rc.beta * sequence_logps(model, ids, attention, completion)  # (2B,) chosen then rejected
+        # (2B,) chosen then rejected
+        scores = rc.beta * sequence_logps(model, ids, attention, completion, rc.length_normalize)
         chosen, rejected = scores[: len(batch)], scores[len(batch) :]
         margin = torch.tensor([margins[i] for i in idx], device=acc.device) if margins is not None else None
         loss = bradley_terry_loss(chosen, rejected, margin)
@@ -240,7 +241,8 @@ def _train_likelihood(cfg: Config, model, tok, train_pairs: list[dict], source: 
             bar.set_postfix(loss=f"{means['loss']:.3f}", accuracy=f"{means['accuracy']:.2f}")
             window = {k: [] for k in window}
     model = acc.unwrap_model(model).eval()
-    model.config.reward_beta = rc.beta  # the scorer reads it back
+    model.config.reward_beta = rc.beta  # the scorer reads them back
+    model.config.reward_length_normalize = rc.length_normalize
     return model
 
 

@@ -5,9 +5,11 @@ Two heads, both trained with the Bradley-Terry loss on (prompt, chosen, rejected
     loss = -log sigmoid(r(x, y_chosen) - r(x, y_rejected) - margin)
 
 * `likelihood` (the default): r(x, y) = beta * sum_t log p_theta(y_t | x, y_<t), the completion's log-likelihood
-  (EOS included) under a causal LM initialised from the starting policy. The LM head the policy learned the
-  task with *is* the reward head: nothing starts from random, so a 4-layer policy's reward model ranks from
-  the first step (DPO's implicit reward without the reference term; SimPO/CPO score the same way).
+  (EOS included) under a causal LM initialised from the starting policy; with `length_normalize`, divided by
+  the completion's length (SimPO), since a sum favours short completions, which GRPO then learns to write.
+  The LM head the policy learned the task with *is* the reward head: nothing starts from random, so a
+  4-layer policy's reward model ranks from the first step (DPO's implicit reward without the reference term;
+  SimPO/CPO score the same way).
 * `scalar`: a sequence-classification head (one output) pooled at the last token, as in InstructGPT and
   TRL's RewardTrainer; the head is new, and on the embedded task it did not learn from pairs to compare a
   completion with the sum (measured: 0.60 held-out accuracy after 282 steps on 18,000 pairs, training
@@ -63,13 +65,17 @@ def encode_pairs(
 
 
 def sequence_logps(
-    model: PreTrainedModel, ids: torch.Tensor, attention: torch.Tensor, completion: torch.Tensor
+    model: PreTrainedModel, ids: torch.Tensor, attention: torch.Tensor, completion: torch.Tensor,
+    length_normalize: bool = False,
 ) -> torch.Tensor:
-    """(N,) sum over completion tokens of log p(token | everything before it), in fp32."""
+    """(N,) sum over completion tokens of log p(token | everything before it), in fp32; with
+    `length_normalize`, the mean per token (SimPO), so a shorter completion is not a better one by itself."""
     logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()  # (N, T-1, V)
     targets = ids[:, 1:]
     logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (N, T-1)
-    return (logps * completion[:, 1:]).sum(-1)
+    mask = completion[:, 1:]
+    total = (logps * mask).sum(-1)
+    return total / mask.sum(-1).clamp(min=1) if length_normalize else total
 
 
 def bradley_terry_loss(
@@ -100,7 +106,8 @@ class RewardModelFunction:
 
     `tokenizer` is used when the model folder holds none; a tokenizer saved with the reward model wins, since
     the policy's tokenizer may not be the one the reward model was trained with. `beta` scales a likelihood
-    model's score (saved in its config as `reward_beta` by train_reward).
+    model's score, `length_normalize` makes it a mean per token (both saved in its config by train_reward as
+    `reward_beta` and `reward_length_normalize`).
     """
 
     __name__ = "reward_model"
@@ -119,6 +126,7 @@ class RewardModelFunction:
         self.batch_size = batch_size
         self.likelihood = is_likelihood_model(model)
         self.beta = beta if beta is not None else float(getattr(model.config, "reward_beta", 1.0))
+        self.length_normalize = bool(getattr(model.config, "reward_length_normalize", False))
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], completions: list[str], **_: Any) -> list[float | None]:
@@ -132,7 +140,7 @@ class RewardModelFunction:
     def _score(self, prompts: list[str], completions: list[str], device: torch.device) -> torch.Tensor:
         if self.likelihood:
             ids, attention, completion = (t.to(device) for t in encode_pairs(self.tokenizer, prompts, completions))
-            return self.beta * sequence_logps(self.model, ids, attention, completion)
+            return self.beta * sequence_logps(self.model, ids, attention, completion, self.length_normalize)
         # exactly as TRL's RewardTrainer prepared the training pairs: EOS appended unless already there, then
         # the tokenizer's own special tokens (none for the character-level tokenizer; BOS for some backbones)
         eos = self.tokenizer.eos_token or ""
