@@ -196,3 +196,21 @@ def test_likelihood_scores_on_a_bpe_tokenizer_with_bos(tmp_path):
     tok.save_pretrained(str(tmp_path))
     right, wrong = RewardModelFunction(model.eval(), tok)([prompt, prompt], [answer, " 61"])
     assert right > wrong
+
+
+def test_length_normalized_score_is_the_mean_log_prob_per_completion_token():
+    from grpo_steps.config import load_config
+    from grpo_steps.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    cfg = load_config(None).model.model_copy(update={"hidden_size": 16, "num_layers": 1, "num_heads": 2,
+                                                     "intermediate_size": 32})
+    model = build_policy(cfg, tok).eval()
+    ids, attention, completion = encode_pairs(tok, ["1+1=", "1+1="], ["2", "2222"])
+    total = sequence_logps(model, ids, attention, completion)
+    mean = sequence_logps(model, ids, attention, completion, length_normalize=True)
+    lengths = completion[:, 1:].sum(-1).float()  # completion tokens + EOS
+    assert torch.allclose(mean, total / lengths) and lengths.tolist() == [2.0, 5.0]
+    model.config.reward_length_normalize = True
+    assert RewardModelFunction(model, tok)(["1+1="], ["2"]) == pytest.approx([mean[0].item()], abs=1e-5)

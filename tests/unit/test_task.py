@@ -32,3 +32,30 @@ def test_preference_pairs_prefer_the_right_answer():
     for pair in make_preference_pairs(0, problems, 300):
         assert pair["chosen"] == str(eval(pair["prompt"][:-1]))  # noqa: S307 - our own literals
         assert pair["rejected"] != pair["chosen"]
+
+
+def test_reasoning_format_works_column_by_column_and_the_slip_drops_every_carry():
+    from grpo_steps.task import question, reasoning_rejected, worked_solution
+
+    assert question("37+48=") == "What is 37 + 48?"
+    assert worked_solution("37+48=", "85") == "7 + 8 = 15, 3 + 4 + 1 = 8. #### 85"
+    assert worked_solution("37+48=", "85", slip=True) == "7 + 8 = 15, 3 + 4 = 7. #### 75"
+    assert worked_solution("45+57=", "102") == "5 + 7 = 12, 4 + 5 + 1 = 10. #### 102"
+    problems = make_splits(0, {"train": 500}, 99, ["+"])["train"]
+    for p in problems:  # the worked answer is the answer; the slipped one is exactly the teacher's slip
+        assert worked_solution(p.prompt, p.answer).endswith(f"#### {p.answer}")
+        slip = sloppy_answer(p.prompt)
+        assert worked_solution(p.prompt, p.answer, slip=True).endswith(f"#### {slip or p.answer}")
+    assert reasoning_rejected("37+48=", "85", "75", "slip") == worked_solution("37+48=", "85", slip=True)
+    assert reasoning_rejected("37+48=", "85", "86", "offset").endswith("3 + 4 + 1 = 8. #### 86")
+
+
+def test_bpe_tokenizer_reads_numbers_digit_by_digit_and_carries_a_chat_template():
+    from grpo_steps.prompts import render
+    from grpo_steps.tokenizer import CHAT_END, build_bpe_tokenizer
+
+    tok = build_bpe_tokenizer(["What is 37 + 48?", "7 + 8 = 15, 3 + 4 + 1 = 8. #### 85"] * 50, vocab_size=300)
+    pieces = tok.tokenize("#### 1234")
+    assert [p.lstrip("Ġ") for p in pieces if p.lstrip("Ġ").isdigit()] == ["1", "2", "3", "4"]
+    assert tok.eos_token == CHAT_END and render(tok, "What is 1 + 2?").endswith("<|im_start|>assistant\n")
+    assert tok.decode(tok("7 + 8 = 15. #### 85", add_special_tokens=False)["input_ids"]) == "7 + 8 = 15. #### 85"
