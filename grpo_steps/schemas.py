@@ -130,9 +130,15 @@ def _non_empty(s: pd.Series) -> pd.Series:
     return _mask(s, lambda v: not _is_str(v) or bool(v.strip()))
 
 
+def comparable(v: Any) -> bool:
+    """A value duplicate and leakage checks compare: a string, or a well-formed conversation (an `Opaque`,
+    equal to another holding the same messages). Anything else is judged by `is_string`/`is_conversation`."""
+    return _is_str(v) or is_conversation(_listed(v))
+
+
 def _first_occurrence(s: pd.Series) -> pd.Series:
-    """True for a string's first occurrence (and for non-strings, judged by `is_string`)."""
-    strings = _mask(s, _is_str)
+    """True for a value's first occurrence (and for values not `comparable`, judged by other checks)."""
+    strings = _mask(s, comparable)
     ok = pd.Series(True, index=s.index, dtype=bool)
     ok[strings] = ~s[strings].astype(object).duplicated(keep="first")
     return ok
@@ -141,12 +147,12 @@ def _first_occurrence(s: pd.Series) -> pd.Series:
 def _all_strings(df: pd.DataFrame, cols: Iterable[str]) -> pd.Series:
     ok = pd.Series(True, index=df.index, dtype=bool)
     for c in cols:
-        ok &= _mask(df[c], _is_str)
+        ok &= _mask(df[c], comparable)
     return ok
 
 
 def _exact_duplicates(df: pd.DataFrame, cols: tuple[str, ...]) -> pd.Series:
-    """True where the row's `cols` (all strings) repeat an earlier row's."""
+    """True where the row's `cols` (all `comparable`) repeat an earlier row's."""
     if not set(cols) <= set(df.columns):
         return pd.Series(False, index=df.index, dtype=bool)
     typed = _all_strings(df, cols)

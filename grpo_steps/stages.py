@@ -162,7 +162,7 @@ STAGE_LIST: tuple[Stage, ...] = (
         # with reward_model.pairs: policy, pairs are the starting policy's samples, judged as evaluate judges
         params=("seed", "model", "reward_model", *_TRAIN_LENGTHS, *_RENDER, "grpo.max_completion_length",
                 "grpo.reward_functions", "evaluate.accuracy"),
-        deps=lambda cfg: [*_reward_pairs(cfg), cfg.paths.tokenizer(), *_reward_init_model(cfg)],
+        deps=lambda cfg: list(dict.fromkeys([*_reward_pairs(cfg), cfg.paths.tokenizer(), *_reward_init_model(cfg)])),
         outputs=(Out("reward_model"), Out("reward_report", kind="metrics")),
         retries=1, log_prints=False,
         notes={"models/sft": "the reward model starts from the starting policy (reward_model.init: policy)"},

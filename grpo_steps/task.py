@@ -168,7 +168,8 @@ def worked_solution(prompt: str, answer: str, slip: bool = False) -> str:
     a, sep, b = expr.partition("+")
     if not (sep and a.isdigit() and b.isdigit()):
         shown = question(prompt)[len("What is "):-1]
-        return f"{shown} = {answer}. #### {answer}"
+        result = (sloppy_answer(prompt) or answer) if slip else answer  # subtraction: the no-borrow slip
+        return f"{shown} = {result}. #### {result}"
     steps, digits, carry = [], [], 0
     cols = list(reversed(_digits(int(a), int(b))))
     for i, (x, y) in enumerate(cols):

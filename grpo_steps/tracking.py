@@ -211,7 +211,10 @@ def tracked(cfg: Config, stage: str, compute: Callable[[Config], StageResult], k
     the stage runs untracked.
     """
     if not _is_main_process():
-        return _checked(stage, compute(cfg))
+        result = _checked(stage, compute(cfg))
+        if result.error is not None:  # every rank stops on a failed gate, not only the one that records it
+            raise result.error
+        return result
     with stage_run(cfg, stage, parent_run_id, keys):
         result = _checked(stage, compute(cfg))
         record(result)

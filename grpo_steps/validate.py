@@ -39,6 +39,7 @@ from grpo_steps.schemas import (
     Opaque,
     PromptTokenCounter,
     TokenCounter,
+    comparable,
     preference_schema,
     prompt_schema,
     to_frame,
@@ -125,11 +126,11 @@ def schema_failures(frame: pd.DataFrame, schema: pa.DataFrameSchema, file: str) 
 def leakage_failures(frames: Mapping[str, pd.DataFrame]) -> list[dict[str, Any]]:
     """A prompt shared with train (or, for preference pairs, with test) inflates held-out scores."""
 
-    def prompts(name: str) -> set[str]:
+    def prompts(name: str) -> set[Any]:
         df = frames.get(name)
         if df is None or "prompt" not in df:
             return set()
-        return {p for p in df["prompt"] if isinstance(p, str) and p.strip()}
+        return {p for p in df["prompt"] if comparable(p) and (not isinstance(p, str) or p.strip())}
 
     out = []
     for flagged, other, check in _LEAKAGE_RULES:
@@ -137,7 +138,7 @@ def leakage_failures(frames: Mapping[str, pd.DataFrame]) -> list[dict[str, Any]]
         if df is None or "prompt" not in df or not seen:
             continue
         for row, p in enumerate(df["prompt"]):
-            if isinstance(p, str) and p in seen:
+            if comparable(p) and p in seen:  # strings and conversations alike
                 out.append({"file": file_name(flagged), "column": "prompt", "check": check, "row": row, "value": p})
     return out
 

@@ -86,6 +86,11 @@ class GenerationBatch:
     per_func: torch.Tensor  # (N, F)
     advantages: torch.Tensor  # (N,)
     group_std: torch.Tensor  # (N,)
+    lengths: torch.Tensor | None = None  # (N,) completion tokens as generated; None: from the completion mask
+
+    def __post_init__(self) -> None:
+        if self.lengths is None:
+            self.lengths = self.rollout.completion_mask.sum(dim=1)
 
 
 class GRPOTrainer:
@@ -165,13 +170,14 @@ class GRPOTrainer:
         rollout = sample_groups(self.unwrapped, self.tokenizer, [r["prompt"] for r in rows], G,
                                 self.cfg.max_completion_length, self.cfg.temperature)
         columns = {k: [r[k] for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
-        columns["completion_lengths"] = rollout.completion_mask.sum(dim=1).tolist()  # tokens, EOS included
+        lengths = rollout.completion_mask.sum(dim=1)  # tokens, EOS included
+        columns["completion_lengths"] = lengths.tolist()
         per_func, rewards = score_completions(self.reward_funcs, self.reward_weights, rollout.prompts,
                                               rollout.completions, columns)
         if self.cfg.mask_truncated_completions:  # DAPO: scored, but no gradient from a cut-off completion
             rollout.completion_mask = rollout.completion_mask * (~rollout.truncated).unsqueeze(1).long()
         advantages, group_std = group_advantages(rewards, G, self.cfg.scale_rewards)
-        return GenerationBatch(rollout, rewards, per_func, advantages.to(self.accelerator.device), group_std)
+        return GenerationBatch(rollout, rewards, per_func, advantages.to(self.accelerator.device), group_std, lengths)
 
     def update(self, batch: GenerationBatch) -> tuple[dict[str, float], float, float, Normalizers]:
         """`mu` optimizer updates on one generation batch; returns (token-weighted stat sums, loss, grad norm,
@@ -241,7 +247,6 @@ class GRPOTrainer:
         sums, total_loss, grad_norm, norm = self.update(batch)
         self.step += 1
         rollout, rewards, per_func, group_std = batch.rollout, batch.rewards, batch.per_func, batch.group_std
-        mask = rollout.completion_mask
 
         # Metrics over the whole generation batch: gathered from every process (nothing to gather with one).
         tokens = float(norm.num_tokens)
@@ -251,7 +256,7 @@ class GRPOTrainer:
                                 reduction="sum")
             sums = dict(zip(keys, summed.tolist(), strict=True))
         rewards, group_std, per_func = self._gather(rewards), self._gather(group_std), self._gather(per_func)
-        lengths = self._gather(mask.sum(1).float())
+        lengths = self._gather(batch.lengths.float())  # as generated: a masked truncated completion is not 0 long
         truncated = self._gather(rollout.truncated.float())
         metrics = {f"{k}": v / max(tokens * cfg.mu, 1.0) for k, v in sums.items()}
         metrics.update({

@@ -20,11 +20,24 @@ import logging
 import math
 import multiprocessing
 import re
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+
+def _answer_key(value: Any) -> str:
+    """A normal form in which equal numbers are equal strings (85, 85.0, 170/2 -> '85'); others as printed."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if not math.isfinite(number):
+        return str(value)
+    return str(int(number)) if number.is_integer() else repr(round(number, 9))
 
 
 def _extract_batch(completions: list[str], timeout_s: int) -> list[str | None]:
@@ -35,7 +48,7 @@ def _extract_batch(completions: list[str], timeout_s: int) -> list[str | None]:
     for completion in completions:
         try:
             parsed = parse(completion, parsing_timeout=timeout_s)
-            out.append(str(parsed[0]) if parsed else None)
+            out.append(_answer_key(parsed[0]) if parsed else None)
         except Exception:  # noqa: BLE001 - math-verify's TimeoutException and parser errors alike
             out.append(None)
     return out
@@ -60,6 +73,7 @@ class MathAccuracy:
     """1.0 when the final answer equals the reference `answer` column (math-verify), else 0.0."""
 
     __name__ = "math_accuracy"
+    CHUNK = 64  # completions per job sent to the worker (each job has its own time limit)
 
     def __init__(self, timeout_s: float = 5.0, backstop_s: float = 60.0):
         if not timeout_s > 0 or not backstop_s > 0:
@@ -69,6 +83,7 @@ class MathAccuracy:
 
         self.timeout_s = max(1, math.ceil(timeout_s))  # math-verify's alarm counts whole seconds
         self._pool: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:  # spawn: no fork of a process that holds torch's thread pools
@@ -97,17 +112,26 @@ class MathAccuracy:
         return self._run(_extract_batch, 1, None, list(completions))
 
     def _run(self, fn: Any, calls_per_item: int, failed: Any, *columns: list[str]) -> list[Any]:
+        """`fn` over the columns in chunks of CHUNK, each under its own backstop: a chunk the worker does not
+        finish (a hang math-verify's alarm missed, a crashed worker) scores `failed`, with a warning, and a
+        fresh worker takes the next one. One call at a time per judge (a lock), so threads may share it."""
         n = len(columns[-1])
-        # backstop: every completion's own limits (math-verify's alarms), plus the worker's start-up
-        limit = calls_per_item * self.timeout_s * n + self.backstop_s
-        future = self._executor().submit(fn, *columns, self.timeout_s)
-        try:
-            return list(future.result(timeout=limit))
-        except FutureTimeout:
-            log.warning("math_accuracy: %d completions not checked within %.0f s: the worker was stopped and "
-                        "they score %s", n, limit, failed)
-            self.close()
-            return [failed] * n
+        out: list[Any] = []
+        with self._lock:
+            for start in range(0, n, self.CHUNK):
+                part = [c[start : start + self.CHUNK] for c in columns]
+                size = len(part[-1])
+                # every completion's own limits (math-verify's alarms), plus the worker's start-up
+                limit = calls_per_item * self.timeout_s * size + self.backstop_s
+                try:
+                    out += list(self._executor().submit(fn, *part, self.timeout_s).result(timeout=limit))
+                except (FutureTimeout, BrokenProcessPool) as e:
+                    why = f"not checked within {limit:.0f} s" if isinstance(e, FutureTimeout) else "lost the worker"
+                    log.warning("math_accuracy: %d completions %s: they score %s; a fresh worker goes on",
+                                size, why, failed)
+                    self.close()
+                    out += [failed] * size
+        return out
 
 
 THINK_THEN_ANSWER = r"^\s*<think>.*?</think>\s*\S.*$"

@@ -46,6 +46,15 @@ def test_well_formed_conversations_pass_and_malformed_ones_are_named():
     assert {(0, "is_conversation"), (1, "is_conversation"), (2, "is_conversation"), (3, "is_string")} <= got
 
 
+def test_conversations_are_checked_for_leakage_and_duplicates():
+    vcfg = load_config(None).validate_.model_copy(update={"max_prompt_tokens": 200})
+    rows = _rows(_conversation)
+    rows["test"][0]["prompt"] = [dict(m) for m in rows["train"][1]["prompt"]]  # the same conversation
+    rows["train"][3]["prompt"] = [dict(m) for m in rows["train"][2]["prompt"]]  # a repeat with another answer
+    got = {(r["file"], r["row"], r["check"]) for r in check_rows(rows, vcfg, _count).to_dict(orient="records")}
+    assert ("test.jsonl", 0, "prompt_not_in_train") in got and ("train.jsonl", 3, "duplicate_prompt") in got
+
+
 def test_prompt_tokens_are_counted_rendered():
     vcfg = load_config(None).validate_.model_copy(update={"max_prompt_tokens": 30})
     rows = _rows(lambda text: text)

@@ -433,3 +433,18 @@ def test_two_processes_write_once_and_log_one_run(ready):
     assert len(runs) == 1
     assert len(client.get_metric_history(runs[0].info.run_id, "reward")) == 2
 
+
+
+def test_masked_truncated_completions_carry_no_loss_and_keep_their_length(ready):
+    """DAPO's mask: completions cut off by the budget are scored but get no gradient; the length metrics
+    still count them as generated."""
+    from tests.support.stages import train_grpo
+
+    cfg = config(ready, "grpo.steps=1", "grpo.checkpoint_every=0", "grpo.max_completion_length=1",
+                 "grpo.mask_truncated_completions=true", "grpo.beta=0.0")
+    train_grpo(cfg)
+    (m,) = json.loads(next((ready / "models" / "grpo_checkpoints").glob("*/step-000001/trainer_state.json"))
+                      .read_text())["trainer"]["history"]
+    assert m["completions/mean_length"] == 1.0, "a truncated completion is one token long, masked or not"
+    if m["completions/clipped_ratio"] == 1.0:  # every row cut off: nothing left to learn from
+        assert m["loss"] == 0.0

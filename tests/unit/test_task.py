@@ -48,6 +48,9 @@ def test_reasoning_format_works_column_by_column_and_the_slip_drops_every_carry(
         assert worked_solution(p.prompt, p.answer, slip=True).endswith(f"#### {slip or p.answer}")
     assert reasoning_rejected("37+48=", "85", "75", "slip") == worked_solution("37+48=", "85", slip=True)
     assert reasoning_rejected("37+48=", "85", "86", "offset").endswith("3 + 4 + 1 = 8. #### 86")
+    # subtraction: one line of working; the teacher's slip (no borrowing) shows in it
+    assert worked_solution("52-38=", "14") == "52 - 38 = 14. #### 14"
+    assert reasoning_rejected("52-38=", "14", "26", "slip") == "52 - 38 = 26. #### 26"
 
 
 def test_bpe_tokenizer_reads_numbers_digit_by_digit_and_carries_a_chat_template():

@@ -51,6 +51,18 @@ def test_the_backstop_stops_a_worker_that_never_answers(caplog):
         judge.close()
 
 
+def test_a_crashed_worker_loses_only_its_chunk(caplog):
+    from tests.support.hang import crashes
+
+    judge = MathAccuracy(timeout_s=1)
+    try:
+        assert judge._run(crashes, 1, 0.0, ["a"] * 3) == [0.0] * 3 and "lost the worker" in caplog.text
+        many = ["#### 3"] * (MathAccuracy.CHUNK + 5)
+        assert judge(["q"] * len(many), many, ["3"] * len(many)) == [1.0] * len(many), "chunked, fresh worker"
+    finally:
+        judge.close()
+
+
 def test_format_reward_and_its_pattern():
     fmt = FormatReward()
     assert fmt([""] * 4, ["<think>1+1</think> 2", "<think>\nsteps\n</think>\n#### 2", "2", "<think>x</think>"]) == [
@@ -83,6 +95,7 @@ def test_majority_vote(math_accuracy):
     hits = math_accuracy(["q"] * 8, completions, ["49"] * 4 + ["8"] * 4)
     keys = answer_keys(math_accuracy, completions)
     assert keys[0] == keys[1] == "49" and keys[7] is None
+    assert len(set(math_accuracy.extract(["#### 85", "#### 85.0", r"\frac{170}{2}"]))) == 1, "equal numbers, one vote"
     # prompt 1: a tie, the first answer seen (49) wins; prompt 2: 8 beats 7
     assert majority_accuracy(keys, hits, 4) == 1.0
     assert majority_accuracy(["3", "4", "4", None], [1.0, 0.0, 0.0, 0.0], 4) == 0.0
