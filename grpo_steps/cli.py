@@ -3,6 +3,7 @@
     grpo run                      # the whole pipeline as a Prefect flow, one MLflow parent run
     grpo grpo --set grpo.beta=0   # one stage, with an override of params.yaml
     grpo serve --dry-run          # the flow on a cron schedule (default 02:00 UTC), served by this process
+    grpo status                   # which stages `grpo run` would skip for these params
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--name", default=DEFAULT_NAME, help="deployment name (default: %(default)s)")
     serve.add_argument("--dry-run", action="store_true",
                        help="validate the schedule and parameters, print the next run times, and exit")
+    sub.add_parser("status", parents=[common], help="which stages `grpo run` would skip for these params (no work)",
+                   description="For each stage: up to date (a cached run with the same params, inputs and code, "
+                   "its outputs unchanged on disk), will run (and why), or always runs (register). Like "
+                   "`dvc status`, for the Prefect flow's cache. Reads only; writes nothing.")
     dvc = sub.add_parser("dvc-yaml", parents=[common],
                          help="write dvc.yaml from the stage records (grpo_steps/stages.py)",
                          description="Generate dvc.yaml from the stage records, for the default `paths`.")
@@ -82,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
             grpo_pipeline(params_path=args.params, overrides=args.overrides, refresh_cache=args.refresh_cache)
         elif args.command == "serve":
             return _serve(args)
+        elif args.command == "status":
+            from flows.status import format_status, stage_status  # deferred: Prefect
+
+            print(format_status(stage_status(cfg)))
         else:
             STAGES[args.command][0](cfg)
     except USER_ERRORS as e:

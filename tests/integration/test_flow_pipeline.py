@@ -263,6 +263,19 @@ def test_flow_skips_unchanged_stages_and_reruns_what_changed(prefect_api, fake_s
     md = _summary_artifact()
     assert "| prepare | ran |" in md and "| accuracy | 0.2500 | 0.5000 |" in md and "`champion`" in md
 
+    # `grpo status` says what the next run would skip, without running anything
+    from flows.status import stage_status
+
+    def status(*overrides):
+        cfg = load_config("params.yaml", [f"tracking.tracking_uri=sqlite:///{workdir}/mlflow.db", *overrides])
+        return {r["stage"]: r["state"] for r in stage_status(cfg)}
+
+    assert status() == {**{n: "up to date" for n in STAGES}, "register": "always runs"}
+    assert status("grpo.beta=0.0") == {"prepare": "up to date", "validate": "up to date", "sft": "up to date",
+                                       "train_reward": "up to date", "grpo": "will run", "evaluate": "after grpo",
+                                       "register": "always runs"}
+    assert fake_stages == list(STAGES), "status ran nothing"
+
     # nothing changed: only register (a side effect, never cached) runs
     fake_stages.clear()
     assert _run_flow(workdir).is_completed()
