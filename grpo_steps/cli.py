@@ -12,13 +12,14 @@ import argparse
 import logging
 import os
 import sys
+import textwrap
 
 from flows import serve
 from flows.serve import DEFAULT_CRON, DEFAULT_NAME, DEFAULT_TIMEZONE
 from grpo_steps import dvc_yaml
 from grpo_steps.config import load_config
 from grpo_steps.errors import USER_ERRORS
-from grpo_steps.stages import STAGES
+from grpo_steps.stages import STAGE_SPECS, STAGES
 
 log = logging.getLogger("grpo")
 
@@ -58,9 +59,23 @@ def _parser() -> argparse.ArgumentParser:
                          description="Generate dvc.yaml from the stage records, for the default `paths`.")
     dvc.add_argument("--check", action="store_true", help="only check: exit 1 when dvc.yaml is out of date")
     dvc.add_argument("--path", default="dvc.yaml", help="file to write or check (default: %(default)s)")
+    defaults = load_config(None)
     for name, (_, help_text) in STAGES.items():
-        sub.add_parser(name, parents=[common], help=help_text, description=help_text)
+        sub.add_parser(name, parents=[common], help=help_text, description=_stage_description(name, defaults),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     return p
+
+
+def _stage_description(name: str, cfg) -> str:
+    """A stage's help, then what its record says it reads and writes (for the default `paths`)."""
+    spec = STAGE_SPECS[name]
+    reads = [str(p) for p in spec.deps(cfg)] or ["its params only (or your data files, data.source: files)"]
+    writes = [str(o.path(cfg)) + (" (kept between runs)" if o.persist else "") for o in spec.outputs]
+    lines = [("", spec.help), ("reads:  ", ", ".join(reads)), ("writes: ", ", ".join(writes)),
+             ("params: ", ", ".join(spec.params))]
+    wrapped = [textwrap.fill(text, 100, initial_indent=label, subsequent_indent=" " * len(label))
+               for label, text in lines]
+    return "\n\n".join(wrapped[:1]) + "\n\n" + "\n".join(wrapped[1:])
 
 
 def main(argv: list[str] | None = None) -> int:
