@@ -117,3 +117,30 @@ def test_a_file_of_conversations_runs_too(workdir, tmp_path_factory, rendered):
     prepared = [json.loads(line) for line in cfg.paths.validated_file("test").read_text().splitlines()]
     assert all(isinstance(r["prompt"], list) and r["prompt"][0]["role"] == "user" for r in prepared)
     assert all(t.endswith(f"{START}assistant\n") for t in rendered["grpo"])
+
+
+@pytest.mark.slow  # ~30 s on 2 cores
+def test_the_gsm8k_config_runs_with_a_stand_in_for_the_hub_model(workdir, tmp_path_factory):
+    """configs/gsm8k-qwen2.5-0.5b-instruct.yaml as shipped (chat template, DAPO loss, masked truncation,
+    overlong penalty, format and math-verify rewards, bf16, activation checkpointing, a length-normalised
+    reward model), with the local chat policy in place of the hub model and sizes cut to seconds."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.conftest import ROOT
+
+    policy = build_chat_policy(tmp_path_factory.mktemp("policy"), hidden=32, layers=1)
+    folder = workdir / "data" / "gsm8k" / "main"
+    folder.mkdir(parents=True)
+    for split, n, seed in (("train", 40, 1), ("test", 8, 2)):
+        pq.write_table(pa.Table.from_pylist(gsm8k_rows(n, seed)), folder / f"{split}-00000-of-00001.parquet")
+    cfg = load_config(ROOT / "configs" / "gsm8k-qwen2.5-0.5b-instruct.yaml", [
+        f"model.pretrained={policy}", "data.eval_fraction=0.2",
+        "reward_model.batch_size=8", "reward_model.min_pairwise_accuracy=0.0", "grpo.steps=1",
+        "grpo.prompts_per_step=2", "grpo.num_generations=2",
+        "grpo.micro_batch_size=4", "grpo.max_completion_length=144", "evaluate.pass_k=2",
+        "evaluate.compare_champion=false", f"tracking.tracking_uri=sqlite:///{workdir}/mlflow.db",
+        "tracking.system_metrics=false"])
+    assert cfg.model.precision == "bf16" and cfg.grpo.loss_type == "dapo" and cfg.reward_model.length_normalize
+    metrics = _run_all(cfg)
+    assert {"accuracy", "maj_at_2", "pass_at_2"} <= set(metrics["grpo"])
