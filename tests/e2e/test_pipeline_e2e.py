@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import mlflow
+import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import TINY
@@ -18,6 +19,7 @@ def _run(args, cwd, env_extra=None, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # ~60 s: the Prefect flow and every stage in a subprocess
 def test_grpo_run_executes_every_stage_and_registers(workdir):
     overrides = [x for o in TINY for x in ("--set", o)]
     proc = _run(["run", *overrides], workdir)
@@ -62,6 +64,7 @@ def test_bad_params_fail_before_any_work(workdir):
     assert not (workdir / "data").exists()
 
 
+@pytest.mark.slow  # ~18 s: the CLI's start-up, torch and transformers imports included
 def test_missing_input_names_the_file(workdir):
     proc = _run(["sft"], workdir)
     assert proc.returncode == 2
