@@ -52,6 +52,23 @@ def promotion_decision(new_acc: float, champion_acc: float | None, margin: float
     return "challenger"
 
 
+def version_description(cfg: Config, metrics: dict[str, Any], decision: str, champion_version: str | None,
+                        champion_accuracy: float | None) -> str:
+    """What a person reads first on the version's page: what it is, from which data, how it scored, and why
+    it got its alias."""
+    start, grpo = metrics["start"]["accuracy"], metrics["grpo"]["accuracy"]
+    source = (f"your files ({cfg.data.train})" if cfg.data.source == "files"
+              else f"the embedded {cfg.task.format}-format arithmetic task (seed {cfg.seed})")
+    base = cfg.model.pretrained or "a policy built from the `model` config"
+    before = ("no champion before" if champion_version is None else
+              f"champion before: v{champion_version} at "
+              + ("unknown accuracy" if champion_accuracy is None else f"{champion_accuracy:.4f}"))
+    return (f"GRPO policy from {base}, trained on {source}. Held-out accuracy {grpo:.4f} on "
+            f"{metrics.get('n_test')} test prompts (starting policy {start:.4f}, {100 * (grpo - start):+.1f} points). "
+            f"Alias `{decision}`: {before}, promotion margin {cfg.registry.promotion_margin}. "
+            f"Params hash {cfg.params_hash()}; lineage in this version's tags.")
+
+
 def register(cfg: Config) -> StageResult:
     """Runs inside the stage's MLflow run (the wrapper's): the model is logged there and registered."""
     metrics = read_json(cfg.paths.metrics())
@@ -104,6 +121,8 @@ def register(cfg: Config) -> StageResult:
         tags["eval_reward_hacking_warning"] = str(metrics["reward_hacking_warning"])
     for k, v in tags.items():
         client.set_model_version_tag(name, version, k, v)
+    client.update_model_version(name, version, description=version_description(cfg, metrics, decision,
+                                                                                champ_version, champ_acc))
     client.set_registered_model_alias(name, decision, version)
     result = {"model_name": name, "version": version, "alias": decision, "accuracy": new_acc,
               "champion_version_before": champ_version, "champion_accuracy_before": champ_acc,

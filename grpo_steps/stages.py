@@ -203,7 +203,9 @@ STAGE_LIST: tuple[Stage, ...] = (
         "register the GRPO policy in the MLflow registry behind the champion/challenger gate; writes "
         "reports/registration.json",
         code=("grpo_steps/register.py", "grpo_steps/lineage.py"),
-        params=("registry", "tracking", "model.trust_remote_code"),
+        # the version's description names the base model and the data it was trained on
+        params=("registry", "tracking", "model.trust_remote_code", "model.pretrained", "seed", "task.format",
+                "data.source", "data.train"),
         deps=lambda cfg: [cfg.paths.grpo_policy(), cfg.paths.metrics()],
         outputs=(Out("registration", cache=False,
                      note="a receipt of a side effect on the registry; registering the same weights again returns "

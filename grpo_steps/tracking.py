@@ -104,8 +104,20 @@ def setup(cfg: Config) -> str:
         if exp.lifecycle_stage == "deleted":
             log.warning("MLflow experiment %r was deleted; restoring it", name)
             mlflow.MlflowClient().restore_experiment(exp_id)
+    _mark_model_training(exp_id, exp)
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+# The MLflow UI opens an experiment by its kind; without one it guesses, and shows a training pipeline's
+# experiment as GenAI (traces, evaluations). The kind is set once; a kind someone chose stays.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
+def _mark_model_training(exp_id: str, exp: Any) -> None:
+    if exp is not None and EXPERIMENT_KIND_TAG in (exp.tags or {}):
+        return
+    mlflow.MlflowClient().set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
 
 def flat_params(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:

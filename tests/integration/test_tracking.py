@@ -138,6 +138,9 @@ def _pipeline_logging_and_registration(cfg, client: MlflowClient) -> tuple[str, 
         assert tag in mv.tags, tag
     assert mv.tags["mlflow_pipeline_run_id"] == parent_id
     assert mv.tags["mlflow_run_id"] == runs["register"].info.run_id
+    assert "Held-out accuracy" in mv.description and "Alias `champion`" in mv.description
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development", "opens as model training, not GenAI"
     return parent_id, reg
 
 

@@ -1,5 +1,5 @@
-"""The shipped params files for real models (configs/*.yaml): they validate, hold every key dvc.yaml
-declares (so `cp configs/X.yaml params.yaml && dvc exp run` works as well as `grpo run --params`), and say
+"""The shipped params files (params.yaml and configs/*.yaml for real models): they validate, hold every key
+dvc.yaml declares (so `cp configs/X.yaml params.yaml && dvc exp run` works as well as `grpo run --params`), and say
 what the README promises of them."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from grpo_steps.config import load_config
 from grpo_steps.stages import STAGE_LIST
 from tests.conftest import ROOT
 
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+CONFIGS = [ROOT / "params.yaml", *sorted((ROOT / "configs").glob("*.yaml"))]
 
 
 def _has(tree: dict, dotted: str) -> bool:
