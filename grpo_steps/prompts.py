@@ -72,13 +72,14 @@ def _adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
 def render(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, system_prompt: str | None = None,
            chat_template: ChatTemplate = "auto") -> str:
     """The text the policy sees before its completion (see the module docstring)."""
-    conversation = messages(prompt, system_prompt)
-    if uses_chat_template(tokenizer, chat_template):
-        return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-    text = "\n\n".join(m["content"] for m in conversation)
-    return (tokenizer.bos_token + text) if _adds_bos(tokenizer) else text
+    return render_all(tokenizer, [prompt], system_prompt, chat_template)[0]
 
 
 def render_all(tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], system_prompt: str | None = None,
                chat_template: ChatTemplate = "auto") -> list[str]:
-    return [render(tokenizer, p, system_prompt, chat_template) for p in prompts]
+    """`render` for many prompts; whether to use the template, and the tokenizer's BOS, are decided once."""
+    conversations = [messages(p, system_prompt) for p in prompts]
+    if uses_chat_template(tokenizer, chat_template):
+        return [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    bos = tokenizer.bos_token if _adds_bos(tokenizer) else ""
+    return [bos + "\n\n".join(m["content"] for m in c) for c in conversations]

@@ -191,9 +191,14 @@ def stage_run(cfg: Config, stage: str, parent_run_id: str | None = None,
         yield run
 
 
+def _finite(metrics: dict[str, float]) -> dict[str, float]:
+    """MLflow metrics as floats, the non-finite ones (a NaN loss of a skipped step) left out."""
+    return {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
+
+
 def record(result: StageResult) -> None:
     """Log a stage's result on the active run: metrics (finite ones), tags, params, artifacts, tables."""
-    metrics = {k: float(v) for k, v in result.metrics.items() if math.isfinite(float(v))}
+    metrics = _finite(result.metrics)
     if metrics:
         mlflow.log_metrics(metrics)
     if result.tags:
@@ -248,7 +253,7 @@ def log_curve(metrics: dict[str, float], step: int) -> None:
     run is active (a stage called without the wrapper, the other processes of a distributed job)."""
     if mlflow.active_run() is None:
         return
-    finite = {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
+    finite = _finite(metrics)
     if finite:
         mlflow.log_metrics(finite, step=step)
 
