@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import load_file
 
 from grpo_steps.config import Config
-from grpo_steps.grpo.trainer import GRPOTrainer, NonFiniteLossError, PromptSampler
+from grpo_steps.grpo.trainer import GRPOTrainer, NonFiniteLossError, PromptSampler, is_adapter
 from grpo_steps.io import atomic_path, file_sha256, fsync_tree
 
 log = logging.getLogger(__name__)
@@ -299,17 +299,36 @@ class CheckpointStore:
             shutil.rmtree(doomed, ignore_errors=True)
 
 
+def _restore_adapter(model: torch.nn.Module, ckpt: Checkpoint) -> None:
+    """Load a LoRA checkpoint's adapter weights, refusing one whose adapter does not fit (rank, modules)."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict  # deferred: only with model.lora
+
+    expected = set(get_peft_model_state_dict(model))
+    if set(ckpt.weights) != expected:
+        raise CheckpointError(f"{ckpt.path}: the adapter does not fit the policy's (model.lora): missing "
+                              f"{sorted(expected - set(ckpt.weights))[:5]}, unexpected "
+                              f"{sorted(set(ckpt.weights) - expected)[:5]}")
+    try:
+        set_peft_model_state_dict(model, ckpt.weights)
+    except RuntimeError as e:  # a shape mismatch (another rank)
+        raise CheckpointError(f"{ckpt.path}: the adapter does not fit the policy's (model.lora): {e}") from e
+
+
 def restore(trainer: GRPOTrainer, sampler: PromptSampler, ckpt: Checkpoint) -> dict[str, Any]:
     """Apply a verified checkpoint: weights, optimizer, counters, history, data position. Returns this
     process's RNG state, for the caller to `set_rng_state` right before training continues."""
     acc = trainer.accelerator
     model = trainer.unwrapped
-    missing, unexpected = model.load_state_dict(ckpt.weights, strict=False)
-    loaded_ptrs = {t.data_ptr() for k, t in model.state_dict().items() if k in ckpt.weights}
-    params = model.state_dict()
-    untied = [k for k in missing if params[k].data_ptr() not in loaded_ptrs]  # tied copies are loaded via their twin
-    if unexpected or untied:
-        raise CheckpointError(f"{ckpt.path}: weights do not fit the policy (missing {untied}, unexpected {unexpected})")
+    if is_adapter(model):  # the checkpoint holds the adapter only; the base weights are the starting policy's
+        _restore_adapter(model, ckpt)
+    else:
+        missing, unexpected = model.load_state_dict(ckpt.weights, strict=False)
+        loaded_ptrs = {t.data_ptr() for k, t in model.state_dict().items() if k in ckpt.weights}
+        params = model.state_dict()
+        untied = [k for k in missing if params[k].data_ptr() not in loaded_ptrs]  # tied copies load via their twin
+        if unexpected or untied:
+            raise CheckpointError(f"{ckpt.path}: weights do not fit the policy (missing {untied}, "
+                                  f"unexpected {unexpected})")
     trainer.optimizer.load_state_dict(ckpt.optimizer)
     trainer.load_training_state(ckpt.state["trainer"])
     sampler.position = int(ckpt.state["sampler_position"])

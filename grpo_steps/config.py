@@ -155,6 +155,18 @@ class TaskConfig(_Section):
         return self
 
 
+class LoraConfig(_Section):
+    """A LoRA adapter (peft.LoraConfig) on the policy during grpo."""
+
+    r: int = Field(16, ge=1, description="rank of the update matrices")
+    alpha: float = Field(32, gt=0, description="scaling: the update is multiplied by alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names to adapt (e.g. [q_proj, v_proj]); all-linear: every linear layer "
+        "but the output head",
+    )
+
+
 class ModelConfig(_Section):
     """The policy (and reward-model backbone) architecture, built from a config: no hub download."""
 
@@ -176,8 +188,19 @@ class ModelConfig(_Section):
         "explicitly: fp32 by default, since bf16 autocast on a CPU without native bf16 (AVX2 only) is ~8x slower",
     )
     activation_checkpointing: bool = Field(
-        False, description="recompute activations in the backward pass (saves memory, costs ~30% time); passed to "
-        "TRL explicitly, whose configs turn it on by default",
+        False, description="recompute activations in the backward pass (saves memory, costs ~30% time) in sft, "
+        "train_reward and grpo alike; passed to TRL explicitly, whose configs turn it on by default",
+    )
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "float32",
+        description="the dtype the policy, reference and reward model are stored in (weights, gradients and "
+        "optimizer state); auto: a pretrained checkpoint's own (float32 for a model built from this config). "
+        "Log-probs and losses are computed in float32 whatever this is. bfloat16 halves memory; on a CPU without "
+        "native bf16 it is slower",
+    )
+    lora: LoraConfig | None = Field(
+        None, description="train a LoRA adapter (peft) in grpo instead of every weight: the reference is the base "
+        "model with the adapter off (no second copy), checkpoints hold the adapter, models/grpo the merged model",
     )
 
     @model_validator(mode="after")

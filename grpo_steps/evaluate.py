@@ -141,7 +141,7 @@ def load_champion(cfg: Config, dst: Path) -> Champion:
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}",
                                                          dst_path=str(dst)))
-        model = load_policy(local / "model", cfg.model.trust_remote_code).eval()
+        model = load_policy(local / "model", cfg.model.trust_remote_code, cfg.model.dtype).eval()
         tok = load_tokenizer(local / "components" / "tokenizer", cfg.model.trust_remote_code)
     except Exception as e:  # noqa: BLE001 - a broken or foreign version must not fail the evaluation
         return Champion(version=str(mv.version), note=f"could not load {name} v{mv.version} (champion): {e}")
@@ -202,12 +202,12 @@ def evaluate(cfg: Config) -> StageResult:
     seed_everything(cfg.seed)
     rows = read_jsonl(cfg.paths.validated_file("test"))
     tok = load_tokenizer(cfg.paths.grpo_policy())
-    start = load_policy(cfg.paths.sft_policy(), cfg.model.trust_remote_code).eval()
-    trained = load_policy(cfg.paths.grpo_policy(), cfg.model.trust_remote_code).eval()
+    start = load_policy(cfg.paths.sft_policy(), cfg.model.trust_remote_code, cfg.model.dtype).eval()
+    trained = load_policy(cfg.paths.grpo_policy(), cfg.model.trust_remote_code, cfg.model.dtype).eval()
     rm = None
     if cfg.paths.reward_model().exists():
         trust = cfg.reward_model.trust_remote_code or cfg.model.trust_remote_code
-        rm = RewardModelFunction(load_reward_model(cfg.paths.reward_model(), trust), tok)
+        rm = RewardModelFunction(load_reward_model(cfg.paths.reward_model(), trust, cfg.model.dtype), tok)
     tracked: dict[str, float] = {}
     tags: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="champion-") as scratch:

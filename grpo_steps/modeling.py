@@ -19,7 +19,8 @@ from transformers import (
     Qwen2Config,
 )
 
-from grpo_steps.config import Config, ModelConfig
+from grpo_steps.config import Config, LoraConfig, ModelConfig
+from grpo_steps.grpo.trainer import is_adapter
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,32 @@ def trl_args(seed: int, cfg: ModelConfig) -> dict[str, object]:
             "use_cpu": not torch.cuda.is_available(), "dataloader_num_workers": 0, **trainer_precision(cfg)}
 
 
+def torch_dtype(name: str) -> torch.dtype | str:
+    """`model.dtype` as from_pretrained takes it ("auto": the checkpoint's own)."""
+    return name if name == "auto" else getattr(torch, name)
+
+
 def accelerate_precision(cfg: ModelConfig) -> str:
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision]
+
+
+def apply_lora(policy: PreTrainedModel, cfg: LoraConfig | None) -> PreTrainedModel:
+    """The policy with a fresh LoRA adapter (peft), only the adapter trainable; unchanged without `model.lora`.
+    At initialisation the adapter adds exactly zero (B = 0), so the wrapped policy computes what the base does."""
+    if cfg is None:
+        return policy
+    from peft import LoraConfig as PeftLoraConfig  # deferred: peft loads only when LoRA is asked for
+    from peft import get_peft_model
+
+    return get_peft_model(policy, PeftLoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
+        task_type="CAUSAL_LM", bias="none",
+    ))
+
+
+def merged(model: PreTrainedModel) -> PreTrainedModel:
+    """A plain transformers model to save and serve: the adapter merged into the base weights (in place)."""
+    return model.merge_and_unload() if is_adapter(model) else model
 
 
 def tiny_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, num_labels: int | None = None):
@@ -91,16 +116,23 @@ def build_policy(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTra
             require_safetensors(cfg.pretrained, "pretrained policy (model.pretrained)")
         _warn_remote_code(cfg.trust_remote_code, cfg.pretrained)
         return AutoModelForCausalLM.from_pretrained(
-            cfg.pretrained, use_safetensors=True, trust_remote_code=cfg.trust_remote_code, dtype=torch.float32
+            cfg.pretrained, use_safetensors=True, trust_remote_code=cfg.trust_remote_code,
+            dtype=torch_dtype(cfg.dtype),
         )
-    model = AutoModelForCausalLM.from_config(tiny_config(cfg, tokenizer))
+    model = AutoModelForCausalLM.from_config(tiny_config(cfg, tokenizer), dtype=_built_dtype(cfg))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
 
 
+def _built_dtype(cfg: ModelConfig) -> torch.dtype:
+    """A model built from the config has no dtype of its own: auto is float32."""
+    return torch.float32 if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+
+
 def build_reward_backbone(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    return AutoModelForSequenceClassification.from_config(tiny_config(cfg, tokenizer, num_labels=1))
+    return AutoModelForSequenceClassification.from_config(tiny_config(cfg, tokenizer, num_labels=1),
+                                                          dtype=_built_dtype(cfg))
 
 
 def load_tokenizer(
@@ -149,20 +181,21 @@ def _warn_remote_code(trust_remote_code: bool, path: str | Path) -> None:
         log.warning("model.trust_remote_code is true: Python code shipped with %s may run", path)
 
 
-def load_policy(path: str | Path, trust_remote_code: bool = False) -> PreTrainedModel:
-    """Load weights from safetensors only: pickled checkpoints can execute code on load."""
+def load_policy(path: str | Path, trust_remote_code: bool = False, dtype: str = "float32") -> PreTrainedModel:
+    """Load weights from safetensors only (pickled checkpoints can execute code on load), in `dtype`
+    (`model.dtype`: a torch dtype's name, or auto for the checkpoint's own)."""
     _require_dir(path, "policy checkpoint")
     require_safetensors(path, "policy checkpoint")
     _warn_remote_code(trust_remote_code, path)
     try:
         return AutoModelForCausalLM.from_pretrained(
-            str(path), use_safetensors=True, trust_remote_code=trust_remote_code, dtype=torch.float32
+            str(path), use_safetensors=True, trust_remote_code=trust_remote_code, dtype=torch_dtype(dtype)
         )
     except (OSError, ValueError) as e:
         raise RuntimeError(f"could not load the policy from {path}: {e}") from e
 
 
-def load_reward_model(path: str | Path, trust_remote_code: bool = False) -> PreTrainedModel:
+def load_reward_model(path: str | Path, trust_remote_code: bool = False, dtype: str = "float32") -> PreTrainedModel:
     _require_dir(path, "reward model checkpoint")
     require_safetensors(path, "reward model checkpoint")
     _warn_remote_code(trust_remote_code, path)
@@ -172,7 +205,7 @@ def load_reward_model(path: str | Path, trust_remote_code: bool = False) -> PreT
         auto = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in archs) else \
             AutoModelForSequenceClassification
         return auto.from_pretrained(
-            str(path), use_safetensors=True, trust_remote_code=trust_remote_code, dtype=torch.float32
+            str(path), use_safetensors=True, trust_remote_code=trust_remote_code, dtype=torch_dtype(dtype)
         )
     except (OSError, ValueError) as e:
         raise RuntimeError(f"could not load the reward model from {path}: {e}") from e

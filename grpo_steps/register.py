@@ -92,7 +92,7 @@ def register(cfg: Config) -> StageResult:
         return StageResult(result, tags={"registered_model": name, "registered_version": version,
                                          "already_registered": "true"})
     tok = load_tokenizer(cfg.paths.grpo_policy())
-    model = load_policy(cfg.paths.grpo_policy(), cfg.model.trust_remote_code)
+    model = load_policy(cfg.paths.grpo_policy(), cfg.model.trust_remote_code, cfg.model.dtype)
     info = mlflow.transformers.log_model(
         transformers_model={"model": model, "tokenizer": tok},
         name="policy",

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from grpo_steps.config import Config, pick
+from grpo_steps.config import Config, ModelConfig, pick
 from grpo_steps.results import Report, StageResult
 
 
@@ -115,6 +115,8 @@ def _reward_init_model(cfg: Config) -> list[Path]:
     return [cfg.paths.sft_policy()] if rc.init == "policy" else []
 
 
+# the model keys sft and train_reward read: all but the LoRA adapter, which only grpo trains
+_MODEL = tuple(f"model.{k}" for k in ModelConfig.model_fields if k != "lora")
 # the trainers' max_length
 _TRAIN_LENGTHS = ("validate.max_prompt_tokens", "validate.max_answer_tokens", "validate.max_completion_tokens")
 _RENDER = ("data.system_prompt", "data.chat_template")  # how prompts are rendered (grpo_steps/prompts.py)
@@ -148,7 +150,7 @@ STAGE_LIST: tuple[Stage, ...] = (
         "cold-start the policy with supervised fine-tuning (TRL SFTTrainer) on the train demonstrations; "
         "writes models/sft, the starting policy",
         code=("grpo_steps/sft.py", "grpo_steps/modeling.py", "grpo_steps/prompts.py", "grpo_steps/grpo/tokens.py"),
-        params=("seed", "model", "sft", *_TRAIN_LENGTHS, *_RENDER),
+        params=("seed", *_MODEL, "sft", *_TRAIN_LENGTHS, *_RENDER),
         deps=lambda cfg: [*_v("train")(cfg), cfg.paths.tokenizer(), *_local_model(cfg.model.pretrained)],
         outputs=(Out("sft_policy"),),
         retries=1, log_prints=False,
@@ -160,7 +162,7 @@ STAGE_LIST: tuple[Stage, ...] = (
         code=("grpo_steps/train_reward.py", "grpo_steps/modeling.py", "grpo_steps/prompts.py", "grpo_steps/judge.py",
               "grpo_steps/policy_pairs.py", "grpo_steps/grpo"),
         # with reward_model.pairs: policy, pairs are the starting policy's samples, judged as evaluate judges
-        params=("seed", "model", "reward_model", *_TRAIN_LENGTHS, *_RENDER, "grpo.max_completion_length",
+        params=("seed", *_MODEL, "reward_model", *_TRAIN_LENGTHS, *_RENDER, "grpo.max_completion_length",
                 "grpo.reward_functions", "evaluate.accuracy"),
         deps=lambda cfg: list(dict.fromkeys([*_reward_pairs(cfg), cfg.paths.tokenizer(), *_reward_init_model(cfg)])),
         outputs=(Out("reward_model"), Out("reward_report", kind="metrics")),
@@ -174,6 +176,7 @@ STAGE_LIST: tuple[Stage, ...] = (
         code=("grpo_steps/grpo", "grpo_steps/train_grpo.py", "grpo_steps/checkpoint.py", "grpo_steps/modeling.py",
               "grpo_steps/prompts.py"),
         params=("seed", "grpo", "model.trust_remote_code", "model.precision", "model.activation_checkpointing",
+                "model.dtype", "model.lora",
                 "reward_model.trust_remote_code", *_RENDER),
         deps=lambda cfg: [*_v("train")(cfg), cfg.paths.sft_policy(), cfg.paths.reward_model()],
         outputs=(Out("grpo_policy"),
@@ -190,6 +193,7 @@ STAGE_LIST: tuple[Stage, ...] = (
               "grpo_steps/judge.py"),
         # The registry's champion is evaluated too: which registry (tracking) and model name matter.
         params=("seed", "evaluate", "grpo.max_completion_length", "grpo.reward_functions", "model.trust_remote_code",
+                "model.dtype",
                 "reward_model.trust_remote_code", "registry.model_name", "tracking.tracking_uri", *_RENDER),
         deps=lambda cfg: [*_v("test")(cfg), cfg.paths.sft_policy(), cfg.paths.grpo_policy(),
                           cfg.paths.reward_model(), cfg.paths.grpo_curve()],
@@ -204,7 +208,8 @@ STAGE_LIST: tuple[Stage, ...] = (
         "reports/registration.json",
         code=("grpo_steps/register.py", "grpo_steps/lineage.py"),
         # the version's description names the base model and the data it was trained on
-        params=("registry", "tracking", "model.trust_remote_code", "model.pretrained", "seed", "task.format",
+        params=("registry", "tracking", "model.trust_remote_code", "model.dtype", "model.pretrained", "seed",
+                "task.format",
                 "data.source", "data.train"),
         deps=lambda cfg: [cfg.paths.grpo_policy(), cfg.paths.metrics()],
         outputs=(Out("registration", cache=False,

@@ -36,10 +36,12 @@ from grpo_steps.grpo.trainer import GRPOTrainer, NonFiniteLossError, PromptSampl
 from grpo_steps.io import OutputLockedError, atomic_path, exclusive_lock, read_jsonl
 from grpo_steps.modeling import (
     accelerate_precision,
+    apply_lora,
     begin_stage,
     load_policy,
     load_reward_model,
     load_tokenizer,
+    merged,
     seed_everything,
 )
 from grpo_steps.prompts import render
@@ -58,7 +60,7 @@ def build_reward_functions(cfg: Config, tokenizer) -> tuple[list[RewardFunction]
     funcs, weights = [], []
     for rf in cfg.grpo.reward_functions:
         if rf.name == "reward_model":
-            model = load_reward_model(cfg.paths.reward_model(), cfg.reward_trust_remote_code())
+            model = load_reward_model(cfg.paths.reward_model(), cfg.reward_trust_remote_code(), cfg.model.dtype)
             funcs.append(RewardModelFunction(model, tokenizer))
         else:
             funcs.append(resolve_reward_function(rf.name, reward_kwargs(cfg, rf)))
@@ -141,9 +143,10 @@ def _train(cfg: Config, acc: Accelerator, progress: bool) -> StageResult:
     main = acc.is_main_process
     seed_everything(cfg.seed)
     tok = load_tokenizer(cfg.paths.sft_policy())
-    policy = load_policy(cfg.paths.sft_policy(), cfg.model.trust_remote_code)
+    policy = load_policy(cfg.paths.sft_policy(), cfg.model.trust_remote_code, cfg.model.dtype)
     if cfg.model.activation_checkpointing:
-        policy.gradient_checkpointing_enable()
+        policy.activation_checkpointing_enable()
+    policy = apply_lora(policy, cfg.model.lora)
     # prompts as the policy sees them (grpo_steps/prompts.py); reward functions get this text as `prompts`
     rows = [{**r, "prompt": render(tok, r["prompt"], cfg.data.system_prompt, cfg.data.chat_template)}
             for r in read_jsonl(cfg.paths.validated_file("train"))]
@@ -196,7 +199,8 @@ def _train(cfg: Config, acc: Accelerator, progress: bool) -> StageResult:
     if main:
         out = cfg.paths.grpo_policy()
         with atomic_path(out) as tmp:
-            trainer.unwrapped.save_pretrained(str(tmp), safe_serialization=True)
+            # with LoRA, the adapter merged in: evaluate, register and mlflow.transformers load a plain model
+            merged(trainer.unwrapped).save_pretrained(str(tmp), safe_serialization=True)
             tok.save_pretrained(str(tmp))
         _write_curve(cfg.paths.grpo_curve(), history)
     acc.wait_for_everyone()

@@ -45,6 +45,7 @@ from grpo_steps.modeling import (
     load_tokenizer,
     policy_tokenizer,
     require_safetensors,
+    torch_dtype,
     trl_args,
 )
 from grpo_steps.policy_pairs import sample_pairs
@@ -119,11 +120,12 @@ def build_reward_model(cfg: Config) -> tuple[PreTrainedModel, PreTrainedTokenize
         tok = load_tokenizer(backbone, trust_remote_code=trust, allow_hub=True)
         if cfg.reward_model.head == "likelihood":
             model = AutoModelForCausalLM.from_pretrained(
-                backbone, use_safetensors=True, trust_remote_code=trust, dtype=torch.float32
+                backbone, use_safetensors=True, trust_remote_code=trust, dtype=torch_dtype(cfg.model.dtype)
             )
         else:
             model = AutoModelForSequenceClassification.from_pretrained(
-                backbone, num_labels=1, use_safetensors=True, trust_remote_code=trust, dtype=torch.float32
+                backbone, num_labels=1, use_safetensors=True, trust_remote_code=trust,
+                dtype=torch_dtype(cfg.model.dtype)
             )
     except (OSError, ValueError) as e:
         raise RuntimeError(
@@ -202,7 +204,7 @@ def _train_likelihood(cfg: Config, model, tok, train_pairs: list[dict], source: 
     if rc.center_rewards_coefficient is not None:
         log.info("reward_model.center_rewards_coefficient applies to the scalar head only: ignored")
     if cfg.model.activation_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=accelerate_precision(cfg.model))
     per_epoch = math.ceil(len(train_pairs) / rc.batch_size)
     steps = max(1, math.ceil(per_epoch * rc.epochs))
@@ -248,7 +250,7 @@ def _train_likelihood(cfg: Config, model, tok, train_pairs: list[dict], source: 
 
 def policy_sampled_pairs(cfg: Config) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(train, held-out) pairs from the starting policy's samples on the train and eval prompts."""
-    policy = load_policy(cfg.paths.sft_policy(), cfg.model.trust_remote_code).eval()
+    policy = load_policy(cfg.paths.sft_policy(), cfg.model.trust_remote_code, cfg.model.dtype).eval()
     tok = load_tokenizer(cfg.paths.sft_policy(), cfg.model.trust_remote_code)
     judge = accuracy_judge(cfg)
     train_rows = read_jsonl(cfg.paths.validated_file("train"))[: cfg.reward_model.sample_prompts]

@@ -62,6 +62,11 @@ class PromptSampler:
         return out
 
 
+def is_adapter(model: Any) -> bool:
+    """A peft model: an adapter over a frozen base model that `disable_adapter()` shows."""
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
 def _micro_batches(n: int, size: int) -> list[slice]:
     return [slice(s, min(s + size, n)) for s in range(0, n, size)]
 
@@ -113,12 +118,15 @@ class GRPOTrainer:
         self.reward_weights = list(reward_weights)
         self.reward_names = [function_name(f) for f in reward_funcs]
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
-        # The reference is the starting policy, frozen. With beta = 0 it is never built nor run.
+        # The reference is the starting policy, frozen. With beta = 0 it is never built nor run. A LoRA policy's
+        # reference is its own base model with the adapter off: no second copy of the weights.
         self.ref_model = None
-        if cfg.beta != 0.0:
+        self.ref_is_base = cfg.beta != 0.0 and is_adapter(policy)
+        if cfg.beta != 0.0 and not self.ref_is_base:
             self.ref_model = copy.deepcopy(policy).eval().requires_grad_(False)
             self.ref_model.to(self.accelerator.device)
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        trainable = [p for p in policy.parameters() if p.requires_grad]  # all of them, or a LoRA adapter's
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.model, self.optimizer = self.accelerator.prepare(policy, optimizer)
         self.step = 0
         self.consecutive_nonfinite = 0
@@ -179,6 +187,21 @@ class GRPOTrainer:
         advantages, group_std = group_advantages(rewards, G, self.cfg.scale_rewards)
         return GenerationBatch(rollout, rewards, per_func, advantages.to(self.accelerator.device), group_std, lengths)
 
+    def reference_logps(self, rollout: Rollout) -> torch.Tensor | None:
+        """The frozen reference's log-probs of the rollout's completions (None when beta = 0)."""
+        if self.ref_model is not None:
+            return _batched_logps(self.ref_model, rollout, self.cfg)
+        if not self.ref_is_base:
+            return None
+        model = self.unwrapped
+        was_training = model.training
+        model.eval()  # as the reference copy is: no dropout
+        try:
+            with model.disable_adapter():
+                return _batched_logps(model, rollout, self.cfg)
+        finally:
+            model.train(was_training)
+
     def update(self, batch: GenerationBatch) -> tuple[dict[str, float], float, float, Normalizers]:
         """`mu` optimizer updates on one generation batch; returns (token-weighted stat sums, loss, grad norm,
         the batch's global normalisers). The update does not depend on how the batch is split over processes
@@ -191,7 +214,7 @@ class GRPOTrainer:
             num_tokens=int(self._global_sum(float(mask.sum()))),
             max_completion_length=cfg.max_completion_length,
         )
-        ref_logps = _batched_logps(self.ref_model, rollout, cfg) if self.ref_model is not None else None
+        ref_logps = self.reference_logps(rollout)
         old_logps = _batched_logps(self.unwrapped, rollout, cfg) if cfg.mu > 1 else None
 
         sums: dict[str, float] = {}

@@ -29,8 +29,9 @@ def _step_dirs(workdir):
 
 
 @pytest.mark.slow  # ~15-30 s on 2 cores
-def test_sigkill_mid_run_then_resume_gives_identical_weights(ready):
-    extra = ("grpo.steps=12", "grpo.checkpoint_every=3")
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_sigkill_mid_run_then_resume_gives_identical_weights(ready, lora):
+    extra = ("grpo.steps=12", "grpo.checkpoint_every=3", *(["model.lora={r: 4, alpha: 8}"] if lora else []))
     # 1. the reference: uninterrupted, same seed, same settings
     ref = popen_grpo(ready, *extra)
     assert ref.wait(timeout=300) == 0, output_of(ref)[-3000:]
@@ -52,6 +53,10 @@ def test_sigkill_mid_run_then_resume_gives_identical_weights(ready):
     assert not (ready / "models" / "grpo").exists(), "killed mid-run: no final policy may exist yet"
     killed_at = max(int(p.name.split("-")[1]) for p in _step_dirs(ready))
     assert killed_at < 12
+    saved = {p.name for p in (_step_dirs(ready)[-1] / "model").iterdir()}
+    # with LoRA a checkpoint holds the adapter only, not a copy of the base weights
+    assert ("adapter_model.safetensors" in saved and "model.safetensors" not in saved) if lora else \
+        "model.safetensors" in saved
 
     # 3. rerun: resumes from the newest checkpoint, finishes, same weights bit for bit
     again = popen_grpo(ready, *extra)

@@ -1,0 +1,150 @@
+"""Real model sizes on one node: weights stored in bfloat16 (log-probs and loss in fp32), and LoRA through peft
+(only the adapter trains, the reference is the base with the adapter off, the saved policy is merged)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from grpo_steps.config import GRPOConfig, LoraConfig, ModelConfig, load_config
+from grpo_steps.grpo.logprobs import completion_logps
+from grpo_steps.grpo.rewards import digit_match
+from grpo_steps.grpo.sampling import sample_groups
+from grpo_steps.grpo.trainer import GRPOTrainer, is_adapter
+from grpo_steps.modeling import apply_lora, build_policy, load_policy, merged
+from grpo_steps.tokenizer import build_tokenizer
+
+ROWS = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in [(1, 2), (13, 4), (25, 31), (7, 70)]]
+SMALL = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64}
+
+
+def _policy(tok, **model):
+    torch.manual_seed(0)
+    return build_policy(ModelConfig(**{**SMALL, **model}), tok)
+
+
+def _grpo(**kw) -> GRPOConfig:
+    return GRPOConfig(**{"prompts_per_step": 4, "num_generations": 4, "learning_rate": 5e-2, "beta": 0.1, **kw})
+
+
+def _step_until_it_learns(trainer: GRPOTrainer, tries: int = 6) -> None:
+    """Train steps until one had reward variance (a batch of equal rewards has zero advantages)."""
+    for _ in range(tries):
+        if trainer.train_step(ROWS)["reward_std"] > 0:
+            return
+    pytest.fail(f"no generation batch with mixed rewards in {tries} steps")
+
+
+def test_bfloat16_weights_train_with_fp32_logprobs_and_loss():
+    tok = build_tokenizer()
+    policy = _policy(tok, dtype="bfloat16")
+    assert {p.dtype for p in policy.parameters()} == {torch.bfloat16}
+    start = {k: v.clone() for k, v in policy.state_dict().items()}
+    trainer = GRPOTrainer(policy, tok, [digit_match], [1.0], _grpo(), seed=0)
+    assert {p.dtype for p in trainer.ref_model.parameters()} == {torch.bfloat16}
+    rollout = sample_groups(trainer.unwrapped, tok, [r["prompt"] for r in ROWS], 2, 4)
+    logps, _ = completion_logps(trainer.model, rollout.input_ids, rollout.attention_mask,
+                                rollout.completion_ids.size(1))
+    assert logps.dtype == torch.float32  # the log-softmax is taken in fp32, whatever the weights are
+    torch.manual_seed(0)
+    _step_until_it_learns(trainer)
+    after = trainer.unwrapped.state_dict()
+    assert all(v.dtype == torch.bfloat16 for v in after.values())
+    assert trainer.weights_finite()
+    assert any(not torch.equal(start[k], after[k]) for k in start), "a bf16 step must move the weights"
+
+
+def test_dtype_is_kept_on_save_and_load(tmp_path):
+    tok = build_tokenizer()
+    _policy(tok, dtype="bfloat16").save_pretrained(tmp_path, safe_serialization=True)
+    assert {p.dtype for p in load_policy(tmp_path, dtype="auto").parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in load_policy(tmp_path).parameters()} == {torch.float32}  # the default: float32
+
+
+def test_lora_step_changes_only_the_adapter_and_the_reference_is_the_base():
+    tok = build_tokenizer()
+    base = _policy(tok)
+    frozen = copy.deepcopy(base).eval()  # what the reference must compute
+    policy = apply_lora(copy.deepcopy(base), LoraConfig(r=4, alpha=8))
+    assert is_adapter(policy)
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    trainer = GRPOTrainer(policy, tok, [digit_match], [1.0], _grpo(), seed=0)
+    assert trainer.ref_model is None and trainer.ref_is_base  # no second copy of the weights
+    assert {id(p) for g in trainer.optimizer.param_groups for p in g["params"]} == \
+        {id(p) for n, p in policy.named_parameters() if "lora_" in n}
+    torch.manual_seed(0)
+    _step_until_it_learns(trainer)
+    after = trainer.unwrapped.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("lora_" in k for k in changed), sorted(changed)[:5]
+    assert any("lora_B" in k for k in changed)  # the adapter now adds something
+
+    rollout = sample_groups(trainer.unwrapped, tok, [r["prompt"] for r in ROWS], 2, 4)
+    ref = trainer.reference_logps(rollout)
+    with torch.no_grad():
+        expected, _ = completion_logps(frozen, rollout.input_ids, rollout.attention_mask,
+                                       rollout.completion_ids.size(1))
+        current, _ = completion_logps(trainer.unwrapped, rollout.input_ids, rollout.attention_mask,
+                                      rollout.completion_ids.size(1))
+    torch.testing.assert_close(ref, expected, rtol=0, atol=1e-6)
+    assert not torch.allclose(current, expected), "the adapter is on outside the reference"
+    assert trainer.unwrapped.training  # computing the reference leaves the policy as it was
+
+
+def test_merged_lora_policy_is_a_plain_model_computing_base_plus_adapter(tmp_path):
+    tok = build_tokenizer()
+    policy = apply_lora(_policy(tok), LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)  # a trained-looking adapter
+    ids = torch.tensor([tok.encode("12+34=")])
+    with torch.no_grad():
+        adapted = policy(input_ids=ids).logits
+    plain = merged(policy)
+    assert not is_adapter(plain) and not any("lora" in k for k in plain.state_dict())
+    plain.save_pretrained(tmp_path, safe_serialization=True)
+    with torch.no_grad():
+        reloaded = load_policy(tmp_path)(input_ids=ids).logits
+    torch.testing.assert_close(reloaded, adapted, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_and_dtype_are_typed_settings():
+    cfg = load_config(None, ["model.dtype=bfloat16", "model.lora={r: 8, alpha: 16, target_modules: [q_proj]}"])
+    assert cfg.model.dtype == "bfloat16" and cfg.model.lora.r == 8 and cfg.model.lora.target_modules == ["q_proj"]
+    with pytest.raises(Exception, match="model.lora.r"):
+        load_config(None, ["model.lora={r: 0}"])
+    with pytest.raises(Exception, match="model.dtype"):
+        load_config(None, ["model.dtype=float8"])
+
+
+@pytest.mark.parametrize("lora", [None, LoraConfig(r=4, alpha=8)], ids=["full", "lora"])
+def test_activation_checkpointing_gives_the_same_update(lora):
+    """Recomputing activations in the backward pass changes memory, not the update (LoRA included: the
+    adapter still gets its gradient through checkpointed frozen layers)."""
+    tok = build_tokenizer()
+    base = _policy(tok)
+    torch.manual_seed(3)
+    rollout = sample_groups(base, tok, [r["prompt"] for r in ROWS], 4, 4)
+    from grpo_steps.grpo.trainer import GenerationBatch
+
+    advantages = torch.linspace(-1, 1, rollout.completion_ids.size(0))
+    results = []
+    for checkpointing in (False, True):
+        policy = copy.deepcopy(base)
+        if checkpointing:
+            policy.activation_checkpointing_enable()
+        torch.manual_seed(5)  # the same adapter initialisation both times
+        policy = apply_lora(policy, lora)
+        trainer = GRPOTrainer(policy, tok, [digit_match], [1.0], _grpo(), seed=0)
+        before = {k: v.clone() for k, v in trainer.unwrapped.state_dict().items()}
+        n = rollout.completion_ids.size(0)
+        trainer.update(GenerationBatch(rollout, torch.zeros(n), torch.zeros(n, 1), advantages, torch.ones(n)))
+        after = {k: v.clone() for k, v in trainer.unwrapped.state_dict().items()}
+        assert any(not torch.equal(before[k], after[k]) for k in after), "the update moved nothing"
+        results.append(after)
+    plain, checkpointed = results
+    for k in plain:
+        torch.testing.assert_close(checkpointed[k], plain[k], rtol=1e-5, atol=1e-6)
