@@ -116,6 +116,19 @@ def _broadcast(acc: Accelerator, obj: Any) -> Any:
     return broadcast_object_list([obj], from_process=0)[0]
 
 
+def refuse_sharded(acc: Accelerator) -> None:
+    """The loop samples and saves with full parameters on every process (DDP); under FSDP they are sharded, and
+    `generate` would stop at different steps on different ranks. Refused before any model is loaded."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type == DistributedType.FSDP:
+        raise ConfigError(
+            "the grpo stage runs under DDP, not FSDP (accelerate config distributed_type: FSDP): rollouts and "
+            "checkpoints need full parameters on every process. Use infra/accelerate/ddp_multi_gpu.yaml, and to "
+            "fit a larger model model.dtype: bfloat16 with model.lora (infra/README.md, 'Sizes that fit')"
+        )
+
+
 def train_grpo(cfg: Config, progress: bool = True, accelerator: Accelerator | None = None) -> StageResult:
     """Run (or resume) GRPO; the result's value is a summary whose `resumed_from_step` is 0 for a fresh
     start. Per-step metrics go to the stage's MLflow run as the steps happen."""
@@ -124,6 +137,7 @@ def train_grpo(cfg: Config, progress: bool = True, accelerator: Accelerator | No
         begin_stage(cfg.seed)
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
                                      mixed_precision=accelerate_precision(cfg.model))
+    refuse_sharded(acc)
     main = acc.is_main_process
     with contextlib.ExitStack() as stack:
         locked = None

@@ -34,7 +34,7 @@ def _ratio(cell: str) -> float:
     return value
 
 
-@pytest.mark.parametrize("script", ["grpo_vs_trl.py", "logprob_memory.py", "profile_step.py"])
+@pytest.mark.parametrize("script", ["grpo_vs_trl.py", "logprob_memory.py", "profile_step.py", "memory_table.py"])
 def test_scripts_have_help(script):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--help"], capture_output=True, text=True,
                           timeout=120)
@@ -88,3 +88,22 @@ def test_grpo_vs_trl_runs_both_and_prints_numeric_ratios(tmp_path):
     assert {len(saved["runs"]["ours"]), len(saved["runs"]["trl"])} == {1}
     assert saved["runs"]["trl"][0]["mean_completion_tokens_per_step"] > 0
     assert (tmp_path / "bench.md").read_text().count("|") > 10
+
+
+@pytest.mark.slow  # ~20 s: two subprocesses importing torch and transformers
+def test_memory_table_runs_each_variant_and_lora_trains_only_the_adapter(tmp_path):
+    from bench.memory_table import LABELS as MEMORY_LABELS
+
+    out = tmp_path / "memory.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "memory_table.py"), "--preset", "micro",
+                           "--variants", "fp32-full", "lora-bf16-chunked", "--threads", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _table_rows(proc.stdout)
+    assert _ratio(rows[MEMORY_LABELS["fp32-full"]][4]) == 1.0
+    _ratio(rows[MEMORY_LABELS["lora-bf16-chunked"]][4])
+    results = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
+    full, lora = results["fp32-full"], results["lora-bf16-chunked"]
+    assert full["has_reference_copy"] and not lora["has_reference_copy"]  # LoRA's reference is its base
+    assert lora["trainable"] < full["trainable"] and lora["parameters"] > full["parameters"]
+    assert full["peak_bytes"] > 0 and math.isfinite(lora["loss"])

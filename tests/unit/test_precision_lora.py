@@ -148,3 +148,18 @@ def test_activation_checkpointing_gives_the_same_update(lora):
     plain, checkpointed = results
     for k in plain:
         torch.testing.assert_close(checkpointed[k], plain[k], rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp_is_refused_before_any_model_loads():
+    """Under accelerate's FSDP the loop's rollouts and checkpoints would see sharded parameters: refused, naming
+    what to use instead (accelerate enables FSDP on GPUs only, so no CPU run can reach it)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from grpo_steps.config import ConfigError
+    from grpo_steps.train_grpo import refuse_sharded
+
+    with pytest.raises(ConfigError, match="ddp_multi_gpu.yaml.*model.lora"):
+        refuse_sharded(SimpleNamespace(distributed_type=DistributedType.FSDP))
+    refuse_sharded(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))  # DDP over gloo: fine
