@@ -417,6 +417,11 @@ class GRPOConfig(_Section):
         False, description="DAPO: completions cut off by max_completion_length (no EOS) are scored but carry no "
         "loss, so the policy is not taught from answers it never finished",
     )
+    skip_zero_advantage: bool = Field(
+        True, description="with beta = 0, rows whose advantage is 0 (a group whose rewards are all equal) skip "
+        "the forward and backward pass: their gradient is exactly zero, and the loss keeps the whole batch's "
+        "normalisers, so the update is the same (one process only; with beta > 0 they still carry the KL term)",
+    )
     checkpoint_every: int = Field(
         25, ge=0, description="save a resumable checkpoint every N steps (0: only at the end); a rerun resumes"
     )

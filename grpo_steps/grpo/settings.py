@@ -30,3 +30,4 @@ class GRPOSettings:
     logprob_chunk_size: int = 0  # rows per log-prob chunk; 0: all at once
     max_consecutive_nonfinite: int = 3  # stop after this many skipped non-finite steps
     mask_truncated_completions: bool = False  # DAPO: no loss on completions cut off by the length budget
+    skip_zero_advantage: bool = True  # beta = 0: no forward/backward for rows whose gradient is exactly zero

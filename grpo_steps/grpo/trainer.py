@@ -131,6 +131,7 @@ class GRPOTrainer:
         self.step = 0
         self.consecutive_nonfinite = 0
         self.skipped_steps = 0
+        self.last_skipped_rows = 0  # rows of the last update whose forward/backward was skipped (zero gradient)
         self.history: list[dict[str, float]] = []
 
     @property
@@ -202,6 +203,26 @@ class GRPOTrainer:
         finally:
             model.train(was_training)
 
+    def rows_to_train(self, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """The rows whose gradient can be non-zero, or None for all of them.
+
+        A row with advantage 0 contributes exactly nothing to the policy-gradient term of every loss type, so with
+        beta = 0 (no KL term) its forward and backward are skipped (`grpo.skip_zero_advantage`). The loss
+        normalisers stay those of the whole batch, so the update is the same. With beta > 0 the row still carries
+        the KL gradient; with several processes every one must run the same number of backward passes (DDP), so
+        nothing is skipped there either.
+        """
+        cfg = self.cfg
+        if not cfg.skip_zero_advantage or cfg.beta != 0.0 or self.accelerator.num_processes > 1:
+            return None
+        return torch.nonzero((advantages.to(mask.device) != 0) & (mask.sum(1) > 0)).flatten()
+
+    def _zero_gradients(self) -> None:
+        """Zero (not absent) gradients, so AdamW steps its moments and weight decay as it would on a full pass."""
+        for p in self.model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+
     def update(self, batch: GenerationBatch) -> tuple[dict[str, float], float, float, Normalizers]:
         """`mu` optimizer updates on one generation batch; returns (token-weighted stat sums, loss, grad norm,
         the batch's global normalisers). The update does not depend on how the batch is split over processes
@@ -219,26 +240,37 @@ class GRPOTrainer:
 
         sums: dict[str, float] = {}
         total_loss, grad_norm = 0.0, 0.0
-        c = rollout.completion_ids.size(1)
+        input_ids, attention_mask = rollout.input_ids, rollout.attention_mask
+        prompt_width = rollout.prompt_ids.size(1)
+        trained = self.rows_to_train(advantages, mask)
+        self.last_skipped_rows = n_local - (n_local if trained is None else len(trained))
         for _ in range(cfg.mu):
             total_loss = 0.0
-            for sl in _micro_batches(n_local, cfg.micro_batch_size):
-                logps, entropy = completion_logps(self.model, rollout.input_ids[sl], rollout.attention_mask[sl], c,
-                                                  cfg.temperature, cfg.logprob_chunk_size, compute_entropy=True)
+            if trained is not None and len(trained) == 0:  # nothing but zero gradients: the optimizer sees them
+                self._zero_gradients()
+            for sl in _micro_batches(n_local if trained is None else len(trained), cfg.micro_batch_size):
+                rows, c = sl, rollout.completion_ids.size(1)
+                if trained is not None:  # the rows that carry a gradient, trailing padding columns dropped
+                    rows = trained[sl]
+                    c = max(int(mask[rows].sum(1).max()), 1)
+                width = prompt_width + c
+                logps, entropy = completion_logps(self.model, input_ids[rows, :width], attention_mask[rows, :width],
+                                                  c, cfg.temperature, cfg.logprob_chunk_size, compute_entropy=True)
+                m = mask[rows, :c]
                 # mu = 1: the sampling policy *is* the current one, so the ratio is exp(0) with a live gradient.
-                old = old_logps[sl] if old_logps is not None else logps.detach()
+                old = old_logps[rows, :c] if old_logps is not None else logps.detach()
                 loss, stats = policy_loss(
-                    logps, old, advantages[sl], mask[sl], norm,
+                    logps, old, advantages[rows], m, norm,
                     loss_type=cfg.loss_type, epsilon_low=cfg.epsilon,
                     epsilon_high=cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon,
-                    beta=cfg.beta, ref_logps=ref_logps[sl] if ref_logps is not None else None,
+                    beta=cfg.beta, ref_logps=ref_logps[rows, :c] if ref_logps is not None else None,
                     importance_sampling_level=cfg.importance_sampling_level,
                 )
                 # DDP averages gradients over processes; normalisers are already global, so undo that mean.
                 acc.backward(loss * acc.num_processes)
                 total_loss += loss.item()
-                weight = float(mask[sl].sum())
-                stats["entropy"] = (entropy * mask[sl]).sum() / mask[sl].sum().clamp(min=1)
+                weight = float(m.sum())
+                stats["entropy"] = (entropy * m).sum() / m.sum().clamp(min=1)
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * weight
             grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
@@ -293,6 +325,7 @@ class GRPOTrainer:
             "completions/max_length": float(lengths.max()),
             "completions/clipped_ratio": float(truncated.mean()),
             "num_tokens": tokens,
+            "frac_rows_skipped": self.last_skipped_rows / max(rollout.completion_ids.size(0), 1),
             "skipped_steps": float(self.skipped_steps),
             "step_time": time.perf_counter() - t0,
         })
