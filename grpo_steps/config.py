@@ -417,6 +417,12 @@ class GRPOConfig(_Section):
         False, description="DAPO: completions cut off by max_completion_length (no EOS) are scored but carry no "
         "loss, so the policy is not taught from answers it never finished",
     )
+    dynamic_sampling: bool = Field(
+        False, description="DAPO's dynamic sampling: groups whose rewards are all equal (advantage 0) are dropped "
+        "and further prompts sampled until prompts_per_step groups differ, for at most max_dynamic_sampling_rounds "
+        "extra generation rounds (then equal groups fill up); logged as dynamic_sampling/*",
+    )
+    max_dynamic_sampling_rounds: int = Field(3, ge=0, description="extra generation rounds per step at most")
     skip_zero_advantage: bool = Field(
         True, description="with beta = 0, rows whose advantage is 0 (a group whose rewards are all equal) skip "
         "the forward and backward pass: their gradient is exactly zero, and the loss keeps the whole batch's "

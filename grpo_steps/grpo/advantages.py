@@ -43,3 +43,14 @@ def group_advantages(
     elif scale != "none":
         raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
     return torch.nan_to_num(advantages, nan=0.0), group_std
+
+
+def groups_with_spread(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
+    """(N / G,) bool: the groups whose rewards are not all equal (NaN left out; fewer than two values: no
+    spread). The others have advantage 0 for every completion: nothing to learn from (DAPO's dynamic sampling
+    drops them)."""
+    grouped = rewards.view(-1, num_generations)
+    finite = ~torch.isnan(grouped)
+    hi = torch.where(finite, grouped, torch.full_like(grouped, -float("inf"))).max(dim=1).values
+    lo = torch.where(finite, grouped, torch.full_like(grouped, float("inf"))).min(dim=1).values
+    return (finite.sum(dim=1) > 1) & (hi > lo)

@@ -34,6 +34,43 @@ class Rollout:
         return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
 
 
+def _pad_to(t: torch.Tensor, width: int, value: int, left: bool) -> torch.Tensor:
+    missing = width - t.size(1)
+    if missing <= 0:
+        return t
+    pad = torch.full((t.size(0), missing), value, dtype=t.dtype, device=t.device)
+    return torch.cat([pad, t] if left else [t, pad], dim=1)
+
+
+def concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
+    """One rollout of the rows of several (generation rounds): prompts left-padded and completions right-padded
+    to the widest, so each row's tokens, masks and positions are what they were."""
+    if len(rollouts) == 1:
+        return rollouts[0]
+    p = max(r.prompt_ids.size(1) for r in rollouts)
+    c = max(r.completion_ids.size(1) for r in rollouts)
+    return Rollout(
+        prompt_ids=torch.cat([_pad_to(r.prompt_ids, p, pad_token_id, left=True) for r in rollouts]),
+        prompt_mask=torch.cat([_pad_to(r.prompt_mask, p, 0, left=True) for r in rollouts]),
+        completion_ids=torch.cat([_pad_to(r.completion_ids, c, pad_token_id, left=False) for r in rollouts]),
+        completion_mask=torch.cat([_pad_to(r.completion_mask, c, 0, left=False) for r in rollouts]),
+        prompts=[x for r in rollouts for x in r.prompts],
+        completions=[x for r in rollouts for x in r.completions],
+        truncated=torch.cat([r.truncated for r in rollouts]),
+    )
+
+
+def select_rows(rollout: Rollout, rows: torch.Tensor | list[int]) -> Rollout:
+    """The rollout's rows `rows` (indices), in that order."""
+    idx = torch.as_tensor(rows, dtype=torch.long)
+    return Rollout(rollout.prompt_ids[idx.to(rollout.prompt_ids.device)],
+                   rollout.prompt_mask[idx.to(rollout.prompt_mask.device)],
+                   rollout.completion_ids[idx.to(rollout.completion_ids.device)],
+                   rollout.completion_mask[idx.to(rollout.completion_mask.device)],
+                   [rollout.prompts[i] for i in idx.tolist()], [rollout.completions[i] for i in idx.tolist()],
+                   rollout.truncated[idx.to(rollout.truncated.device)])
+
+
 def mask_after_eos(completion_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask that keeps tokens up to and including the first EOS; also whether each row had no EOS."""
     is_eos = completion_ids == eos_token_id

@@ -24,11 +24,11 @@ from accelerate import Accelerator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from grpo_steps.errors import UserError
-from grpo_steps.grpo.advantages import group_advantages, nanstd
+from grpo_steps.grpo.advantages import group_advantages, groups_with_spread, nanstd
 from grpo_steps.grpo.logprobs import completion_logps
 from grpo_steps.grpo.loss import Normalizers, policy_loss
 from grpo_steps.grpo.rewards import RewardFunction, function_name, score_completions
-from grpo_steps.grpo.sampling import Rollout, sample_groups
+from grpo_steps.grpo.sampling import Rollout, concat_rollouts, sample_groups, select_rows
 from grpo_steps.grpo.settings import GRPOSettings
 
 log = logging.getLogger(__name__)
@@ -131,6 +131,7 @@ class GRPOTrainer:
         self.step = 0
         self.consecutive_nonfinite = 0
         self.skipped_steps = 0
+        self.last_sampling = {"rounds": 1, "dropped_groups": 0, "filled_groups": 0}  # of the last generate
         self.last_skipped_rows = 0  # rows of the last update whose forward/backward was skipped (zero gradient)
         self.history: list[dict[str, float]] = []
 
@@ -172,9 +173,8 @@ class GRPOTrainer:
         self.consecutive_nonfinite = int(state["consecutive_nonfinite"])
         self.history = [dict(m) for m in state["history"]]
 
-    def generate(self, rows: list[dict[str, Any]]) -> GenerationBatch:
-        """Sample G completions for this process's share of `rows`, score them, compute advantages."""
-        rows = self._shard(rows)
+    def _sample_scored(self, rows: list[dict[str, Any]]) -> tuple[Rollout, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """G completions for each of `rows` (this process's), scored: (rollout, rewards, per_func, lengths)."""
         G = self.cfg.num_generations
         rollout = sample_groups(self.unwrapped, self.tokenizer, [r["prompt"] for r in rows], G,
                                 self.cfg.max_completion_length, self.cfg.temperature)
@@ -183,10 +183,51 @@ class GRPOTrainer:
         columns["completion_lengths"] = lengths.tolist()
         per_func, rewards = score_completions(self.reward_funcs, self.reward_weights, rollout.prompts,
                                               rollout.completions, columns)
+        return rollout, rewards, per_func, lengths
+
+    def generate(self, rows: list[dict[str, Any]],
+                 more: Callable[[int], list[dict[str, Any]]] | None = None) -> GenerationBatch:
+        """Sample G completions for this process's share of `rows`, score them, compute advantages. With
+        `grpo.dynamic_sampling`, groups whose rewards are all equal are replaced by groups of further prompts
+        from `more(n)` (the prompt sampler), for at most `grpo.max_dynamic_sampling_rounds` extra rounds."""
+        shard = self._shard(rows)
+        scored = self._sample_scored(shard)
+        self.last_sampling = {"rounds": 1, "dropped_groups": 0, "filled_groups": 0}
+        if self.cfg.dynamic_sampling:
+            scored = self._dynamic_sampling(len(shard), scored, more)
+        rollout, rewards, per_func, lengths = scored
         if self.cfg.mask_truncated_completions:  # DAPO: scored, but no gradient from a cut-off completion
             rollout.completion_mask = rollout.completion_mask * (~rollout.truncated).unsqueeze(1).long()
-        advantages, group_std = group_advantages(rewards, G, self.cfg.scale_rewards)
+        advantages, group_std = group_advantages(rewards, self.cfg.num_generations, self.cfg.scale_rewards)
         return GenerationBatch(rollout, rewards, per_func, advantages.to(self.accelerator.device), group_std, lengths)
+
+    def _dynamic_sampling(self, need: int, scored: tuple, more: Callable[[int], list[dict[str, Any]]] | None):
+        """DAPO's dynamic sampling: keep `need` groups whose rewards differ, sampling further rounds of prompts
+        while any process has too few; when the cap is reached, fill up with groups of equal rewards (advantage
+        0). Every process takes the same decisions (global counts), so the prompt sampler advances alike."""
+        cfg, G = self.cfg, self.cfg.num_generations
+        parts = [scored]
+        spread = [groups_with_spread(scored[1], G)]
+        kept = int(spread[0].sum())
+        rounds = 1
+        while (more is not None and rounds <= cfg.max_dynamic_sampling_rounds
+               and self._global_sum(float(kept < need)) > 0):
+            part = self._sample_scored(self._shard(more(cfg.prompts_per_step)))
+            parts.append(part)
+            spread.append(groups_with_spread(part[1], G))
+            kept += int(spread[-1].sum())
+            rounds += 1
+        has_spread = torch.cat(spread)
+        with_spread = torch.nonzero(has_spread).flatten()[:need]
+        fill = torch.nonzero(~has_spread).flatten()[: need - len(with_spread)]
+        groups = torch.cat([with_spread, fill])
+        rows = (groups.unsqueeze(1) * G + torch.arange(G)).flatten()
+        rollout = select_rows(concat_rollouts([p[0] for p in parts], self.tokenizer.pad_token_id), rows)
+        rewards, per_func, lengths = (torch.cat([p[i] for p in parts])[rows.to(parts[0][i].device)]
+                                      for i in (1, 2, 3))
+        self.last_sampling = {"rounds": rounds, "dropped_groups": int((~has_spread).sum()) - len(fill),
+                              "filled_groups": len(fill)}
+        return rollout, rewards, per_func, lengths
 
     def reference_logps(self, rollout: Rollout) -> torch.Tensor | None:
         """The frozen reference's log-probs of the rollout's completions (None when beta = 0)."""
@@ -293,12 +334,14 @@ class GRPOTrainer:
             self.optimizer.zero_grad(set_to_none=True)
         return sums, total_loss, grad_norm, norm
 
-    def train_step(self, rows: list[dict[str, Any]]) -> dict[str, float]:
-        """One generation batch: sample, score, and `mu` optimizer updates on it."""
+    def train_step(self, rows: list[dict[str, Any]],
+                   more: Callable[[int], list[dict[str, Any]]] | None = None) -> dict[str, float]:
+        """One generation batch: sample, score, and `mu` optimizer updates on it (`more`: further prompts for
+        dynamic sampling)."""
         cfg, acc = self.cfg, self.accelerator
         t0 = time.perf_counter()
         G = cfg.num_generations
-        batch = self.generate(rows)
+        batch = self.generate(rows, more)
         sums, total_loss, grad_norm, norm = self.update(batch)
         self.step += 1
         rollout, rewards, per_func, group_std = batch.rollout, batch.rewards, batch.per_func, batch.group_std
@@ -329,6 +372,10 @@ class GRPOTrainer:
             "skipped_steps": float(self.skipped_steps),
             "step_time": time.perf_counter() - t0,
         })
+        if cfg.dynamic_sampling:
+            metrics["dynamic_sampling/rounds"] = float(self.last_sampling["rounds"])
+            for k in ("dropped_groups", "filled_groups"):
+                metrics[f"dynamic_sampling/{k}"] = self._global_sum(float(self.last_sampling[k]))
         for j, name in enumerate(self.reward_names):
             col = per_func[:, j]
             metrics[f"rewards/{name}/mean"] = float(torch.nanmean(col)) if (~torch.isnan(col)).any() else math.nan
@@ -340,7 +387,7 @@ class GRPOTrainer:
         """Train until `steps` (from `self.step`, which a resumed run sets); the whole history is returned."""
         while self.step < steps:
             rows = sampler.next(self.cfg.prompts_per_step)
-            metrics = self.train_step(rows)
+            metrics = self.train_step(rows, more=sampler.next)
             self.history.append(metrics)
             if on_step is not None:
                 on_step(self.step, metrics)
