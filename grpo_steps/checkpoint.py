@@ -49,7 +49,7 @@ MODEL = "model"
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 # Sections and settings that do not change what training computes: changing them keeps the checkpoints.
 _NOT_TRAINING_SECTIONS = ("evaluate", "registry", "tracking")
-_NOT_TRAINING_GRPO = ("checkpoint_every", "keep_checkpoints")
+_NOT_TRAINING_GRPO = ("checkpoint_every", "keep_checkpoints", "eval_every", "eval_prompts", "select_best")
 
 
 class CheckpointError(RuntimeError):

@@ -417,6 +417,15 @@ class GRPOConfig(_Section):
         False, description="DAPO: completions cut off by max_completion_length (no EOS) are scored but carry no "
         "loss, so the policy is not taught from answers it never finished",
     )
+    eval_every: int = Field(
+        0, ge=0, description="every N steps (and at the last), greedy accuracy on the eval split and the reward "
+        "model's mean score, logged as eval/accuracy and eval/reward_model_score; 0: off",
+    )
+    eval_prompts: int | None = Field(None, ge=1, description="eval prompts used for eval_every; unset: all of them")
+    select_best: bool = Field(
+        False, description="models/grpo is the policy of the step with the best eval/accuracy (the first of "
+        "equals), not the last one; needs eval_every",
+    )
     dynamic_sampling: bool = Field(
         False, description="DAPO's dynamic sampling: groups whose rewards are all equal (advantage 0) are dropped "
         "and further prompts sampled until prompts_per_step groups differ, for at most max_dynamic_sampling_rounds "
@@ -439,6 +448,8 @@ class GRPOConfig(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> GRPOConfig:
+        if self.select_best and not self.eval_every:
+            raise ValueError("grpo.select_best needs grpo.eval_every > 0 (the best step is chosen by eval accuracy)")
         if self.epsilon_high is not None and self.epsilon_high < self.epsilon:
             raise ValueError(f"grpo.epsilon_high ({self.epsilon_high}) must be >= grpo.epsilon ({self.epsilon})")
         if not self.reward_functions:

@@ -154,16 +154,25 @@ def _plot(curve_csv: Path, metrics: dict[str, dict[str, float]], out: Path, k: i
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps, reward, kl = [], [], []
+    steps, reward, kl, eval_steps, eval_acc = [], [], [], [], []
     if curve_csv.is_file():
         with curve_csv.open() as f:
             for row in csv.DictReader(f):
                 steps.append(int(row["step"]))
                 reward.append(float(row["reward"]))
                 kl.append(float(row.get("kl") or 0))
+                if row.get("eval/accuracy"):  # grpo.eval_every: held-out accuracy during training
+                    eval_steps.append(int(row["step"]))
+                    eval_acc.append(float(row["eval/accuracy"]))
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     axes[0].plot(steps, reward, lw=1)
     axes[0].set(title="GRPO mean reward per step", xlabel="step", ylabel="reward")
+    if eval_steps:
+        acc_axis = axes[0].twinx()
+        acc_axis.plot(eval_steps, eval_acc, "o-", color="tab:green", ms=3, lw=1, label="held-out accuracy")
+        acc_axis.set(ylabel="held-out greedy accuracy", ylim=(0, 1.05))
+        acc_axis.legend(loc="lower right", fontsize=8)
+        axes[0].set_title("GRPO reward per step, held-out accuracy")
     axes[1].plot(steps, kl, lw=1, color="tab:red")
     axes[1].set(title="KL to reference (k3)", xlabel="step")
     names = list(metrics)

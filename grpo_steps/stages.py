@@ -178,7 +178,8 @@ STAGE_LIST: tuple[Stage, ...] = (
         params=("seed", "grpo", "model.trust_remote_code", "model.precision", "model.activation_checkpointing",
                 "model.dtype", "model.lora",
                 "reward_model.trust_remote_code", *_RENDER),
-        deps=lambda cfg: [*_v("train")(cfg), cfg.paths.sft_policy(), cfg.paths.reward_model()],
+        # the eval split for the held-out accuracy during training (grpo.eval_every)
+        deps=lambda cfg: [*_v("train", "eval")(cfg), cfg.paths.sft_policy(), cfg.paths.reward_model()],
         outputs=(Out("grpo_policy"),
               Out("grpo_checkpoints", persist=True,
                   note="resumable checkpoints (grpo_steps/checkpoint.py), kept so a retried stage resumes"),

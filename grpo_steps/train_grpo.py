@@ -47,11 +47,13 @@ from grpo_steps.modeling import (
 from grpo_steps.prompts import render
 from grpo_steps.results import StageResult
 from grpo_steps.tracking import log_curve
+from grpo_steps.training_eval import BEST_DIR, BestPolicy, TrainingEval
 
 log = logging.getLogger(__name__)
 
 CURVE_KEYS = ("step", "reward", "reward_std", "kl", "loss", "entropy", "completions/mean_length",
-              "frac_reward_zero_std", "clip_ratio/region_mean", "step_time")
+              "frac_reward_zero_std", "clip_ratio/region_mean", "step_time", "eval/accuracy",
+              "eval/reward_model_score")
 LOCK_NAME = ".grpo.lock"
 
 
@@ -185,10 +187,26 @@ def _train(cfg: Config, acc: Accelerator, progress: bool) -> StageResult:
         log.info("resuming GRPO from checkpoint %s at step %d of %d", ckpt.path, ckpt.step, cfg.grpo.steps)
         ckpt = None  # its tensors are in the model and optimizer now
 
-    every = cfg.grpo.checkpoint_every
+    every, eval_every = cfg.grpo.checkpoint_every, cfg.grpo.eval_every
+    evaluator = best = None
+    tags = {}
+    if eval_every and main:  # the main process evaluates; the others wait at the next step's first collective
+        rm = next((f for f in funcs if isinstance(f, RewardModelFunction)), None)
+        evaluator = TrainingEval(cfg, tok, rm)
+        if cfg.grpo.select_best:
+            best = BestPolicy(store.dir / BEST_DIR)
+        if not resumed_from:
+            start = evaluator(trainer.unwrapped)
+            log_curve(start, 0)
+            tags["eval_start_accuracy"] = f"{start['eval/accuracy']:.4f}"
+            log.info("held-out greedy accuracy before GRPO: %.4f", start["eval/accuracy"])
     bar = tqdm(total=cfg.grpo.steps, initial=trainer.step, desc="grpo", disable=not progress, dynamic_ncols=True)
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
+        if evaluator is not None and (step % eval_every == 0 or step == cfg.grpo.steps):
+            metrics.update(evaluator(trainer.unwrapped))  # into the history too: checkpoints and the curve keep it
+            if best is not None and best.offer(step, metrics["eval/accuracy"], trainer.unwrapped):
+                log.info("step %d: best held-out accuracy so far, %.4f", step, metrics["eval/accuracy"])
         log_curve(metrics, step)
         if main:
             bar.update(1)
@@ -196,7 +214,6 @@ def _train(cfg: Config, acc: Accelerator, progress: bool) -> StageResult:
         if step == cfg.grpo.steps or (every and step % every == 0):
             store.save(trainer, sampler)  # every process: RNG states are gathered; the main one writes
 
-    tags = {}
     if resumed_from:
         tags["resumed_from_step"] = str(resumed_from)
         for i, m in enumerate(trainer.history, start=1):  # this run's curve is complete, not only the tail
@@ -210,6 +227,16 @@ def _train(cfg: Config, acc: Accelerator, progress: bool) -> StageResult:
     first, last = history[0], history[-1]
     summary = {"steps": len(history), "reward_first": first["reward"], "reward_last": last["reward"],
                "skipped_steps": last["skipped_steps"], "resumed_from_step": resumed_from}
+    if "eval/accuracy" in last:
+        summary["eval_accuracy_last"] = last["eval/accuracy"]
+    if best is not None and best.step is not None:
+        summary.update(best.summary())
+        if best.step != len(history):  # grpo.select_best: the output is the best step's policy
+            best.restore_into(trainer.unwrapped)
+            log.info("grpo.select_best: models/grpo is the policy of step %d (held-out accuracy %.4f), not of the "
+                     "last step %d (%.4f)", best.step, best.accuracy, len(history),
+                     last.get("eval/accuracy", float("nan")))
+        tags["selected_step"] = str(best.step)
     if main:
         out = cfg.paths.grpo_policy()
         with atomic_path(out) as tmp:

@@ -239,3 +239,42 @@ def test_no_checkpoint_while_weights_are_not_finite(tmp_path):
     with pytest.raises(NonFiniteLossError, match="NaN/inf weights"):
         store.save(trainer, PromptSampler([{"prompt": "1+1=", "answer": "2"}], seed=0))
     assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.slow  # ~40 s: three short runs in subprocesses
+def test_eval_during_training_leaves_the_run_unchanged_and_select_best_keeps_the_best_step(ready):
+    """grpo.eval_every logs held-out accuracy into the curve without moving the run (greedy decoding draws no
+    random number); grpo.select_best writes the best step's weights, remembered next to the checkpoints."""
+    from safetensors.torch import load_file
+
+    # a reward the random starting policy earns now and then (a digit first), so every step moves the weights
+    common = ("grpo.steps=6", "grpo.checkpoint_every=0", "grpo.eval_prompts=20", "grpo.learning_rate=0.01",
+              'grpo.reward_functions=[{name: format, weight: 1.0, kwargs: {pattern: "[0-9].*"}}]')
+    plain = popen_grpo(ready, *common)
+    assert plain.wait(timeout=300) == 0, output_of(plain)[-3000:]
+    reference = weights(ready / "models" / "grpo")
+    shutil.rmtree(ready / "models" / "grpo_checkpoints")
+
+    evaluated = popen_grpo(ready, *common, "grpo.eval_every=2")
+    assert evaluated.wait(timeout=300) == 0, output_of(evaluated)[-3000:]
+    assert_identical(reference, weights(ready / "models" / "grpo"))  # evaluation moved nothing
+    rows = (ready / "reports" / "grpo_steps.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    acc = [r.split(",")[header.index("eval/accuracy")] for r in rows[1:]]
+    assert [bool(a) for a in acc] == [False, True, False, True, False, True]  # steps 2, 4, 6
+    assert all(0.0 <= float(a) <= 1.0 for a in acc if a)
+    assert "held-out greedy accuracy before GRPO" in output_of(evaluated)
+    shutil.rmtree(ready / "models" / "grpo_checkpoints")
+
+    best_run = popen_grpo(ready, *common, "grpo.eval_every=2", "grpo.select_best=true")
+    assert best_run.wait(timeout=300) == 0, output_of(best_run)[-3000:]
+    best_dir = next((ready / "models" / "grpo_checkpoints").glob("*/best"))
+    info = json.loads((best_dir / "best.json").read_text())
+    scores = {2 * (i + 1): float(a) for i, a in enumerate(a for a in acc if a)}
+    assert info["step"] == min(s for s, v in scores.items() if v == max(scores.values()))  # first of the best
+    saved = weights(ready / "models" / "grpo")
+    best = load_file(str(best_dir / "weights.safetensors"))
+    assert all(torch.equal(saved[k], best[k]) for k in best)
+    if info["step"] != 6:
+        assert "grpo.select_best: models/grpo is the policy of step" in output_of(best_run)
+        assert not all(torch.equal(saved[k], reference[k]) for k in best)
