@@ -417,6 +417,11 @@ class GRPOConfig(_Section):
         False, description="DAPO: completions cut off by max_completion_length (no EOS) are scored but carry no "
         "loss, so the policy is not taught from answers it never finished",
     )
+    generation_backend: Literal["hf", "compact"] = Field(
+        "hf", description="how rollouts are sampled: hf = transformers generate (every row is computed until the "
+        "last one stops); compact = our KV-cached loop that drops each row from the batch at its EOS, for "
+        "completions of varied lengths (the same distribution; another random stream)",
+    )
     eval_every: int = Field(
         0, ge=0, description="every N steps (and at the last), greedy accuracy on the eval split and the reward "
         "model's mean score, logged as eval/accuracy and eval/reward_model_score; 0: off",

@@ -82,6 +82,50 @@ def mask_after_eos(completion_ids: torch.Tensor, eos_token_id: int) -> tuple[tor
 
 
 @torch.no_grad()
+def generate_compact(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     max_new_tokens: int, eos_token_id: int, pad_token_id: int, temperature: float = 1.0,
+                     do_sample: bool = True) -> torch.Tensor:
+    """(B, max_new_tokens) completion tokens (pad after EOS): a KV-cached decoding loop that drops each row from
+    the batch once it has produced EOS, so finished rows cost nothing for the rest of the batch's decoding (HF
+    `generate` keeps computing them until the last row stops). Sampling is plain: softmax(logits / T), no top-k
+    or top-p, as `sample_groups` asks of `generate`; greedy with `do_sample=False`."""
+    from transformers import DynamicCache
+
+    from grpo_steps.grpo.logprobs import position_ids_from_mask
+
+    n = input_ids.size(0)
+    out = torch.full((n, max_new_tokens), pad_token_id, dtype=torch.long, device=input_ids.device)
+    active = torch.arange(n, device=input_ids.device)
+    cache = DynamicCache(config=model.config)
+    positions = position_ids_from_mask(attention_mask)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
+                   use_cache=True, logits_to_keep=1).logits[:, -1, :]
+    next_position = positions[:, -1] + 1
+    mask = attention_mask
+    used = 0
+    for t in range(max_new_tokens):
+        used = t + 1
+        if do_sample:
+            probs = torch.softmax(logits.float() / temperature, dim=-1)
+            token = torch.multinomial(probs, 1).squeeze(1)
+        else:
+            token = logits.argmax(dim=-1)
+        out[active, t] = token
+        running = token != eos_token_id
+        if t == max_new_tokens - 1 or not bool(running.any()):
+            break
+        if not bool(running.all()):  # drop the rows that just finished, from the batch and its KV cache
+            keep = torch.nonzero(running).flatten()
+            cache.batch_select_indices(keep)
+            active, token, mask, next_position = active[keep], token[keep], mask[keep], next_position[keep]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        logits = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=next_position.unsqueeze(1),
+                       past_key_values=cache, use_cache=True).logits[:, -1, :]
+        next_position = next_position + 1
+    return out[:, :used]  # as wide as the longest row, as `generate` returns
+
+
+@torch.no_grad()
 def sample_groups(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -90,8 +134,10 @@ def sample_groups(
     max_new_tokens: int,
     temperature: float = 1.0,
     do_sample: bool = True,
+    backend: str = "hf",
 ) -> Rollout:
-    """One `generate` call for all prompts x G (KV cache on, left padding, stops when every row hit EOS)."""
+    """One `generate` call for all prompts x G (KV cache on, left padding, stops when every row hit EOS);
+    `backend="compact"`: `generate_compact`, which stops computing each row at its EOS."""
     expanded = [p for p in prompts for _ in range(num_generations)]
     device = next(model.parameters()).device
     enc = tokenizer(expanded, return_tensors="pt", padding=True, add_special_tokens=False, padding_side="left").to(
@@ -103,12 +149,15 @@ def sample_groups(
                   "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
     if do_sample:
         gen_kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
-    out = model.generate(**enc, **gen_kwargs)
-    model.train(was_training)
     prompt_len = enc["input_ids"].size(1)
-    completion_ids = out[:, prompt_len:]
+    if backend == "compact":
+        completion_ids = generate_compact(model, enc["input_ids"], enc["attention_mask"], max_new_tokens,
+                                          tokenizer.eos_token_id, tokenizer.pad_token_id, temperature, do_sample)
+    else:
+        completion_ids = model.generate(**enc, **gen_kwargs)[:, prompt_len:]
+    model.train(was_training)
     if completion_ids.size(1) == 0:  # the model produced nothing at all: keep one pad position so shapes hold
-        completion_ids = torch.full((out.size(0), 1), tokenizer.eos_token_id, device=device)
+        completion_ids = torch.full((enc["input_ids"].size(0), 1), tokenizer.eos_token_id, device=device)
     mask, truncated = mask_after_eos(completion_ids, tokenizer.eos_token_id)
     completion_ids = completion_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
     completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)

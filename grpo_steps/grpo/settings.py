@@ -30,6 +30,7 @@ class GRPOSettings:
     logprob_chunk_size: int = 0  # rows per log-prob chunk; 0: all at once
     max_consecutive_nonfinite: int = 3  # stop after this many skipped non-finite steps
     mask_truncated_completions: bool = False  # DAPO: no loss on completions cut off by the length budget
+    generation_backend: Literal["hf", "compact"] = "hf"  # compact: finished rows leave the decoding batch
     dynamic_sampling: bool = False  # DAPO: replace groups of equal rewards by further prompts' groups
     max_dynamic_sampling_rounds: int = 3  # extra generation rounds per step at most
     skip_zero_advantage: bool = True  # beta = 0: no forward/backward for rows whose gradient is exactly zero

@@ -177,7 +177,8 @@ class GRPOTrainer:
         """G completions for each of `rows` (this process's), scored: (rollout, rewards, per_func, lengths)."""
         G = self.cfg.num_generations
         rollout = sample_groups(self.unwrapped, self.tokenizer, [r["prompt"] for r in rows], G,
-                                self.cfg.max_completion_length, self.cfg.temperature)
+                                self.cfg.max_completion_length, self.cfg.temperature,
+                                backend=self.cfg.generation_backend)
         columns = {k: [r[k] for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
         lengths = rollout.completion_mask.sum(dim=1)  # tokens, EOS included
         columns["completion_lengths"] = lengths.tolist()

@@ -34,7 +34,8 @@ def _ratio(cell: str) -> float:
     return value
 
 
-@pytest.mark.parametrize("script", ["grpo_vs_trl.py", "logprob_memory.py", "profile_step.py", "memory_table.py"])
+@pytest.mark.parametrize("script", ["grpo_vs_trl.py", "logprob_memory.py", "profile_step.py", "memory_table.py",
+                                    "time_to_accuracy.py"])
 def test_scripts_have_help(script):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--help"], capture_output=True, text=True,
                           timeout=120)
@@ -107,3 +108,39 @@ def test_memory_table_runs_each_variant_and_lora_trains_only_the_adapter(tmp_pat
     assert full["has_reference_copy"] and not lora["has_reference_copy"]  # LoRA's reference is its base
     assert lora["trainable"] < full["trainable"] and lora["parameters"] > full["parameters"]
     assert full["peak_bytes"] > 0 and math.isfinite(lora["loss"])
+
+
+def test_time_to_target_is_the_first_evaluation_at_or_above_it():
+    from bench.time_to_accuracy import report, time_to_target
+
+    points = [[0, 0.0, 0.50], [10, 30.0, 0.60], [20, 61.0, 0.66], [30, 90.0, 0.64]]
+    assert time_to_target(points, 0.65) == 61.0 and time_to_target(points, 0.70) is None
+    table, summary = report({"ours": {"points": points},
+                             "trl": {"points": [[0, 0.0, 0.50], [10, 50.0, 0.55], [20, 100.0, 0.65]]}}, 0.15)
+    assert summary["time_to_target_s"] == {"ours": 61.0, "trl": 100.0} and summary["ratio"] == pytest.approx(0.61)
+    assert "| 30 | 0.640 | 90 | - | - |" in table and "ratio ours/TRL 0.61x" in table
+
+
+TINY_SET = ["task.n_train=400", "task.n_eval=40", "task.n_test=60", "task.n_preference_pairs=200",
+            "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.intermediate_size=64",
+            "reward_model.epochs=1", "reward_model.min_pairwise_accuracy=0.0", "sft.max_steps=20",
+            "grpo.prompts_per_step=4", "grpo.num_generations=4"]
+
+
+@pytest.mark.slow  # ~70 s: the set-up stages, then both trainers in subprocesses
+def test_time_to_accuracy_runs_both_trainers_from_the_same_start(tmp_path):
+    out = tmp_path / "tta"
+    cmd = [sys.executable, str(ROOT / "bench" / "time_to_accuracy.py"), "--inputs", str(tmp_path / "inputs"),
+           "--steps", "4", "--eval-every", "2", "--threads", "1", "--eval-prompts", "20", "--out", str(out),
+           *[x for o in TINY_SET for x in ("--set", o)]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.with_suffix(".json").read_text())
+    for impl in ("ours", "trl"):
+        steps = [p[0] for p in data["results"][impl]["points"]]
+        assert steps == [0, 2, 4], (impl, steps)
+        times = [p[1] for p in data["results"][impl]["points"]]
+        assert times[0] == 0.0 and times[1] > 0 and times[2] > times[1]  # training time, growing
+    # the same starting policy and evaluator: the same start accuracy on both sides
+    assert data["results"]["ours"]["points"][0][2] == data["results"]["trl"]["points"][0][2]
+    assert out.with_suffix(".png").stat().st_size > 0 and "time to target" in out.with_suffix(".md").read_text()
