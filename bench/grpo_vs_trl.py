@@ -34,6 +34,9 @@ Same for both (one settings dict, passed to both children):
     computes old log-probs (ratio against the detached current ones);
   * sampling: transformers `generate` on both sides, KV cache on, `do_sample=True`, `temperature`, `top_k=0`,
     `top_p=1.0`, `max_new_tokens = --completion-length`, stop at EOS (TRL: `use_vllm=False`, no continuous batching);
+    with `--generation-backend compact` ours samples the same distribution with its own loop instead, which drops
+    each row from the batch at its EOS (the random model of the `tiny` preset ends a completion with probability
+    ~1/80 per token, so at `--completion-length 128` lengths vary from 1 to 128);
   * loss: `--loss-type`, `--beta`, epsilon 0.2 both ways, `scale_rewards="group"`, `importance_sampling_level`
     token; learning rate `--lr`, constant, no warm-up; AdamW (betas 0.9/0.999, eps 1e-8, weight decay 0);
     gradient clipping at norm 1.0; entropy computed as a metric on both sides;
@@ -213,7 +216,6 @@ def build_ours(s: dict[str, Any], model_dir: Path):
     from accelerate import Accelerator
 
     from grpo_steps.config import GRPOConfig
-    from grpo_steps.grpo.rewards import exact_match
     from grpo_steps.grpo.trainer import GRPOTrainer, PromptSampler
     from grpo_steps.modeling import load_policy, load_tokenizer, seed_everything
 
@@ -226,9 +228,10 @@ def build_ours(s: dict[str, Any], model_dir: Path):
         max_completion_length=s["completion_length"], temperature=s["temperature"], learning_rate=s["lr"],
         weight_decay=0.0, max_grad_norm=1.0, beta=s["beta"], epsilon=0.2, loss_type=s["loss_type"],
         scale_rewards="group", logprob_chunk_size=s["logprob_chunk_size"],
+        generation_backend=s.get("generation_backend", "hf"),
     )
     seed_everything(s["seed"])
-    trainer = GRPOTrainer(model, tok, [exact_match], [1.0], cfg, seed=s["seed"],
+    trainer = GRPOTrainer(model, tok, [reward_function(s)], [1.0], cfg, seed=s["seed"],
                           accelerator=Accelerator(cpu=s["device"] == "cpu"))
     return trainer, PromptSampler(rows, s["seed"])
 
@@ -243,7 +246,24 @@ def train_ours(s: dict[str, Any], model_dir: Path, on_step_end: Callable[[], Non
         if on_step_end is not None:
             on_step_end()
         tokens.append(metrics["num_tokens"])
+        SKIPPED.append(metrics["frac_rows_skipped"])
     return tokens
+
+
+SKIPPED: list[float] = []  # ours: the share of rows whose forward/backward was skipped (zero advantage), per step
+
+
+def shorter_is_better(prompts, completions, **_):
+    """A reward every group spreads on (completion length in characters, negated): each row has a gradient."""
+    return [-len(c) / 128 for c in completions]
+
+
+def reward_function(s: dict[str, Any]):
+    """The benchmark's reward (`--reward`): exact_match, which an untrained model almost never earns (so with
+    beta 0 nearly every row has advantage 0), or shorter_is_better, on which every group has a spread."""
+    from grpo_steps.grpo.rewards import exact_match
+
+    return shorter_is_better if s.get("reward") == "shorter_is_better" else exact_match
 
 
 def _counting(fn, counts: list[int]):
@@ -281,7 +301,6 @@ def build_trl(s: dict[str, Any], model_dir: Path, output_dir: str, counts: list[
     from transformers import AutoModelForCausalLM
     from trl import GRPOTrainer
 
-    from grpo_steps.grpo.rewards import exact_match
     from grpo_steps.modeling import load_tokenizer, seed_everything
 
     rows = _prompt_rows(s["seed"])
@@ -290,7 +309,7 @@ def build_trl(s: dict[str, Any], model_dir: Path, output_dir: str, counts: list[
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), use_safetensors=True, dtype=torch.float32)
     args = trl_config(s, output_dir)
     seed_everything(s["seed"])
-    trainer = GRPOTrainer(model=model, reward_funcs=_counting(exact_match, counts), args=args,
+    trainer = GRPOTrainer(model=model, reward_funcs=_counting(reward_function(s), counts), args=args,
                           train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=callbacks)
     assert not trainer.args.gradient_checkpointing and trainer.args.steps_per_generation == 1
     assert (trainer.ref_model is not None) == (s["beta"] != 0.0)
@@ -362,6 +381,7 @@ def child_main(impl: str, settings: dict[str, Any], model_dir: Path, result_file
         "step_times_s": [b - a for a, b in zip(ends[w - 1 : -1], ends[w:], strict=True)],
         "base_rss_mib": base_rss / 2**20,
         "peak_rss_mib": _peak_rss() / 2**20,
+        "frac_rows_skipped": sum(SKIPPED[w:]) / max(len(SKIPPED[w:]), 1) if impl == "ours" else 0.0,
     }
     out["peak_rss_above_imports_mib"] = out["peak_rss_mib"] - out["base_rss_mib"]
     if settings["device"] == "cuda":
@@ -461,6 +481,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch intra-op threads in each child (0: torch's default, one per core). 1 by default: "
                    "on a small shared machine, several threads per run make timings follow the neighbours' load")
     p.add_argument("--logprob-chunk-size", type=int, default=0, help="ours: grpo.logprob_chunk_size")
+    p.add_argument("--reward", choices=("exact_match", "shorter_is_better"), default="exact_match",
+                   help="exact_match: rarely earned by the random model (zero-advantage groups); shorter_is_better: "
+                   "every group spreads, so every row has a gradient")
+    p.add_argument("--generation-backend", choices=("hf", "compact"), default="hf",
+                   help="ours: grpo.generation_backend (compact: finished rows leave the decoding batch; TRL keeps "
+                   "transformers generate either way)")
     p.add_argument("--trl-optim", default="adamw_torch",
                    help="TRL's `optim`; adamw_torch matches ours, TRL's default is adamw_torch_fused")
     p.add_argument("--out", type=Path, default=None,
@@ -498,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps, "warmup_steps": args.warmup_steps, "lr": args.lr, "beta": args.beta,
         "loss_type": args.loss_type, "temperature": args.temperature, "seed": args.seed,
         "logprob_chunk_size": args.logprob_chunk_size, "trl_optim": args.trl_optim, "threads": args.threads,
+        "generation_backend": args.generation_backend, "reward": args.reward,
     }
     load_before = _load()
     results: dict[str, list[dict[str, Any]]] = {impl: [] for impl in IMPLEMENTATIONS}
@@ -519,7 +546,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{model_info['hidden_size']}, {model_info['num_layers']} layers, vocab {model_info['vocab_size']}); "
         f"device {args.device}; P={args.prompts_per_step} prompts x G={args.num_generations}, max completion "
         f"length {args.completion_length}, torch threads per run {args.threads or 'default'}, beta {args.beta}, "
-        f"loss {args.loss_type}, lr {args.lr}, ours logprob_chunk_size {args.logprob_chunk_size}, TRL optim "
+        f"loss {args.loss_type}, lr {args.lr}, ours logprob_chunk_size {args.logprob_chunk_size}, ours generation "
+        f"backend {args.generation_backend}, reward {args.reward}, TRL optim "
         f"{args.trl_optim}, temperature "
         f"{args.temperature}, seed {args.seed}; {args.warmup_steps} warm-up + {args.steps} timed steps, "
         f"{args.repeats} repeat(s), median (min-max)\n"
