@@ -176,7 +176,7 @@ STAGE_LIST: tuple[Stage, ...] = (
         code=("grpo_steps/grpo", "grpo_steps/train_grpo.py", "grpo_steps/checkpoint.py", "grpo_steps/modeling.py",
               "grpo_steps/prompts.py"),
         params=("seed", "grpo", "model.trust_remote_code", "model.precision", "model.activation_checkpointing",
-                "model.dtype", "model.lora",
+                "model.dtype", "model.lora", "evaluate.accuracy",
                 "reward_model.trust_remote_code", *_RENDER),
         # the eval split for the held-out accuracy during training (grpo.eval_every)
         deps=lambda cfg: [*_v("train", "eval")(cfg), cfg.paths.sft_policy(), cfg.paths.reward_model()],

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from grpo_steps.grpo.logprobs import position_ids_from_mask
 
 
 @dataclass
@@ -89,10 +91,6 @@ def generate_compact(model: PreTrainedModel, input_ids: torch.Tensor, attention_
     the batch once it has produced EOS, so finished rows cost nothing for the rest of the batch's decoding (HF
     `generate` keeps computing them until the last row stops). Sampling is plain: softmax(logits / T), no top-k
     or top-p, as `sample_groups` asks of `generate`; greedy with `do_sample=False`."""
-    from transformers import DynamicCache
-
-    from grpo_steps.grpo.logprobs import position_ids_from_mask
-
     n = input_ids.size(0)
     out = torch.full((n, max_new_tokens), pad_token_id, dtype=torch.long, device=input_ids.device)
     active = torch.arange(n, device=input_ids.device)

@@ -3,12 +3,15 @@ samples what `generate` samples."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from grpo_steps.config import ModelConfig
 from grpo_steps.grpo.sampling import generate_compact, sample_groups
 from grpo_steps.modeling import build_policy
 from grpo_steps.tokenizer import build_tokenizer
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")  # tests/unit/conftest.py
 
 PROMPTS = ["12+34=", "7+8=", "55+45=", "3+9=", "1+1="]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from grpo_steps.config import GRPOConfig, ModelConfig
@@ -13,6 +14,8 @@ from grpo_steps.grpo.sampling import concat_rollouts, sample_groups, select_rows
 from grpo_steps.grpo.trainer import GRPOTrainer, PromptSampler
 from grpo_steps.modeling import build_policy
 from grpo_steps.tokenizer import build_tokenizer
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")  # tests/unit/conftest.py
 
 G = 4
 

@@ -16,6 +16,8 @@ from grpo_steps.grpo.trainer import GRPOTrainer, is_adapter
 from grpo_steps.modeling import apply_lora, build_policy, load_policy, merged
 from grpo_steps.tokenizer import build_tokenizer
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")  # tests/unit/conftest.py
+
 ROWS = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in [(1, 2), (13, 4), (25, 31), (7, 70)]]
 SMALL = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64}
 

@@ -16,6 +16,8 @@ from grpo_steps.grpo.trainer import GenerationBatch, GRPOTrainer
 from grpo_steps.modeling import build_policy
 from grpo_steps.tokenizer import build_tokenizer
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")  # tests/unit/conftest.py
+
 PROMPTS = ["12+34=", "7+8=", "55+45=", "3+9="]
 G = 4
 
