@@ -174,7 +174,7 @@ STAGE_LIST: tuple[Stage, ...] = (
         "optimise the policy with GRPO against the weighted reward functions; reads models/sft, models/reward, "
         "writes models/grpo, reports/grpo_steps.csv and resumable checkpoints",
         code=("grpo_steps/grpo", "grpo_steps/train_grpo.py", "grpo_steps/checkpoint.py", "grpo_steps/modeling.py",
-              "grpo_steps/prompts.py"),
+              "grpo_steps/prompts.py", "grpo_steps/training_eval.py", "grpo_steps/judge.py"),
         params=("seed", "grpo", "model.trust_remote_code", "model.precision", "model.activation_checkpointing",
                 "model.dtype", "model.lora", "evaluate.accuracy",
                 "reward_model.trust_remote_code", *_RENDER),
