@@ -123,20 +123,16 @@ def run_trl(cfg, out_dir: str) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from grpo_steps.grpo.reward_model import RewardModelFunction
     from grpo_steps.grpo.rewards import function_name
-    from grpo_steps.io import read_jsonl
     from grpo_steps.modeling import load_tokenizer, seed_everything
-    from grpo_steps.prompts import render
-    from grpo_steps.train_grpo import build_reward_functions
+    from grpo_steps.train_grpo import build_reward_functions, reward_model_of, training_rows
     from grpo_steps.training_eval import TrainingEval
 
     g = cfg.grpo
     tok = load_tokenizer(cfg.paths.sft_policy())
-    rows = [{**r, "prompt": render(tok, r["prompt"], cfg.data.system_prompt, cfg.data.chat_template)}
-            for r in read_jsonl(cfg.paths.validated_file("train"))]
+    rows = training_rows(cfg, tok)  # the grpo stage's own rows, prompts rendered as it renders them
     funcs, weights = build_reward_functions(cfg, tok)
-    evaluator = TrainingEval(cfg, tok, next((f for f in funcs if isinstance(f, RewardModelFunction)), None))
+    evaluator = TrainingEval(cfg, tok, reward_model_of(funcs))
     generation_batch = g.prompts_per_step * g.num_generations
     micro = min(g.micro_batch_size, generation_batch)
     if generation_batch % micro:

@@ -299,36 +299,40 @@ class CheckpointStore:
             shutil.rmtree(doomed, ignore_errors=True)
 
 
-def _restore_adapter(model: torch.nn.Module, ckpt: Checkpoint) -> None:
-    """Load a LoRA checkpoint's adapter weights, refusing one whose adapter does not fit (rank, modules)."""
+def _load_adapter(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:
+    """Load adapter weights, refusing ones whose adapter does not fit the policy's (rank, modules)."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict  # deferred: only with model.lora
 
     expected = set(get_peft_model_state_dict(model))
-    if set(ckpt.weights) != expected:
-        raise CheckpointError(f"{ckpt.path}: the adapter does not fit the policy's (model.lora): missing "
-                              f"{sorted(expected - set(ckpt.weights))[:5]}, unexpected "
-                              f"{sorted(set(ckpt.weights) - expected)[:5]}")
+    if set(weights) != expected:
+        raise CheckpointError(f"{source}: the adapter does not fit the policy's (model.lora): missing "
+                              f"{sorted(expected - set(weights))[:5]}, unexpected "
+                              f"{sorted(set(weights) - expected)[:5]}")
     try:
-        set_peft_model_state_dict(model, ckpt.weights)
+        set_peft_model_state_dict(model, weights)
     except RuntimeError as e:  # a shape mismatch (another rank)
-        raise CheckpointError(f"{ckpt.path}: the adapter does not fit the policy's (model.lora): {e}") from e
+        raise CheckpointError(f"{source}: the adapter does not fit the policy's (model.lora): {e}") from e
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:
+    """Put saved trainable weights into the policy: every weight (tied copies through their twin), or a LoRA
+    adapter's; CheckpointError naming `source` when they do not fit."""
+    if is_adapter(model):  # adapter weights only; the base weights are the starting policy's
+        _load_adapter(model, weights, source)
+        return
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    loaded_ptrs = {t.data_ptr() for k, t in model.state_dict().items() if k in weights}
+    params = model.state_dict()
+    untied = [k for k in missing if params[k].data_ptr() not in loaded_ptrs]  # tied copies load via their twin
+    if unexpected or untied:
+        raise CheckpointError(f"{source}: weights do not fit the policy (missing {untied}, unexpected {unexpected})")
 
 
 def restore(trainer: GRPOTrainer, sampler: PromptSampler, ckpt: Checkpoint) -> dict[str, Any]:
     """Apply a verified checkpoint: weights, optimizer, counters, history, data position. Returns this
     process's RNG state, for the caller to `set_rng_state` right before training continues."""
     acc = trainer.accelerator
-    model = trainer.unwrapped
-    if is_adapter(model):  # the checkpoint holds the adapter only; the base weights are the starting policy's
-        _restore_adapter(model, ckpt)
-    else:
-        missing, unexpected = model.load_state_dict(ckpt.weights, strict=False)
-        loaded_ptrs = {t.data_ptr() for k, t in model.state_dict().items() if k in ckpt.weights}
-        params = model.state_dict()
-        untied = [k for k in missing if params[k].data_ptr() not in loaded_ptrs]  # tied copies load via their twin
-        if unexpected or untied:
-            raise CheckpointError(f"{ckpt.path}: weights do not fit the policy (missing {untied}, "
-                                  f"unexpected {unexpected})")
+    load_weights(trainer.unwrapped, ckpt.weights, ckpt.path)
     trainer.optimizer.load_state_dict(ckpt.optimizer)
     trainer.load_training_state(ckpt.state["trainer"])
     sampler.position = int(ckpt.state["sampler_position"])

@@ -28,7 +28,7 @@ from grpo_steps.grpo.logprobs import completion_logps
 from grpo_steps.grpo.loss import k3_kl
 from grpo_steps.grpo.reward_model import RewardModelFunction
 from grpo_steps.grpo.rewards import RewardFunction
-from grpo_steps.grpo.sampling import Rollout, sample_groups
+from grpo_steps.grpo.sampling import sample_in_batches
 from grpo_steps.io import atomic_path, read_jsonl, write_json, write_jsonl
 from grpo_steps.judge import accuracy_judge
 from grpo_steps.lineage import file_md5
@@ -37,12 +37,6 @@ from grpo_steps.prompts import render_all
 from grpo_steps.results import Artifact, StageResult
 
 log = logging.getLogger(__name__)
-
-
-def _rollouts(model, tok, prompts: list[str], n: int, max_new: int, greedy: bool, batch: int = 256) -> list[Rollout]:
-    per = max(1, batch // n)
-    return [sample_groups(model, tok, prompts[i : i + per], n, max_new, 1.0, do_sample=not greedy)
-            for i in range(0, len(prompts), per)]
 
 
 @torch.no_grad()
@@ -59,14 +53,14 @@ def policy_metrics(
     answers = [r["answer"] for r in rows]
     max_new = cfg.grpo.max_completion_length
     judge = accuracy_judge(cfg)
-    greedy = _rollouts(model, tok, prompts, 1, max_new, greedy=True)
+    greedy = sample_in_batches(model, tok, prompts, 1, max_new, greedy=True)
     completions = [c for r in greedy for c in r.completions]
     correct = judge(prompts, completions, answers)
     lengths = torch.cat([r.completion_mask.sum(1) for r in greedy]).float()
     metrics = {"accuracy": sum(correct) / len(correct), "mean_completion_length": float(lengths.mean())}
 
     k = cfg.evaluate.pass_k
-    sampled = _rollouts(model, tok, prompts, k, max_new, greedy=False)
+    sampled = sample_in_batches(model, tok, prompts, k, max_new, greedy=False)
     sampled_completions = [c for r in sampled for c in r.completions]
     hits = judge([p for p in prompts for _ in range(k)], sampled_completions, [a for a in answers for _ in range(k)])
     per_prompt = torch.tensor(hits).view(-1, k).amax(dim=1)

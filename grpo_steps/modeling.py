@@ -127,7 +127,7 @@ def build_policy(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTra
 
 def _built_dtype(cfg: ModelConfig) -> torch.dtype:
     """A model built from the config has no dtype of its own: auto is float32."""
-    return torch.float32 if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+    return torch_dtype("float32" if cfg.dtype == "auto" else cfg.dtype)
 
 
 def build_reward_backbone(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:

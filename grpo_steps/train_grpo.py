@@ -44,7 +44,7 @@ from grpo_steps.modeling import (
     merged,
     seed_everything,
 )
-from grpo_steps.prompts import render
+from grpo_steps.prompts import render_all
 from grpo_steps.results import StageResult
 from grpo_steps.tracking import log_curve
 from grpo_steps.training_eval import BEST_DIR, BestPolicy, TrainingEval
@@ -68,6 +68,19 @@ def build_reward_functions(cfg: Config, tokenizer) -> tuple[list[RewardFunction]
             funcs.append(resolve_reward_function(rf.name, reward_kwargs(cfg, rf)))
         weights.append(rf.weight)
     return funcs, weights
+
+
+def reward_model_of(funcs: list[RewardFunction]) -> RewardModelFunction | None:
+    """The trained reward model among the reward functions, if it is one of them."""
+    return next((f for f in funcs if isinstance(f, RewardModelFunction)), None)
+
+
+def training_rows(cfg: Config, tokenizer) -> list[dict[str, Any]]:
+    """The validated train rows, their prompts as the policy sees them (grpo_steps/prompts.py): reward
+    functions get this text as `prompts`."""
+    rows = read_jsonl(cfg.paths.validated_file("train"))
+    texts = render_all(tokenizer, [r["prompt"] for r in rows], cfg.data.system_prompt, cfg.data.chat_template)
+    return [{**r, "prompt": t} for r, t in zip(rows, texts, strict=True)]
 
 
 def reward_kwargs(cfg: Config, rf: RewardFunctionConfig) -> dict[str, Any]:
@@ -163,9 +176,7 @@ def _train(cfg: Config, acc: Accelerator, progress: bool) -> StageResult:
     if cfg.model.activation_checkpointing:
         policy.activation_checkpointing_enable()
     policy = apply_lora(policy, cfg.model.lora)
-    # prompts as the policy sees them (grpo_steps/prompts.py); reward functions get this text as `prompts`
-    rows = [{**r, "prompt": render(tok, r["prompt"], cfg.data.system_prompt, cfg.data.chat_template)}
-            for r in read_jsonl(cfg.paths.validated_file("train"))]
+    rows = training_rows(cfg, tok)
     funcs, weights = build_reward_functions(cfg, tok)
     trainer = GRPOTrainer(policy, tok, funcs, weights, cfg.grpo.settings(), seed=cfg.seed, accelerator=acc)
     sampler = PromptSampler(rows, seed=cfg.seed)
@@ -191,8 +202,7 @@ def _train(cfg: Config, acc: Accelerator, progress: bool) -> StageResult:
     evaluator = best = None
     tags = {}
     if eval_every and main:  # the main process evaluates; the others wait at the next step's first collective
-        rm = next((f for f in funcs if isinstance(f, RewardModelFunction)), None)
-        evaluator = TrainingEval(cfg, tok, rm)
+        evaluator = TrainingEval(cfg, tok, reward_model_of(funcs))
         if cfg.grpo.select_best:
             best = BestPolicy(store.dir / BEST_DIR)
         if not resumed_from:

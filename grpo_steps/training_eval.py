@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from grpo_steps.checkpoint import load_weights
 from grpo_steps.config import Config
 from grpo_steps.grpo.reward_model import RewardModelFunction
-from grpo_steps.grpo.sampling import sample_groups
+from grpo_steps.grpo.sampling import sample_in_batches
 from grpo_steps.grpo.trainer import is_adapter
 from grpo_steps.io import atomic_path, read_jsonl
 from grpo_steps.judge import accuracy_judge
@@ -30,7 +31,6 @@ log = logging.getLogger(__name__)
 BEST_DIR = "best"
 BEST_WEIGHTS = "weights.safetensors"
 BEST_INFO = "best.json"
-BATCH = 256  # prompts per greedy `generate` call
 
 
 class TrainingEval:
@@ -54,12 +54,10 @@ class TrainingEval:
     def __call__(self, model) -> dict[str, float]:
         rng = torch.get_rng_state()  # greedy decoding draws nothing; restored anyway, the run must not move
         try:
-            completions = []
-            for i in range(0, len(self.prompts), BATCH):
-                r = sample_groups(model, self.tokenizer, self.prompts[i : i + BATCH], 1, self.max_new, do_sample=False)
-                completions.extend(r.completions)
+            rollouts = sample_in_batches(model, self.tokenizer, self.prompts, 1, self.max_new, greedy=True)
         finally:
             torch.set_rng_state(rng)
+        completions = [c for r in rollouts for c in r.completions]
         correct = self.judge(self.prompts, completions, self.answers)
         out = {"eval/accuracy": sum(bool(c) for c in correct) / len(correct)}
         if self.reward_model is not None:
@@ -80,15 +78,6 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
             seen.add(v.data_ptr())
             out[k] = v.detach().cpu().clone()
     return out
-
-
-def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
-    if is_adapter(model):
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model, state)
-    else:
-        model.load_state_dict(state, strict=False)
 
 
 class BestPolicy:
@@ -119,7 +108,7 @@ class BestPolicy:
         return True
 
     def restore_into(self, model) -> None:
-        load_trainable_state(model, load_file(str(self.folder / BEST_WEIGHTS)))
+        load_weights(model, load_file(str(self.folder / BEST_WEIGHTS)), self.folder)
 
     def summary(self) -> dict[str, Any]:
         return {"best_step": self.step, "best_eval_accuracy": self.accuracy}

@@ -22,10 +22,16 @@ class Rollout:
     completions: list[str]  # (N,), decoded without special tokens
     truncated: torch.Tensor  # (N,) bool: no EOS within the length budget
 
-    def __getitem__(self, rows: slice) -> Rollout:
-        """The rows `rows` of the batch (whole groups when the slice is group-aligned)."""
+    def __getitem__(self, rows: slice | torch.Tensor | list[int]) -> Rollout:
+        """The rows `rows` of the batch: a slice (whole groups when group-aligned), or row indices in that order."""
+        if isinstance(rows, slice):
+            prompts, completions = self.prompts[rows], self.completions[rows]
+        else:
+            rows = torch.as_tensor(rows, dtype=torch.long)
+            prompts = [self.prompts[i] for i in rows.tolist()]
+            completions = [self.completions[i] for i in rows.tolist()]
         return Rollout(self.prompt_ids[rows], self.prompt_mask[rows], self.completion_ids[rows],
-                       self.completion_mask[rows], self.prompts[rows], self.completions[rows], self.truncated[rows])
+                       self.completion_mask[rows], prompts, completions, self.truncated[rows])
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -60,17 +66,6 @@ def concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
         completions=[x for r in rollouts for x in r.completions],
         truncated=torch.cat([r.truncated for r in rollouts]),
     )
-
-
-def select_rows(rollout: Rollout, rows: torch.Tensor | list[int]) -> Rollout:
-    """The rollout's rows `rows` (indices), in that order."""
-    idx = torch.as_tensor(rows, dtype=torch.long)
-    return Rollout(rollout.prompt_ids[idx.to(rollout.prompt_ids.device)],
-                   rollout.prompt_mask[idx.to(rollout.prompt_mask.device)],
-                   rollout.completion_ids[idx.to(rollout.completion_ids.device)],
-                   rollout.completion_mask[idx.to(rollout.completion_mask.device)],
-                   [rollout.prompts[i] for i in idx.tolist()], [rollout.completions[i] for i in idx.tolist()],
-                   rollout.truncated[idx.to(rollout.truncated.device)])
 
 
 def mask_after_eos(completion_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,3 +163,11 @@ def sample_groups(
         completions=completions,
         truncated=truncated,
     )
+
+
+def sample_in_batches(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], n: int,
+                      max_new_tokens: int, greedy: bool, batch: int = 256) -> list[Rollout]:
+    """`sample_groups` over `prompts` in chunks of about `batch` rows (n completions each, temperature 1)."""
+    per = max(1, batch // n)
+    return [sample_groups(model, tokenizer, prompts[i : i + per], n, max_new_tokens, 1.0, do_sample=not greedy)
+            for i in range(0, len(prompts), per)]

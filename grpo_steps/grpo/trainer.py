@@ -28,7 +28,7 @@ from grpo_steps.grpo.advantages import group_advantages, groups_with_spread, nan
 from grpo_steps.grpo.logprobs import completion_logps
 from grpo_steps.grpo.loss import Normalizers, policy_loss
 from grpo_steps.grpo.rewards import RewardFunction, function_name, score_completions
-from grpo_steps.grpo.sampling import Rollout, concat_rollouts, sample_groups, select_rows
+from grpo_steps.grpo.sampling import Rollout, concat_rollouts, sample_groups
 from grpo_steps.grpo.settings import GRPOSettings
 
 log = logging.getLogger(__name__)
@@ -223,7 +223,7 @@ class GRPOTrainer:
         fill = torch.nonzero(~has_spread).flatten()[: need - len(with_spread)]
         groups = torch.cat([with_spread, fill])
         rows = (groups.unsqueeze(1) * G + torch.arange(G)).flatten()
-        rollout = select_rows(concat_rollouts([p[0] for p in parts], self.tokenizer.pad_token_id), rows)
+        rollout = concat_rollouts([p[0] for p in parts], self.tokenizer.pad_token_id)[rows]
         rewards, per_func, lengths = (torch.cat([p[i] for p in parts])[rows.to(parts[0][i].device)]
                                       for i in (1, 2, 3))
         self.last_sampling = {"rounds": rounds, "dropped_groups": int((~has_spread).sum()) - len(fill),

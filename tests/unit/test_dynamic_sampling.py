@@ -10,7 +10,7 @@ import torch
 
 from grpo_steps.config import GRPOConfig, ModelConfig
 from grpo_steps.grpo.advantages import groups_with_spread
-from grpo_steps.grpo.sampling import concat_rollouts, sample_groups, select_rows
+from grpo_steps.grpo.sampling import concat_rollouts, sample_groups
 from grpo_steps.grpo.trainer import GRPOTrainer, PromptSampler
 from grpo_steps.modeling import build_policy
 from grpo_steps.tokenizer import build_tokenizer
@@ -40,7 +40,7 @@ def test_concat_rollouts_keeps_every_rows_tokens_and_masks():
     for i, (src, j) in enumerate([(a, 0), (a, 1), (b, 0), (b, 1), (b, 2), (b, 3)]):
         got = both.input_ids[i][both.attention_mask[i].bool()]
         assert torch.equal(got, src.input_ids[j][src.attention_mask[j].bool()])  # the same tokens, unpadded
-    picked = select_rows(both, [4, 5, 0, 1])
+    picked = both[[4, 5, 0, 1]]
     assert picked.prompts == [both.prompts[k] for k in (4, 5, 0, 1)]
     assert torch.equal(picked.completion_ids, both.completion_ids[[4, 5, 0, 1]])
 
