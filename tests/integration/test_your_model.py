@@ -58,10 +58,10 @@ def rendered(monkeypatch):
             return out
         return wrapped
 
-    for stage, module in (("sft", grpo_steps.sft), ("train_reward", grpo_steps.train_reward),
-                          ("grpo", grpo_steps.train_grpo)):
+    for stage, module in (("sft", grpo_steps.sft), ("train_reward", grpo_steps.train_reward)):
         monkeypatch.setattr(module, "render", spy(stage, prompts.render))
-    for stage, module in (("validate", grpo_steps.validate), ("evaluate", grpo_steps.evaluate)):
+    for stage, module in (("validate", grpo_steps.validate), ("grpo", grpo_steps.train_grpo),
+                          ("evaluate", grpo_steps.evaluate)):
         monkeypatch.setattr(module, "render_all", spy(stage, prompts.render_all))
     return seen
 
