@@ -26,8 +26,9 @@ from flows.cache import cache_key_fn, output_manifest, results_dir, stale_output
 from flows.report import publish_reports, summary_markdown
 from grpo_steps.config import Config, load_config
 from grpo_steps.errors import USER_ERRORS
+from grpo_steps.secrets import redact_url
 from grpo_steps.stages import STAGE_SPECS, STAGES
-from grpo_steps.tracking import pipeline_run
+from grpo_steps.tracking import LOCAL_UI, headline_metrics, pipeline_run, tracking_uri, ui_runs_link
 
 SUMMARY_ARTIFACT_KEY = "grpo-pipeline-summary"
 
@@ -119,12 +120,12 @@ def grpo_pipeline(
     try:
         with pipeline_run(cfg, tags={"prefect_flow_run_id": prefect_flow_run_id()}) as run_id:
             logger.info("MLflow parent run %s at %s; stage results cached in %s", run_id,
-                        cfg.tracking.tracking_uri, storage)
+                        redact_url(tracking_uri(cfg)), storage)
             for name in STAGES:
                 status[name] = "failed"
                 records[name], status[name] = _run_stage(name, cfg, run_id, storage, refresh_cache)
                 results[name] = records[name]["result"]
-            _tag_parent_run(run_id, status)
+            _finish_parent_run(run_id, status, results)
     except BaseException as e:
         error = e
         raise
@@ -143,11 +144,19 @@ def grpo_pipeline(
     return results
 
 
-def _tag_parent_run(run_id: str, status: dict[str, str]) -> None:
-    from mlflow import MlflowClient
+def _finish_parent_run(run_id: str, status: dict[str, str], results: dict[str, Any]) -> None:
+    """The parent run's headline metrics (the runs page's columns), which stages were cached, and where to
+    look."""
+    import mlflow
 
     cached = [n for n, s in status.items() if s == "cached"]
-    MlflowClient().set_tag(run_id, "cached_stages", ",".join(cached) or "none")
+    client = mlflow.MlflowClient()
+    client.set_tag(run_id, "cached_stages", ",".join(cached) or "none")
+    for key, value in headline_metrics(results).items():
+        client.log_metric(run_id, key, value)
+    uri, experiment_id = mlflow.get_tracking_uri(), client.get_run(run_id).info.experiment_id
+    link = ui_runs_link(uri, experiment_id) or f"`make mlflow-ui`, then {ui_runs_link(LOCAL_UI, experiment_id)}"
+    get_run_logger().info("MLflow UI: %s", link)
 
 
 def _publish_summary(cfg: Config, run_id: str | None, records: dict[str, dict[str, Any]], status: dict[str, str],

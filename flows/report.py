@@ -18,6 +18,7 @@ from typing import Any
 
 from grpo_steps.config import Config
 from grpo_steps.results import Report
+from grpo_steps.tracking import LOCAL_UI, ui_run_link
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +53,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def mlflow_run_link(tracking_uri: str, experiment_id: str | None, run_id: str) -> str | None:
-    """The MLflow UI address of a run when the tracking URI is a server; None for a local store."""
-    if experiment_id and tracking_uri.startswith(("http://", "https://")):
-        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-    return None
-
-
 def _mlflow_section(run_id: str | None) -> list[str]:
     if run_id is None:
         return ["## MLflow", "", "No MLflow run was started (the run failed before it)."]
@@ -71,11 +65,12 @@ def _mlflow_section(run_id: str | None) -> list[str]:
         experiment_id = None
     lines = ["## MLflow", "", f"- parent run: `{run_id}` (experiment id {experiment_id or 'unknown'})",
              f"- tracking URI: `{uri}`"]
-    link = mlflow_run_link(uri, experiment_id, run_id)
+    link = ui_run_link(uri, experiment_id, run_id) if experiment_id else None
     if link:
         lines.append(f"- [open the run in the MLflow UI]({link})")
     else:
-        lines.append(f"- view it with `mlflow ui --backend-store-uri {uri}`")
+        lines.append(f"- view it with `mlflow ui --backend-store-uri {uri}` (`make mlflow-ui`), then open "
+                     f"{ui_run_link(LOCAL_UI, experiment_id or '0', run_id)}")
     return lines
 
 

@@ -12,6 +12,7 @@ stage's nested run logs the settings of the sections that stage reads.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -109,15 +110,72 @@ def setup(cfg: Config) -> str:
     return exp_id
 
 
-# The MLflow UI opens an experiment by its kind; without one it guesses, and shows a training pipeline's
-# experiment as GenAI (traces, evaluations). The kind is set once; a kind someone chose stays.
+# What the MLflow UI shows first. The experiment's kind says "model training" (the API and UIs that read it);
+# MLflow 3.17's UI itself opens every experiment in the mode of its GenAI / Model training switch, so the links
+# the pipeline prints carry `workflowType=machine_learning`, and open the runs through a saved view whose
+# columns are the headline metrics the flow logs on its parent run. Both tags are written once; a kind or view
+# someone chose stays.
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+HEADLINE_VIEW = "headline"
+HEADLINE_VIEW_TAG = f"mlflow.sharedViewState.{HEADLINE_VIEW}"
+# The parent run's metrics, in column order: held-out accuracy before (SFT) and after GRPO and the gain, the
+# last training reward, the policy's KL to the reference on the test prompts, the reward model's held-out
+# pairwise accuracy.
+HEADLINE_METRICS = ("accuracy_start", "accuracy_grpo", "accuracy_gain", "train_reward", "kl_to_ref", "rm_accuracy")
+# The grpo run's first charts: MLflow sections charts by the metric name's prefix, puts prefixed sections in
+# sort order before the unprefixed ones, and upper case sorts first. The curves keep their usual names too.
+HEADLINE_CURVES = {"reward": "Headline/reward", "eval/accuracy": "Headline/accuracy", "kl": "Headline/kl"}
+
+
+def headline_view_state() -> str:
+    """The saved runs view (MLflow's shared-view envelope): headline metric columns, newest runs first."""
+    columns = ["attributes.`Duration`", *(f"metrics.`{m}`" for m in HEADLINE_METRICS), "attributes.`Models`"]
+    state = {"selectedColumns": columns, "columnOrder": columns, "orderByKey": "attributes.start_time",
+             "orderByAsc": False, "runsHiddenMode": "SHOW_ALL"}
+    return json.dumps({"name": "Headline metrics", "createdAt": 0, "state": json.dumps(state)})
+
+
+LOCAL_UI = "http://127.0.0.1:5000"  # `make mlflow-ui` on the local store
+
+
+def ui_runs_link(tracking_uri: str, experiment_id: str) -> str | None:
+    """The MLflow UI page of the experiment's runs with the headline columns; None for a local store."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    return (f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs"
+            f"?workflowType=machine_learning&viewStateShareKey={HEADLINE_VIEW}")
+
+
+def ui_run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
+    """The MLflow UI page of one run, in the Model training mode; None for a local store."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def _mark_model_training(exp_id: str, exp: Any) -> None:
-    if exp is not None and EXPERIMENT_KIND_TAG in (exp.tags or {}):
-        return
-    mlflow.MlflowClient().set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    tags = (exp.tags or {}) if exp is not None else {}
+    client = mlflow.MlflowClient()
+    if EXPERIMENT_KIND_TAG not in tags:
+        client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    if HEADLINE_VIEW_TAG not in tags:
+        client.set_experiment_tag(exp_id, HEADLINE_VIEW_TAG, headline_view_state())
+
+
+def headline_metrics(results: dict[str, Any]) -> dict[str, float]:
+    """The parent run's headline metrics from the stage values of one pipeline run (those that ran)."""
+    out: dict[str, float] = {}
+    ev, grpo, rm = results.get("evaluate") or {}, results.get("grpo") or {}, results.get("train_reward") or {}
+    if ev:
+        out.update(accuracy_start=ev["start"]["accuracy"], accuracy_grpo=ev["grpo"]["accuracy"],
+                   accuracy_gain=ev["accuracy_gain"])
+        if "kl_to_reference" in ev["grpo"]:
+            out["kl_to_ref"] = ev["grpo"]["kl_to_reference"]
+    if "reward_last" in grpo:
+        out["train_reward"] = grpo["reward_last"]
+    if "pairwise_accuracy" in rm:
+        out["rm_accuracy"] = rm["pairwise_accuracy"]
+    return {k: round(v, 4) for k, v in _finite(out).items()}  # columns a person reads
 
 
 def flat_params(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -249,11 +307,12 @@ def _checked(stage: str, result: object) -> StageResult:
 
 
 def log_curve(metrics: dict[str, float], step: int) -> None:
-    """Per-step training metrics on the stage's run while it trains (finite values only); a no-op when no
-    run is active (a stage called without the wrapper, the other processes of a distributed job)."""
+    """Per-step training metrics on the stage's run while it trains (finite values only), the headline ones
+    also under `Headline/` (the run page's first charts); a no-op when no run is active (a stage called
+    without the wrapper, the other processes of a distributed job)."""
     if mlflow.active_run() is None:
         return
-    finite = _finite(metrics)
+    finite = _finite({**metrics, **{HEADLINE_CURVES[k]: v for k, v in metrics.items() if k in HEADLINE_CURVES}})
     if finite:
         mlflow.log_metrics(finite, step=step)
 

@@ -157,7 +157,8 @@ def _cfg():
 
 
 def test_summary_markdown_tables_and_gates():
-    from flows.report import mlflow_run_link, summary_markdown
+    from flows.report import summary_markdown
+    from grpo_steps.tracking import ui_run_link
 
     ev = {"n_test": 60, "start": {"accuracy": 0.25, "pass_at_4": 0.5}, "grpo": {"accuracy": 0.5, "pass_at_4": 0.75,
           "kl_to_reference": 0.01}, "accuracy_gain": 0.25, "champion": {"accuracy": 0.4}, "champion_version": "3",
@@ -177,8 +178,9 @@ def test_summary_markdown_tables_and_gates():
     assert "**+0.2500**" in md and "over the champion: **+0.1000**" in md
     assert "| reward model | passed | held-out pairwise accuracy 0.9000, required 0.55 |" in md
     assert "| registry alias | `champion` | grpo-policy v4" in md and "champion before: v3 (0.4000)" in md
-    assert mlflow_run_link("http://mlflow:5000/", "7", "abc") == "http://mlflow:5000/#/experiments/7/runs/abc"
-    assert mlflow_run_link("sqlite:///mlflow.db", "7", "abc") is None
+    assert ui_run_link("http://mlflow:5000/", "7", "abc") == \
+        "http://mlflow:5000/#/experiments/7/runs/abc?workflowType=machine_learning"
+    assert ui_run_link("sqlite:///mlflow.db", "7", "abc") is None
 
 
 def test_summary_markdown_of_a_failed_gate(workdir):
