@@ -42,10 +42,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from infra.mlflow_users import PIPELINE_USER, VIEWER_USER, ensure_users
+
 START_S = 300.0  # a first start migrates two fresh databases: slow on a busy 2-core machine
 DB_USER = "grpo"
 DATABASES = ("mlflow", "mlflow_auth", "prefect")
-PIPELINE_USER, VIEWER_USER, ADMIN_USER = "pipeline", "viewer", "admin"
+ADMIN_USER = "admin"
 
 
 class StackError(RuntimeError):
@@ -119,7 +121,7 @@ class Stack:
     _stops: list[Callable[[], None]] = field(default_factory=list)
 
     # --- what clients need -------------------------------------------------------------------------------
-    def db_url(self, database: str, driver: str = "postgresql") -> str:
+    def db_url(self, database: str, driver: str = "postgresql+psycopg") -> str:
         return f"{driver}://{DB_USER}:{self.creds.db}@127.0.0.1:{self.pg_port}/{database}"
 
     def client_env(self, user: str = PIPELINE_USER) -> dict[str, str]:
@@ -278,17 +280,8 @@ class Stack:
         self._ensure_mlflow_users()
 
     def _ensure_mlflow_users(self) -> None:
-        from mlflow.exceptions import RestException
-        from mlflow.server.auth.client import AuthServiceClient
-
         with _env(MLFLOW_TRACKING_USERNAME=ADMIN_USER, MLFLOW_TRACKING_PASSWORD=self.creds.admin):
-            client = AuthServiceClient(self.mlflow_url)
-            for user in (PIPELINE_USER, VIEWER_USER):
-                try:
-                    client.create_user(user, self.password(user))
-                except RestException as e:
-                    if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
-                        raise
+            ensure_users(self.mlflow_url, {u: self.password(u) for u in (PIPELINE_USER, VIEWER_USER)})
 
     # --- Prefect -----------------------------------------------------------------------------------------
     def _start_prefect(self, base_env: dict[str, str]) -> None:

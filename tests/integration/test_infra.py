@@ -524,7 +524,7 @@ def compose() -> dict[str, Any]:
 
 def test_compose_has_the_expected_services(compose):
     services = compose["services"]
-    assert {"postgres", "minio", "minio-init", "mlflow", "prefect-server", "worker"} <= set(services)
+    assert {"postgres", "minio", "minio-init", "mlflow", "mlflow-users", "prefect-server", "worker"} <= set(services)
     for name, svc in services.items():
         for dep in svc.get("depends_on", {}):
             assert dep in services, f"{name} depends on unknown service {dep}"
@@ -535,10 +535,12 @@ def test_compose_has_the_expected_services(compose):
 def test_compose_wiring(compose, prefect_doc):
     env = _env_example()
     s = compose["services"]
-    mlflow_cmd = " ".join(s["mlflow"]["command"])
-    assert (f"--backend-store-uri=postgresql://{env['POSTGRES_USER']}:{env['POSTGRES_PASSWORD']}@postgres:5432/"
-            f"{env['MLFLOW_DB']}") in mlflow_cmd
-    assert f"--artifacts-destination=s3://{env['MLFLOW_BUCKET']}" in mlflow_cmd
+    mlflow_cmd, mlflow_env = " ".join(s["mlflow"]["command"]), s["mlflow"]["environment"]
+    db = f"postgresql+psycopg://{env['POSTGRES_USER']}:{env['POSTGRES_PASSWORD']}@postgres:5432/"
+    assert mlflow_env["MLFLOW_BACKEND_STORE_URI"] == db + env["MLFLOW_DB"]  # the environment, not argv
+    assert mlflow_env["MLFLOW_AUTH_DATABASE_URI"] == db + env["MLFLOW_AUTH_DB"]
+    assert '--artifacts-destination "s3://$MLFLOW_BUCKET"' in mlflow_cmd
+    assert mlflow_env["MLFLOW_BUCKET"] == env["MLFLOW_BUCKET"]
     assert s["mlflow"]["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
     assert "mlflow" in s["mlflow"]["environment"]["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
     assert s["minio-init"]["environment"]["MLFLOW_BUCKET"] == env["MLFLOW_BUCKET"]
@@ -562,9 +564,35 @@ def test_compose_wiring(compose, prefect_doc):
             assert (ctx / svc["build"]["dockerfile"]).is_file(), f"{name}: dockerfile not found"
 
 
+SECRETS = ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_PIPELINE_PASSWORD",
+           "MLFLOW_VIEWER_PASSWORD", "MLFLOW_SECRET_KEY", "PREFECT_AUTH_STRING")
+
+
+def test_compose_servers_require_auth_and_jobs_take_credentials_from_the_environment(compose):
+    env = _env_example()
+    s = compose["services"]
+    mlflow_cmd, mlflow_env = " ".join(s["mlflow"]["command"]), s["mlflow"]["environment"]
+    assert "exec mlflow server --app-name basic-auth" in mlflow_cmd and "umask 077" in mlflow_cmd
+    assert mlflow_env["MLFLOW_AUTH_CONFIG_PATH"] == "/tmp/basic_auth.ini"
+    assert "default_permission = READ" in mlflow_cmd  # what `viewer` (and any user) may do by default
+    assert mlflow_env["MLFLOW_AUTH_ADMIN_PASSWORD"] == env["MLFLOW_ADMIN_PASSWORD"]
+    assert mlflow_env["MLFLOW_FLASK_SERVER_SECRET_KEY"] == env["MLFLOW_SECRET_KEY"]
+    users = s["mlflow-users"]
+    assert users["depends_on"]["mlflow"]["condition"] == "service_healthy"
+    assert (COMPOSE.parent / users["volumes"][0].split(":")[0]).resolve() == ROOT / "infra" / "mlflow_users.py"
+    assert users["environment"]["MLFLOW_PIPELINE_PASSWORD"] == env["MLFLOW_PIPELINE_PASSWORD"]
+    auth = s["prefect-server"]["environment"]["PREFECT_SERVER_API_AUTH_STRING"]
+    assert auth == env["PREFECT_AUTH_STRING"] and ":" in auth
+    worker = s["worker"]["environment"]
+    assert worker["PREFECT_API_AUTH_STRING"] == auth
+    assert worker["MLFLOW_TRACKING_USERNAME"] == "pipeline"
+    assert worker["MLFLOW_TRACKING_PASSWORD"] == env["MLFLOW_PIPELINE_PASSWORD"]
+    assert s["worker"]["depends_on"]["mlflow-users"]["condition"] == "service_completed_successfully"
+
+
 def test_env_example_has_only_placeholder_secrets():
     env = _env_example()
-    for key in ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD"):
+    for key in SECRETS:
         assert "change-me" in env[key], f"{key} in .env.example must be a placeholder"
     assert len(env["MINIO_ROOT_PASSWORD"]) >= 8, "MinIO refuses root passwords shorter than 8 characters"
     assert (DOCKER / ".gitignore").read_text().split().count(".env") == 1
@@ -572,7 +600,7 @@ def test_env_example_has_only_placeholder_secrets():
 
 def test_compose_secrets_have_no_defaults():
     text = COMPOSE.read_text()
-    for secret in ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD"):
+    for secret in SECRETS:
         uses = re.findall(r"\$\{" + secret + r"([^}]*)\}", text)
         assert uses and all(u.startswith(":?") for u in uses), f"{secret} must be required (${{{secret}:?...}})"
 
