@@ -51,7 +51,8 @@ def test_links_open_model_training_mode_and_the_headline_view_on_a_server_only()
 
 def test_log_curve_adds_the_headline_curves_next_to_the_usual_names(tmp_path):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/m.db")
-    with mlflow.start_run() as run:
+    experiment_id = mlflow.MlflowClient().create_experiment("curves")  # not the experiment an earlier test set
+    with mlflow.start_run(experiment_id=experiment_id) as run:
         tracking.log_curve({"reward": 0.5, "kl": 0.01, "loss": float("nan"), "clip_ratio/low_mean": 0.0}, step=1)
         tracking.log_curve({"eval/accuracy": 0.8}, step=2)
     keys = set(mlflow.MlflowClient().get_run(run.info.run_id).data.metrics)
