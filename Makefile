@@ -43,14 +43,14 @@ pipeline: setup
 	$(BIN)/grpo run
 
 test: setup system-deps
-	$(BIN)/ruff check grpo_steps flows tests bench infra
+	$(BIN)/ruff check grpo_steps flows tests bench infra docs
 	$(BIN)/python -m pytest -q -ra --durations=15
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: setup
-	$(BIN)/ruff check grpo_steps flows tests bench infra
+	$(BIN)/ruff check grpo_steps flows tests bench infra docs
 
 # The production stack on this machine (PostgreSQL, MLflow with basic auth, Prefect with an auth string), and
 # the test that runs the pipeline through it.

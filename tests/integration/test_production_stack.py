@@ -239,40 +239,8 @@ def _ui_link(output: str) -> str:
     return found[-1]
 
 
-def _close_assistant(driver) -> None:
-    """MLflow's chat side panel opens on every page: close it, the runs need the width."""
-    from selenium.webdriver.common.by import By
-
-    for button in driver.find_elements(By.CSS_SELECTOR, "button[aria-label='Close']"):
-        if button.is_displayed():
-            button.click()
-            time.sleep(0.5)
-            return
-
-
-def _click(driver, css: str, what: str) -> None:
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    try:
-        WebDriverWait(driver, 60).until(ec.element_to_be_clickable((By.CSS_SELECTOR, css))).click()
-    except Exception as e:
-        driver.save_screenshot(str(driver.shots / f"failed-{what}.png"))
-        raise AssertionError(f"no clickable {what} ({css}) on {driver.current_url}") from e
-
-
-def _click_text(driver, text: str) -> None:
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    xpath = f"//*[normalize-space(text())='{text}']"
-    WebDriverWait(driver, 60).until(lambda d: any(e.is_displayed() for e in d.find_elements(By.XPATH, xpath)))
-    next(e for e in driver.find_elements(By.XPATH, xpath) if e.is_displayed()).click()
-
-
 def test_mlflow_ui_shows_runs_charts_model_and_artifacts(stack_run):
-    from tests.support.browser import browser, wait_text
+    from tests.support.browser import browser, click, click_text, close_mlflow_assistant, wait_text
 
     run = stack_run
     url = run.stack.mlflow_url
@@ -286,12 +254,12 @@ def test_mlflow_ui_shows_runs_charts_model_and_artifacts(stack_run):
         # the link the pipeline printed: the runs, in Model training mode, headline metrics as columns
         d.get(_ui_link(run.output))
         text = wait_text(d, "Model training", "pipeline", *HEADLINE_METRICS, shot="mlflow-runs-raw")
-        _close_assistant(d)
+        close_mlflow_assistant(d)
         text = wait_text(d, *HEADLINE_METRICS, shot="mlflow-runs")
         assert "Detect Issues" not in text and "No data available for the selected time range" not in text
         assert [text.index(m) for m in HEADLINE_METRICS] == sorted(text.index(m) for m in HEADLINE_METRICS)
         # the parent run expands to its nested stage runs
-        _click(d, f"[row-id='{run.parent_run_id}'] button[data-component-id*='runnamecellrenderer']",
+        click(d, f"[row-id='{run.parent_run_id}'] button[data-component-id*='runnamecellrenderer']",
                "run expander")
         wait_text(d, *STAGES, shot="mlflow-nested-runs")
 
@@ -313,14 +281,14 @@ def test_mlflow_ui_shows_runs_charts_model_and_artifacts(stack_run):
         d.get(f"{url}/#/experiments/{run.experiment_id}/runs/{children['evaluate']}/artifacts"
               "?workflowType=machine_learning")
         wait_text(d, "eval.png", "samples.json", shot="mlflow-artifacts")
-        _click_text(d, "eval.png")
+        click_text(d, "eval.png")
         deadline = time.monotonic() + 60
         while not d.execute_script("return Array.from(document.images).some(i => i.complete && i.naturalWidth > 200"
                                    " && (i.src.includes('eval.png') || i.src.startsWith('blob:')))"):
             assert time.monotonic() < deadline, "eval.png did not render as an image"
             time.sleep(0.5)
         wait_text(d, "eval.png", shot="mlflow-eval-plot")
-        _click_text(d, "samples.json")
+        click_text(d, "samples.json")
         wait_text(d, "completion", "prompt", shot="mlflow-samples")
 
         # the registered version: alias, a description a person can read, the lineage tags
@@ -330,7 +298,7 @@ def test_mlflow_ui_shows_runs_charts_model_and_artifacts(stack_run):
 
 
 def test_prefect_ui_shows_the_flow_run_its_tasks_and_summary(stack_run):
-    from tests.support.browser import browser, wait_text
+    from tests.support.browser import browser, click, wait_text
 
     run = stack_run
     ui = run.stack.prefect_api.removesuffix("/api")
@@ -341,10 +309,10 @@ def test_prefect_ui_shows_the_flow_run_its_tasks_and_summary(stack_run):
     with browser(SHOTS, {"Authorization": run.stack.prefect_auth_header()}, size=(1920, 1080)) as d:
         d.get(f"{ui}/runs/flow-run/{run.flow_run_id}")
         wait_text(d, "grpo-pipeline", "Completed", f"{len(STAGES)} Task runs", shot="prefect-flow-run")
-        _click(d, "li.p-tab#task-runs", "Task Runs tab")
+        click(d, "li.p-tab#task-runs", "Task Runs tab")
         text = wait_text(d, *(f"{name}-" for name in STAGES), shot="prefect-task-runs")
         assert text.count("Completed") >= len(STAGES)
-        _click(d, "li.p-tab#artifacts", "Artifacts tab")
+        click(d, "li.p-tab#artifacts", "Artifacts tab")
         wait_text(d, "grpo-pipeline-summary", shot="prefect-artifacts")
         d.get(f"{ui}/artifacts/artifact/{summary['id']}")
         wait_text(d, "GRPO pipeline run: completed", "Held-out evaluation", shot="prefect-summary")

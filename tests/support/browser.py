@@ -75,3 +75,35 @@ def wait_text(driver, *texts: str, shot: str, timeout: float = WAIT_S) -> str:
             raise AssertionError(f"{missing} not on {driver.current_url} after {timeout:.0f} s "
                                  f"(screenshot {driver.shots / shot}.png); the page says:\n{body[:3000]}")
         time.sleep(0.5)
+
+
+def close_mlflow_assistant(driver) -> None:
+    """MLflow's chat side panel opens on every page: close it, the runs need the width."""
+    from selenium.webdriver.common.by import By
+
+    for button in driver.find_elements(By.CSS_SELECTOR, "button[aria-label='Close']"):
+        if button.is_displayed():
+            button.click()
+            time.sleep(0.5)
+            return
+
+
+def click(driver, css: str, what: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    try:
+        WebDriverWait(driver, 60).until(ec.element_to_be_clickable((By.CSS_SELECTOR, css))).click()
+    except Exception as e:
+        driver.save_screenshot(str(driver.shots / f"failed-{what}.png"))
+        raise AssertionError(f"no clickable {what} ({css}) on {driver.current_url}") from e
+
+
+def click_text(driver, text: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    xpath = f"//*[normalize-space(text())='{text}']"
+    WebDriverWait(driver, 60).until(lambda d: any(e.is_displayed() for e in d.find_elements(By.XPATH, xpath)))
+    next(e for e in driver.find_elements(By.XPATH, xpath) if e.is_displayed()).click()
