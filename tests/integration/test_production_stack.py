@@ -240,7 +240,7 @@ def _ui_link(output: str) -> str:
 
 
 def test_mlflow_ui_shows_runs_charts_model_and_artifacts(stack_run):
-    from tests.support.browser import browser, click, click_text, close_mlflow_assistant, wait_text
+    from tests.support.browser import browser, click, click_text, close_mlflow_assistant, page_text, wait_text
 
     run = stack_run
     url = run.stack.mlflow_url
@@ -249,6 +249,11 @@ def test_mlflow_ui_shows_runs_charts_model_and_artifacts(stack_run):
                     for r in _search(c, run.experiment_id, f"tags.mlflow.parentRunId = '{run.parent_run_id}'")}
         version = c.get("/registered-models/alias", params={"name": MODEL, "alias": "champion"}).json()[
             "model_version"]["version"]
+    with browser(SHOTS) as anonymous:  # no credentials: the server answers 401, the page stays empty
+        anonymous.get(_ui_link(run.output))
+        time.sleep(5)
+        anonymous.save_screenshot(str(SHOTS / "mlflow-anonymous.png"))
+        assert "grpo-pipeline" not in page_text(anonymous) and "accuracy_start" not in page_text(anonymous)
     # the read-only user browses; the header is the browser's basic-auth answer on every request
     with browser(SHOTS, {"Authorization": run.stack.basic_auth_header(VIEWER_USER)}, size=(1920, 1080)) as d:
         # the link the pipeline printed: the runs, in Model training mode, headline metrics as columns
@@ -297,8 +302,11 @@ def test_mlflow_ui_shows_runs_charts_model_and_artifacts(stack_run):
                   shot="mlflow-model-version")
 
 
-def test_prefect_ui_shows_the_flow_run_its_tasks_and_summary(stack_run):
-    from tests.support.browser import browser, click, wait_text
+def test_prefect_ui_asks_for_the_auth_string_then_shows_the_flow_run_its_tasks_and_summary(stack_run):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    from tests.support.browser import browser, click, page_text, wait_text
 
     run = stack_run
     ui = run.stack.prefect_api.removesuffix("/api")
@@ -306,7 +314,14 @@ def test_prefect_ui_shows_the_flow_run_its_tasks_and_summary(stack_run):
         arts = p.post("/artifacts/filter", json={"artifacts": {"key": {"any_": ["grpo-pipeline-summary"]},
                                                               "flow_run_id": {"any_": [run.flow_run_id]}}})
         (summary,) = arts.raise_for_status().json()
-    with browser(SHOTS, {"Authorization": run.stack.prefect_auth_header()}, size=(1920, 1080)) as d:
+    with browser(SHOTS, size=(1920, 1080)) as d:
+        # no auth string yet: the UI sends the user to its login page and shows no run
+        d.get(f"{ui}/runs")
+        wait_text(d, "Login", shot="prefect-login")
+        assert "/login" in d.current_url and "grpo-pipeline" not in page_text(d)
+        box = d.find_element(By.CSS_SELECTOR, "input[type=password]")
+        box.send_keys(run.stack.client_env()["PREFECT_API_AUTH_STRING"], Keys.ENTER)
+        wait_text(d, "Runs", shot="prefect-after-login")
         d.get(f"{ui}/runs/flow-run/{run.flow_run_id}")
         wait_text(d, "grpo-pipeline", "Completed", f"{len(STAGES)} Task runs", shot="prefect-flow-run")
         click(d, "li.p-tab#task-runs", "Task Runs tab")
