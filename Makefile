@@ -19,7 +19,7 @@ export PYTHONUNBUFFERED := 1
 # What the browser and production-stack tests need from the distribution (Debian/Ubuntu names): headless
 # Chromium and its driver, the PostgreSQL server. Installed when missing and run as root (CI); otherwise
 # listed, and those tests skip saying why.
-SYSTEM_PACKAGES := chromium chromium-driver postgresql
+SYSTEM_PACKAGES := chromium chromium-driver fonts-dejavu-core postgresql
 SYSTEM_PROBES := chromium chromedriver pg_ctlcluster
 
 $(VENV)/.installed: pyproject.toml
@@ -35,7 +35,7 @@ system-deps:
 	if [ $$missing = 0 ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo "installing $(SYSTEM_PACKAGES) (apt-get)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	    $(SYSTEM_PACKAGES) >/dev/null; \
 	else echo "note: the UI and production-stack tests need $(SYSTEM_PACKAGES); they will skip"; fi
 
