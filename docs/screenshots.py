@@ -10,41 +10,16 @@ tests), expands the newest pipeline run, then opens its grpo run's charts. Needs
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
-import subprocess
 import sys
-import time
-import urllib.request
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from grpo_steps.tracking import HEADLINE_METRICS, ui_run_link, ui_runs_link  # noqa: E402
-from infra.local_stack import free_port  # noqa: E402
 from tests.support.browser import browser, click, close_mlflow_assistant, wait_text  # noqa: E402
-
-
-@contextlib.contextmanager
-def _server(store: str, artifacts: Path):
-    port = free_port()
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri", store,
-           "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(180):
-            with contextlib.suppress(OSError):
-                if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
-                    break
-            time.sleep(1)
-        yield url
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
+from tests.support.project import mlflow_server  # noqa: E402
 
 
 def main() -> int:
@@ -63,7 +38,9 @@ def main() -> int:
                                 order_by=["attributes.start_time DESC"])[0]
     grpo = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}' "
                               "and tags.stage = 'grpo'")[0]
-    with _server(args.store, ROOT / "mlartifacts") as url, browser(args.out, size=(1600, 900)) as d:
+    with tempfile.TemporaryDirectory() as logs, \
+            mlflow_server(Path(logs), store=args.store, artifacts=ROOT / "mlartifacts") as url, \
+            browser(args.out, size=(1600, 900)) as d:
         d.get(ui_runs_link(url, exp.experiment_id))
         wait_text(d, *HEADLINE_METRICS, shot="mlflow-runs")
         close_mlflow_assistant(d)

@@ -152,8 +152,7 @@ def _finish_parent_run(run_id: str, status: dict[str, str], results: dict[str, A
     cached = [n for n, s in status.items() if s == "cached"]
     client = mlflow.MlflowClient()
     client.set_tag(run_id, "cached_stages", ",".join(cached) or "none")
-    for key, value in headline_metrics(results).items():
-        client.log_metric(run_id, key, value)
+    mlflow.log_metrics(headline_metrics(results), run_id=run_id)  # one request
     uri, experiment_id = mlflow.get_tracking_uri(), client.get_run(run_id).info.experiment_id
     link = ui_runs_link(uri, experiment_id) or f"`make mlflow-ui`, then {ui_runs_link(LOCAL_UI, experiment_id)}"
     get_run_logger().info("MLflow UI: %s", link)

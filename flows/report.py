@@ -68,9 +68,11 @@ def _mlflow_section(run_id: str | None) -> list[str]:
     link = ui_run_link(uri, experiment_id, run_id) if experiment_id else None
     if link:
         lines.append(f"- [open the run in the MLflow UI]({link})")
-    else:
+    elif experiment_id:
         lines.append(f"- view it with `mlflow ui --backend-store-uri {uri}` (`make mlflow-ui`), then open "
-                     f"{ui_run_link(LOCAL_UI, experiment_id or '0', run_id)}")
+                     f"{ui_run_link(LOCAL_UI, experiment_id, run_id)}")
+    else:
+        lines.append(f"- view it with `mlflow ui --backend-store-uri {uri}` (`make mlflow-ui`)")
     return lines
 
 

@@ -35,7 +35,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from base64 import b64encode
 from collections.abc import Callable, Iterator
@@ -197,7 +196,7 @@ class Stack:
                 with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as r:
                     if r.status == 200:
                         return
-            except (OSError, urllib.error.HTTPError):
+            except OSError:  # not up yet (HTTPError and URLError are OSErrors)
                 pass
             if time.monotonic() > deadline:
                 raise StackError(f"{name} not answering {url} after {START_S:.0f} s; {self.root / (name + '.log')}:"
@@ -209,6 +208,7 @@ class Stack:
         bindir = postgres_bindir()
         data = self.root / "postgres"
         as_user: list[str] = []
+        pg: pwd.struct_passwd | None = None
         if os.geteuid() == 0:  # the server refuses to run as root: run it as the distribution's postgres user
             try:
                 pg = pwd.getpwnam("postgres")
@@ -224,8 +224,8 @@ class Stack:
         if not (data / "PG_VERSION").exists():
             pwfile = self.root / "postgres.pw"
             pwfile.write_text(self.creds.db + "\n")
-            if as_user:
-                os.chown(pwfile, pwd.getpwnam("postgres").pw_uid, -1)
+            if pg is not None:
+                os.chown(pwfile, pg.pw_uid, -1)
             out = subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-U", DB_USER,
                                   "--pwfile", str(pwfile), "--auth-local=scram-sha-256",
                                   "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C"],
@@ -235,9 +235,9 @@ class Stack:
                 raise StackError(f"initdb failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
         self.pg_port = free_port()
         log = self.root / "postgres.log"
-        if as_user:
+        if pg is not None:
             log.touch()
-            os.chown(log, pwd.getpwnam("postgres").pw_uid, -1)
+            os.chown(log, pg.pw_uid, -1)
         opts = f"-p {self.pg_port} -k {data} -c listen_addresses=127.0.0.1"
         out = subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", opts,
                               "-w", "-t", str(int(START_S)), "start"], capture_output=True, text=True)

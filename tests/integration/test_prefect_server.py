@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import time
@@ -21,17 +20,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from infra.local_stack import free_port, tail
 from tests.conftest import TINY
 from tests.integration.test_dvc_pipeline import BIN, copy_project, tool_env
 
 SERVER_START_S = 240  # first start migrates a fresh database: slow on a busy 2-core machine
 RUN_S = 600
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start(cmd: list[str], cwd: Path, env: dict[str, str], log: Path, stack: ExitStack) -> subprocess.Popen:
@@ -52,14 +46,10 @@ def _start(cmd: list[str], cwd: Path, env: dict[str, str], log: Path, stack: Exi
     return proc
 
 
-def _tail(path: Path, n: int = 4000) -> str:
-    return path.read_text(errors="replace")[-n:] if path.is_file() else ""
-
-
 @pytest.mark.slow  # a real server, a deployment and a worker running the TINY pipeline: a few minutes
 def test_on_demand_deployment_runs_on_a_process_worker(tmp_path):
     project = copy_project(tmp_path / "project", tiny=False)
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = tool_env(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=api,
                    PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false")
@@ -78,13 +68,13 @@ def test_on_demand_deployment_runs_on_a_process_worker(tmp_path):
                         logs["server"], stack)
         deadline = time.monotonic() + SERVER_START_S
         while True:
-            assert server.poll() is None, f"the server exited:\n{_tail(logs['server'])}"
+            assert server.poll() is None, f"the server exited:\n{tail(logs['server'], 4000)}"
             try:
                 if http.get("/health").status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
-            assert time.monotonic() < deadline, f"no /api/health in {SERVER_START_S} s:\n{_tail(logs['server'])}"
+            assert time.monotonic() < deadline, f"no /api/health in {SERVER_START_S} s:\n{tail(logs['server'], 4000)}"
             time.sleep(1)
 
         cli("work-pool", "create", "grpo-process", "--type", "process")
@@ -108,11 +98,11 @@ def test_on_demand_deployment_runs_on_a_process_worker(tmp_path):
             if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
                 break
             assert time.monotonic() < deadline, f"flow run still {state['type']} after {RUN_S} s:\n" \
-                                                f"{_tail(logs['worker'])}"
+                                                f"{tail(logs['worker'], 4000)}"
             if worker.poll() is not None and state["type"] == "SCHEDULED":
-                pytest.fail(f"the worker exited without picking up the run:\n{_tail(logs['worker'])}")
+                pytest.fail(f"the worker exited without picking up the run:\n{tail(logs['worker'], 4000)}")
             time.sleep(3)
-        assert state["type"] == "COMPLETED", f"{state}\n{_tail(logs['worker'], 8000)}"
+        assert state["type"] == "COMPLETED", f"{state}\n{tail(logs['worker'], 8000)}"
 
         summary = http.post("/artifacts/filter", json={"artifacts": {"key": {"any_": ["grpo-pipeline-summary"]}}})
         (artifact,) = summary.raise_for_status().json()

@@ -56,8 +56,7 @@ class StackRun:
     flow_run_id: str
 
     def mlflow(self, user: str | None = PIPELINE_USER, password: str | None = None) -> httpx.Client:
-        auth = None if user is None else (user, password if password is not None else self.stack.password(user))
-        return httpx.Client(base_url=f"{self.stack.mlflow_url}/api/2.0/mlflow", auth=auth, timeout=60)
+        return _mlflow_api(self.stack, user, password)
 
     def prefect(self, auth: bool = True) -> httpx.Client:
         headers = {"Authorization": self.stack.prefect_auth_header()} if auth else {}
@@ -82,15 +81,12 @@ def stack_run(tmp_path_factory) -> Iterator[StackRun]:
             output = proc.stdout + proc.stderr
             (root / "pipeline.log").write_text(output)
             assert proc.returncode == 0, f"grpo run through the stack failed:\n{output[-6000:]}"
-            run = StackRun(stack, project, output, "", "", "")
-            with run.mlflow() as c:
+            with _mlflow_api(stack, PIPELINE_USER) as c:
                 exp = c.get("/experiments/get-by-name", params={"experiment_name": "grpo-pipeline"})
-                run.experiment_id = exp.raise_for_status().json()["experiment"]["experiment_id"]
-                runs = _search(c, run.experiment_id, "attributes.run_name = 'pipeline'")
-                assert len(runs) == 1, runs
-                run.parent_run_id = runs[0]["info"]["run_id"]
-                run.flow_run_id = _tags(runs[0])["prefect_flow_run_id"]
-            yield run
+                experiment_id = exp.raise_for_status().json()["experiment"]["experiment_id"]
+                (parent,) = _search(c, experiment_id, "attributes.run_name = 'pipeline'")
+            yield StackRun(stack, project, output, experiment_id, parent["info"]["run_id"],
+                           _tags(parent)["prefect_flow_run_id"])
     finally:
         logs = ARTIFACTS / "stack-logs"
         logs.mkdir(parents=True, exist_ok=True)
@@ -98,6 +94,12 @@ def stack_run(tmp_path_factory) -> Iterator[StackRun]:
             if log.is_file():
                 shutil.copy(log, logs / log.name)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _mlflow_api(stack: Stack, user: str | None, password: str | None = None) -> httpx.Client:
+    """MLflow's REST API as `user` (its own password unless one is given), or anonymous for None."""
+    auth = None if user is None else (user, password if password is not None else stack.password(user))
+    return httpx.Client(base_url=f"{stack.mlflow_url}/api/2.0/mlflow", auth=auth, timeout=60)
 
 
 def _search(client: httpx.Client, experiment_id: str, filter_string: str) -> list[dict]:

@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from infra.local_stack import free_port, tail
 from tests.conftest import ROOT, TINY
 
 _TEMPLATE: dict[str, Path] = {}
@@ -107,20 +107,17 @@ def write_metrics(cfg, accuracy: float, start_accuracy: float = 0.1, **extra) ->
     write_json(cfg.paths.reports() / "metrics.json", metrics)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
-def mlflow_server(root: Path, timeout_s: float = 180.0) -> Iterator[str]:
-    """`mlflow server` on SQLite + a local artifact folder, on a free port; always terminated."""
+def mlflow_server(root: Path, timeout_s: float = 180.0, store: str | None = None,
+                  artifacts: Path | None = None) -> Iterator[str]:
+    """`mlflow server` on a free port, always terminated: on `store` and `artifacts` when given, else on a
+    new SQLite store and artifact folder in `root` (which holds its log either way)."""
     port = free_port()
     root.mkdir(parents=True, exist_ok=True)
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     cmd = [str(mlflow_bin) if mlflow_bin.exists() else "mlflow", "server",
-           "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts"),
+           "--backend-store-uri", store or f"sqlite:///{root}/mlflow.db",
+           "--artifacts-destination", str(artifacts or root / "artifacts"),
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     log = (root / "server.log").open("w")
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
@@ -131,7 +128,7 @@ def mlflow_server(root: Path, timeout_s: float = 180.0) -> Iterator[str]:
         deadline = time.monotonic() + timeout_s
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {proc.returncode}:\n{_tail(root / 'server.log')}")
+                raise RuntimeError(f"mlflow server exited with {proc.returncode}:\n{tail(root / 'server.log')}")
             try:
                 with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
                     if r.status == 200:
@@ -139,7 +136,7 @@ def mlflow_server(root: Path, timeout_s: float = 180.0) -> Iterator[str]:
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server not healthy after {timeout_s:.0f} s:\n{_tail(root / 'server.log')}")
+                raise RuntimeError(f"mlflow server not healthy after {timeout_s:.0f} s:\n{tail(root / 'server.log')}")
             time.sleep(0.5)
         yield url
     finally:
@@ -154,12 +151,6 @@ def mlflow_server(root: Path, timeout_s: float = 180.0) -> Iterator[str]:
                 proc.wait(timeout=10)
         log.close()
 
-
-def _tail(path: Path, n: int = 3000) -> str:
-    try:
-        return path.read_text(errors="replace")[-n:]
-    except OSError:
-        return ""
 
 
 def read_json(path: Path):
