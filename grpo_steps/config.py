@@ -437,6 +437,12 @@ class GRPOConfig(_Section):
         "extra generation rounds (then equal groups fill up); logged as dynamic_sampling/*",
     )
     max_dynamic_sampling_rounds: int = Field(3, ge=0, description="extra generation rounds per step at most")
+    share_prompt: bool = Field(
+        True, description="each distinct prompt goes through the model once per pass (generation's prefill with "
+        "generation_backend compact, the update, the reference and old log-probs), its keys and values shared by "
+        "its G completions: the same numbers, the prompt's compute G times smaller (the update: one process, "
+        "no activation checkpointing)",
+    )
     skip_zero_advantage: bool = Field(
         True, description="with beta = 0, rows whose advantage is 0 (a group whose rewards are all equal) skip "
         "the forward and backward pass: their gradient is exactly zero, and the loss keeps the whole batch's "

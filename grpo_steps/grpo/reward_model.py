@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from grpo_steps.grpo.logprobs import shared_prompt_logps
 from grpo_steps.grpo.tokens import prompt_completion_ids
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,25 @@ def encode_pairs(
         attention[i, : len(r)] = 1
         completion[i, s : len(r)] = 1
     return ids, attention, completion
+
+
+def encode_grouped(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], completions: list[str]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ids `encode_pairs` joins, kept apart for a pass that computes each distinct prompt once: left-padded
+    prompt ids and mask (N, P) and right-padded `completion + EOS` ids and mask (N, C). Each distinct prompt text
+    is tokenized once, the completions in one call."""
+    distinct = list(dict.fromkeys(prompts))
+    encoded = dict(zip(distinct, tokenizer(distinct, add_special_tokens=False)["input_ids"], strict=True))
+    rows = [ids + [tokenizer.eos_token_id] for ids in tokenizer(completions, add_special_tokens=False)["input_ids"]]
+    p_width, c_width = max(len(encoded[p]) for p in distinct), max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    p_rows = [[pad] * (p_width - len(encoded[p])) + encoded[p] for p in prompts]
+    p_ids = torch.tensor(p_rows, dtype=torch.long)
+    p_mask = torch.tensor([[0] * (p_width - len(encoded[p])) + [1] * len(encoded[p]) for p in prompts])
+    c_ids = torch.tensor([r + [pad] * (c_width - len(r)) for r in rows], dtype=torch.long)
+    c_mask = torch.tensor([[1] * len(r) + [0] * (c_width - len(r)) for r in rows])
+    return p_ids, p_mask, c_ids, c_mask
 
 
 def sequence_logps(
@@ -139,8 +159,14 @@ class RewardModelFunction:
 
     def _score(self, prompts: list[str], completions: list[str], device: torch.device) -> torch.Tensor:
         if self.likelihood:
-            ids, attention, completion = (t.to(device) for t in encode_pairs(self.tokenizer, prompts, completions))
-            return self.beta * sequence_logps(self.model, ids, attention, completion, self.length_normalize)
+            # each distinct prompt once (a group's G completions share theirs), as sequence_logps would score
+            p_ids, p_mask, c_ids, c_mask = (t.to(device) for t in encode_grouped(self.tokenizer, prompts, completions))
+            if not bool(p_mask.any(dim=1).all()):  # an empty prompt has no last token to predict from
+                ids, attention, completion = (t.to(device) for t in encode_pairs(self.tokenizer, prompts, completions))
+                return self.beta * sequence_logps(self.model, ids, attention, completion, self.length_normalize)
+            logps, _ = shared_prompt_logps(self.model, p_ids, p_mask, c_ids, c_mask)
+            total = (logps * c_mask).sum(-1)
+            return self.beta * (total / c_mask.sum(-1).clamp(min=1) if self.length_normalize else total)
         # exactly as TRL's RewardTrainer prepared the training pairs: EOS appended unless already there, then
         # the tokenizer's own special tokens (none for the character-level tokenizer; BOS for some backbones)
         eos = self.tokenizer.eos_token or ""

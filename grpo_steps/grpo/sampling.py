@@ -81,20 +81,25 @@ def mask_after_eos(completion_ids: torch.Tensor, eos_token_id: int) -> tuple[tor
 @torch.no_grad()
 def generate_compact(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      max_new_tokens: int, eos_token_id: int, pad_token_id: int, temperature: float = 1.0,
-                     do_sample: bool = True) -> torch.Tensor:
-    """(B, max_new_tokens) completion tokens (pad after EOS): a KV-cached decoding loop that drops each row from
-    the batch once it has produced EOS, so finished rows cost nothing for the rest of the batch's decoding (HF
-    `generate` keeps computing them until the last row stops). Sampling is plain: softmax(logits / T), no top-k
-    or top-p, as `sample_groups` asks of `generate`; greedy with `do_sample=False`."""
-    n = input_ids.size(0)
+                     do_sample: bool = True, repeats: int = 1) -> torch.Tensor:
+    """(B * repeats, max_new_tokens) completion tokens (pad after EOS), `repeats` consecutive rows per prompt: a
+    KV-cached decoding loop that drops each row from the batch once it has produced EOS, so finished rows cost
+    nothing for the rest of the batch's decoding (HF `generate` keeps computing them until the last row stops).
+    Each prompt is prefilled once and its cache shared by its `repeats` rows (`generate` prefills every copy).
+    Sampling is plain: softmax(logits / T), no top-k or top-p, as `sample_groups` asks of `generate`; greedy with
+    `do_sample=False`."""
+    n = input_ids.size(0) * repeats
     out = torch.full((n, max_new_tokens), pad_token_id, dtype=torch.long, device=input_ids.device)
     active = torch.arange(n, device=input_ids.device)
     cache = DynamicCache(config=model.config)
     positions = position_ids_from_mask(attention_mask)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
                    use_cache=True, logits_to_keep=1).logits[:, -1, :]
-    next_position = positions[:, -1] + 1
     mask = attention_mask
+    if repeats > 1:
+        cache.batch_repeat_interleave(repeats)
+        logits, mask, positions = (t.repeat_interleave(repeats, dim=0) for t in (logits, mask, positions))
+    next_position = positions[:, -1] + 1
     used = 0
     for t in range(max_new_tokens):
         used = t + 1
@@ -128,14 +133,16 @@ def sample_groups(
     temperature: float = 1.0,
     do_sample: bool = True,
     backend: str = "hf",
+    share_prompt: bool = True,
 ) -> Rollout:
     """One `generate` call for all prompts x G (KV cache on, left padding, stops when every row hit EOS);
-    `backend="compact"`: `generate_compact`, which stops computing each row at its EOS."""
+    `backend="compact"`: `generate_compact`, which stops computing each row at its EOS and, with `share_prompt`,
+    prefills each prompt once for its G rows."""
     expanded = [p for p in prompts for _ in range(num_generations)]
     device = next(model.parameters()).device
-    enc = tokenizer(expanded, return_tensors="pt", padding=True, add_special_tokens=False, padding_side="left").to(
-        device
-    )
+    shared = backend == "compact" and share_prompt
+    enc = tokenizer(prompts if shared else expanded, return_tensors="pt", padding=True, add_special_tokens=False,
+                    padding_side="left").to(device)
     was_training = model.training
     model.eval()
     gen_kwargs = {"do_sample": do_sample, "max_new_tokens": max_new_tokens, "use_cache": True,
@@ -145,10 +152,13 @@ def sample_groups(
     prompt_len = enc["input_ids"].size(1)
     if backend == "compact":
         completion_ids = generate_compact(model, enc["input_ids"], enc["attention_mask"], max_new_tokens,
-                                          tokenizer.eos_token_id, tokenizer.pad_token_id, temperature, do_sample)
+                                          tokenizer.eos_token_id, tokenizer.pad_token_id, temperature, do_sample,
+                                          repeats=num_generations if shared else 1)
     else:
         completion_ids = model.generate(**enc, **gen_kwargs)[:, prompt_len:]
     model.train(was_training)
+    if shared:
+        enc = {k: v.repeat_interleave(num_generations, dim=0) for k, v in enc.items()}
     if completion_ids.size(1) == 0:  # the model produced nothing at all: keep one pad position so shapes hold
         completion_ids = torch.full((enc["input_ids"].size(0), 1), tokenizer.eos_token_id, device=device)
     mask, truncated = mask_after_eos(completion_ids, tokenizer.eos_token_id)

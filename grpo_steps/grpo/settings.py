@@ -33,4 +33,5 @@ class GRPOSettings:
     generation_backend: Literal["hf", "compact"] = "hf"  # compact: finished rows leave the decoding batch
     dynamic_sampling: bool = False  # DAPO: replace groups of equal rewards by further prompts' groups
     max_dynamic_sampling_rounds: int = 3  # extra generation rounds per step at most
+    share_prompt: bool = True  # each distinct prompt goes through the model once per pass, not once per completion
     skip_zero_advantage: bool = True  # beta = 0: no forward/backward for rows whose gradient is exactly zero

@@ -25,7 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from grpo_steps.errors import UserError
 from grpo_steps.grpo.advantages import group_advantages, groups_with_spread, nanstd
-from grpo_steps.grpo.logprobs import completion_logps
+from grpo_steps.grpo.logprobs import can_share_prompt, completion_logps, shared_prompt_logps
 from grpo_steps.grpo.loss import Normalizers, policy_loss
 from grpo_steps.grpo.rewards import RewardFunction, function_name, score_completions
 from grpo_steps.grpo.sampling import Rollout, concat_rollouts, sample_groups
@@ -71,15 +71,24 @@ def _micro_batches(n: int, size: int) -> list[slice]:
     return [slice(s, min(s + size, n)) for s in range(0, n, size)]
 
 
+def rollout_logps(model, rollout: Rollout, rows: slice | torch.Tensor, c: int, cfg: GRPOSettings, share: bool,
+                  compute_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs of the first `c` completion tokens of `rows`: each distinct prompt computed once
+    (`grpo.share_prompt`), or every row's prompt and completion in one pass."""
+    if share and can_share_prompt(model):
+        return shared_prompt_logps(model, rollout.prompt_ids[rows], rollout.prompt_mask[rows],
+                                   rollout.completion_ids[rows, :c], rollout.completion_mask[rows, :c],
+                                   cfg.temperature, cfg.logprob_chunk_size, compute_entropy)
+    width = rollout.prompt_ids.size(1) + c
+    return completion_logps(model, rollout.input_ids[rows, :width], rollout.attention_mask[rows, :width], c,
+                            cfg.temperature, cfg.logprob_chunk_size, compute_entropy)
+
+
 @torch.no_grad()
 def _batched_logps(model, rollout: Rollout, cfg: GRPOSettings) -> torch.Tensor:
     c = rollout.completion_ids.size(1)
-    parts = []
-    for sl in _micro_batches(rollout.completion_ids.size(0), cfg.micro_batch_size):
-        lp, _ = completion_logps(model, rollout.input_ids[sl], rollout.attention_mask[sl], c,
-                                 cfg.temperature, cfg.logprob_chunk_size)
-        parts.append(lp)
-    return torch.cat(parts)
+    return torch.cat([rollout_logps(model, rollout, sl, c, cfg, cfg.share_prompt)[0]
+                      for sl in _micro_batches(rollout.completion_ids.size(0), cfg.micro_batch_size)])
 
 
 @dataclass
@@ -178,7 +187,7 @@ class GRPOTrainer:
         G = self.cfg.num_generations
         rollout = sample_groups(self.unwrapped, self.tokenizer, [r["prompt"] for r in rows], G,
                                 self.cfg.max_completion_length, self.cfg.temperature,
-                                backend=self.cfg.generation_backend)
+                                backend=self.cfg.generation_backend, share_prompt=self.cfg.share_prompt)
         columns = {k: [r[k] for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
         lengths = rollout.completion_mask.sum(dim=1)  # tokens, EOS included
         columns["completion_lengths"] = lengths.tolist()
@@ -282,8 +291,7 @@ class GRPOTrainer:
 
         sums: dict[str, float] = {}
         total_loss, grad_norm = 0.0, 0.0
-        input_ids, attention_mask = rollout.input_ids, rollout.attention_mask
-        prompt_width = rollout.prompt_ids.size(1)
+        share = cfg.share_prompt and acc.num_processes == 1  # DDP needs its own forward: the full pass there
         trained = self.rows_to_train(advantages, mask)
         self.last_skipped_rows = n_local - (n_local if trained is None else len(trained))
         for _ in range(cfg.mu):
@@ -295,9 +303,7 @@ class GRPOTrainer:
                 if trained is not None:  # the rows that carry a gradient, trailing padding columns dropped
                     rows = trained[sl]
                     c = max(int(mask[rows].sum(1).max()), 1)
-                width = prompt_width + c
-                logps, entropy = completion_logps(self.model, input_ids[rows, :width], attention_mask[rows, :width],
-                                                  c, cfg.temperature, cfg.logprob_chunk_size, compute_entropy=True)
+                logps, entropy = rollout_logps(self.model, rollout, rows, c, cfg, share, compute_entropy=True)
                 m = mask[rows, :c]
                 # mu = 1: the sampling policy *is* the current one, so the ratio is exp(0) with a live gradient.
                 old = old_logps[rows, :c] if old_logps is not None else logps.detach()
