@@ -228,7 +228,7 @@ def build_ours(s: dict[str, Any], model_dir: Path):
         max_completion_length=s["completion_length"], temperature=s["temperature"], learning_rate=s["lr"],
         weight_decay=0.0, max_grad_norm=1.0, beta=s["beta"], epsilon=0.2, loss_type=s["loss_type"],
         scale_rewards="group", logprob_chunk_size=s["logprob_chunk_size"],
-        generation_backend=s.get("generation_backend", "hf"),
+        generation_backend=s.get("generation_backend", "compact"), share_prompt=s.get("share_prompt", True),
     )
     seed_everything(s["seed"])
     trainer = GRPOTrainer(model, tok, [reward_function(s)], [1.0], cfg, seed=s["seed"],
@@ -484,9 +484,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reward", choices=("exact_match", "shorter_is_better"), default="exact_match",
                    help="exact_match: rarely earned by the random model (zero-advantage groups); shorter_is_better: "
                    "every group spreads, so every row has a gradient")
-    p.add_argument("--generation-backend", choices=("hf", "compact"), default="hf",
-                   help="ours: grpo.generation_backend (compact: finished rows leave the decoding batch; TRL keeps "
-                   "transformers generate either way)")
+    p.add_argument("--generation-backend", choices=("hf", "compact"), default="compact",
+                   help="ours: grpo.generation_backend (compact, the default: each prompt prefilled once, finished "
+                   "rows leave the decoding batch; TRL keeps transformers generate either way)")
+    p.add_argument("--no-share-prompt", dest="share_prompt", action="store_false",
+                   help="ours: grpo.share_prompt off (every row's prompt computed in every pass, as TRL does)")
     p.add_argument("--trl-optim", default="adamw_torch",
                    help="TRL's `optim`; adamw_torch matches ours, TRL's default is adamw_torch_fused")
     p.add_argument("--out", type=Path, default=None,
@@ -525,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         "loss_type": args.loss_type, "temperature": args.temperature, "seed": args.seed,
         "logprob_chunk_size": args.logprob_chunk_size, "trl_optim": args.trl_optim, "threads": args.threads,
         "generation_backend": args.generation_backend, "reward": args.reward,
+        "share_prompt": args.share_prompt,
     }
     load_before = _load()
     results: dict[str, list[dict[str, Any]]] = {impl: [] for impl in IMPLEMENTATIONS}
@@ -547,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         f"device {args.device}; P={args.prompts_per_step} prompts x G={args.num_generations}, max completion "
         f"length {args.completion_length}, torch threads per run {args.threads or 'default'}, beta {args.beta}, "
         f"loss {args.loss_type}, lr {args.lr}, ours logprob_chunk_size {args.logprob_chunk_size}, ours generation "
-        f"backend {args.generation_backend}, reward {args.reward}, TRL optim "
+        f"backend {args.generation_backend}, ours share_prompt {args.share_prompt}, reward {args.reward}, TRL optim "
         f"{args.trl_optim}, temperature "
         f"{args.temperature}, seed {args.seed}; {args.warmup_steps} warm-up + {args.steps} timed steps, "
         f"{args.repeats} repeat(s), median (min-max)\n"

@@ -418,9 +418,10 @@ class GRPOConfig(_Section):
         "loss, so the policy is not taught from answers it never finished",
     )
     generation_backend: Literal["hf", "compact"] = Field(
-        "hf", description="how rollouts are sampled: hf = transformers generate (every row is computed until the "
-        "last one stops); compact = our KV-cached loop that drops each row from the batch at its EOS, for "
-        "completions of varied lengths (the same distribution; another random stream)",
+        "compact", description="how rollouts are sampled: compact = our KV-cached loop that prefills each prompt "
+        "once for its G rows (share_prompt) and drops each row from the batch at its EOS; hf = transformers "
+        "generate, which prefills every copy and computes every row until the last one stops (the same "
+        "distribution; another random stream)",
     )
     eval_every: int = Field(
         0, ge=0, description="every N steps (and at the last), greedy accuracy on the eval split and the reward "
@@ -442,6 +443,11 @@ class GRPOConfig(_Section):
         "generation_backend compact, the update, the reference and old log-probs), its keys and values shared by "
         "its G completions: the same numbers, the prompt's compute G times smaller (the update: one process, "
         "no activation checkpointing)",
+    )
+    merge_identical_rows: bool = Field(
+        True, description="rows that are the same completion of the same prompt with the same advantage have the "
+        "same loss terms and gradient: the update computes one of them, weighted by how many there are (the same "
+        "update; one process only; logged as frac_rows_merged). Short answers repeat often; long ones rarely",
     )
     skip_zero_advantage: bool = Field(
         True, description="with beta = 0, rows whose advantage is 0 (a group whose rewards are all equal) skip "

@@ -39,15 +39,19 @@ def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     return torch.exp(delta) - delta - 1
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: LossType, norm: Normalizers) -> torch.Tensor:
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: LossType, norm: Normalizers,
+              row_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The micro-batch's share of the batch loss; `row_weights`: how many identical rows each row stands for."""
     mask = mask.to(per_token.dtype)
+    w = torch.ones(mask.size(0), dtype=per_token.dtype, device=mask.device) if row_weights is None \
+        else row_weights.to(per_token.dtype)
     if loss_type == "grpo":
         per_seq = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
-        return per_seq.sum() / norm.num_sequences
+        return (per_seq * w).sum() / norm.num_sequences
     if loss_type in ("bnpo", "dapo"):
-        return (per_token * mask).sum() / max(norm.num_tokens, 1)
+        return (per_token * mask).sum(-1).mul(w).sum() / max(norm.num_tokens, 1)
     if loss_type == "dr_grpo":
-        return (per_token * mask).sum() / (norm.num_sequences * norm.max_completion_length)
+        return (per_token * mask).sum(-1).mul(w).sum() / (norm.num_sequences * norm.max_completion_length)
     raise ValueError(f"unknown loss_type {loss_type!r}")
 
 
@@ -64,8 +68,10 @@ def policy_loss(
     beta: float = 0.0,
     ref_logps: torch.Tensor | None = None,
     importance_sampling_level: Literal["token", "sequence"] = "token",
+    row_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss for one micro-batch, and detached per-batch statistics (masked means) for logging."""
+    """Loss for one micro-batch, and detached per-batch statistics (masked means) for logging. `row_weights`
+    (N,): each row counts as that many identical rows (in the loss and the statistics); None: once each."""
     maskf = mask.to(logps.dtype)
     log_ratio = logps - old_logps
     if importance_sampling_level == "token":
@@ -84,11 +90,13 @@ def policy_loss(
             raise ValueError("beta != 0 needs ref_logps")
         kl = k3_kl(logps, ref_logps)
         per_token = per_token + beta * kl
-    loss = aggregate(per_token, mask, loss_type, norm)
+    loss = aggregate(per_token, mask, loss_type, norm, row_weights)
 
     with torch.no_grad():
+        weighted = maskf if row_weights is None else maskf * row_weights.to(maskf.dtype).unsqueeze(-1)
+
         def masked_mean(x: torch.Tensor) -> torch.Tensor:
-            return (x.expand_as(maskf) * maskf).sum() / maskf.sum().clamp(min=1.0)
+            return (x.expand_as(weighted) * weighted).sum() / weighted.sum().clamp(min=1.0)
 
         low = ((ratio < 1 - epsilon_low) & (adv < 0)).to(logps.dtype)
         high = ((ratio > 1 + epsilon_high) & (adv > 0)).to(logps.dtype)

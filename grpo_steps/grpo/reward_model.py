@@ -150,12 +150,16 @@ class RewardModelFunction:
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], completions: list[str], **_: Any) -> list[float | None]:
+        """One score per row; a (prompt, completion) pair that repeats (a group's identical answers) is scored
+        once."""
         device = next(self.model.parameters()).device
-        scores: list[float | None] = []
-        for start in range(0, len(prompts), self.batch_size):
-            p, c = prompts[start : start + self.batch_size], completions[start : start + self.batch_size]
-            scores.extend(self._score(p, c, device).float().tolist())
-        return scores
+        pairs = list(dict.fromkeys(zip(prompts, completions, strict=True)))
+        scores: list[float] = []
+        for start in range(0, len(pairs), self.batch_size):
+            p, c = zip(*pairs[start : start + self.batch_size], strict=True)
+            scores.extend(self._score(list(p), list(c), device).float().tolist())
+        by_pair = dict(zip(pairs, scores, strict=True))
+        return [by_pair[pair] for pair in zip(prompts, completions, strict=True)]
 
     def _score(self, prompts: list[str], completions: list[str], device: torch.device) -> torch.Tensor:
         if self.likelihood:

@@ -30,8 +30,9 @@ class GRPOSettings:
     logprob_chunk_size: int = 0  # rows per log-prob chunk; 0: all at once
     max_consecutive_nonfinite: int = 3  # stop after this many skipped non-finite steps
     mask_truncated_completions: bool = False  # DAPO: no loss on completions cut off by the length budget
-    generation_backend: Literal["hf", "compact"] = "hf"  # compact: finished rows leave the decoding batch
+    generation_backend: Literal["hf", "compact"] = "compact"  # finished rows leave the batch; hf: `generate`
     dynamic_sampling: bool = False  # DAPO: replace groups of equal rewards by further prompts' groups
     max_dynamic_sampling_rounds: int = 3  # extra generation rounds per step at most
     share_prompt: bool = True  # each distinct prompt goes through the model once per pass, not once per completion
+    merge_identical_rows: bool = True  # identical completions of a prompt: one forward/backward, weighted by count
     skip_zero_advantage: bool = True  # beta = 0: no forward/backward for rows whose gradient is exactly zero

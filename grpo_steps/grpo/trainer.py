@@ -84,11 +84,46 @@ def rollout_logps(model, rollout: Rollout, rows: slice | torch.Tensor, c: int, c
                             cfg.temperature, cfg.logprob_chunk_size, compute_entropy)
 
 
+def by_length(mask: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """`rows` (default: all) shortest completion first, so that each micro-batch, cut to its own longest row,
+    computes little padding."""
+    rows = torch.arange(mask.size(0), device=mask.device) if rows is None else rows.to(mask.device)
+    return rows[torch.argsort(mask[rows].sum(1), stable=True)]
+
+
+def _width(mask: torch.Tensor, rows: torch.Tensor) -> int:
+    return max(int(mask[rows].sum(1).max()), 1)
+
+
+def identical_rows(rollout: Rollout, advantages: torch.Tensor, rows: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Among `rows`, the first row of each set of identical ones (the same prompt tokens, completion tokens, mask
+    and advantage, so the same loss terms and gradient), and how many rows each stands for."""
+    if len(rows) == 0:
+        return rows, rows.clone()
+    mask = rollout.completion_mask[rows]
+    bits = advantages.detach().float().to(mask.device)[rows].contiguous().view(torch.int32).long().unsqueeze(1)
+    key = torch.cat([rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.completion_ids[rows] * mask, mask,
+                     bits], dim=1)
+    _, inverse, counts = torch.unique(key, dim=0, return_inverse=True, return_counts=True)
+    position = torch.arange(len(rows), device=inverse.device)
+    first = torch.full((len(counts),), len(rows), dtype=torch.long, device=inverse.device)
+    first = first.scatter_reduce(0, inverse, position, reduce="amin")
+    return rows[first], counts
+
+
 @torch.no_grad()
-def _batched_logps(model, rollout: Rollout, cfg: GRPOSettings) -> torch.Tensor:
-    c = rollout.completion_ids.size(1)
-    return torch.cat([rollout_logps(model, rollout, sl, c, cfg, cfg.share_prompt)[0]
-                      for sl in _micro_batches(rollout.completion_ids.size(0), cfg.micro_batch_size)])
+def _batched_logps(model, rollout: Rollout, cfg: GRPOSettings, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, C) log-probs of the completion tokens of `rows` (default: all; 0 elsewhere and after a row's end),
+    micro-batch by micro-batch in length order, each cut to its longest row."""
+    mask = rollout.completion_mask
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    order = by_length(mask, rows)
+    for sl in _micro_batches(len(order), cfg.micro_batch_size):
+        rows = order[sl]
+        c = _width(mask, rows)
+        out[rows, :c] = rollout_logps(model, rollout, rows, c, cfg, cfg.share_prompt)[0].to(out.device)
+    return out
 
 
 @dataclass
@@ -142,6 +177,7 @@ class GRPOTrainer:
         self.skipped_steps = 0
         self.last_sampling = {"rounds": 1, "dropped_groups": 0, "filled_groups": 0}  # of the last generate
         self.last_skipped_rows = 0  # rows of the last update whose forward/backward was skipped (zero gradient)
+        self.last_merged_rows = 0  # rows of the last update computed as a copy of an identical row
         self.history: list[dict[str, float]] = []
 
     @property
@@ -239,10 +275,11 @@ class GRPOTrainer:
                               "filled_groups": len(fill)}
         return rollout, rewards, per_func, lengths
 
-    def reference_logps(self, rollout: Rollout) -> torch.Tensor | None:
-        """The frozen reference's log-probs of the rollout's completions (None when beta = 0)."""
+    def reference_logps(self, rollout: Rollout, rows: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The frozen reference's log-probs of the rollout's completions, of `rows` only if given (None when
+        beta = 0)."""
         if self.ref_model is not None:
-            return _batched_logps(self.ref_model, rollout, self.cfg)
+            return _batched_logps(self.ref_model, rollout, self.cfg, rows)
         if not self.ref_is_base:
             return None
         model = self.unwrapped
@@ -250,7 +287,7 @@ class GRPOTrainer:
         model.eval()  # as the reference copy is: no dropout
         try:
             with model.disable_adapter():
-                return _batched_logps(model, rollout, self.cfg)
+                return _batched_logps(model, rollout, self.cfg, rows)
         finally:
             model.train(was_training)
 
@@ -286,23 +323,29 @@ class GRPOTrainer:
             num_tokens=int(self._global_sum(float(mask.sum()))),
             max_completion_length=cfg.max_completion_length,
         )
-        ref_logps = self.reference_logps(rollout)
-        old_logps = _batched_logps(self.unwrapped, rollout, cfg) if cfg.mu > 1 else None
-
-        sums: dict[str, float] = {}
-        total_loss, grad_norm = 0.0, 0.0
         share = cfg.share_prompt and acc.num_processes == 1  # DDP needs its own forward: the full pass there
         trained = self.rows_to_train(advantages, mask)
         self.last_skipped_rows = n_local - (n_local if trained is None else len(trained))
+        order = by_length(mask, trained)  # the rows that can carry a gradient, shortest first
+        weights = None
+        if cfg.merge_identical_rows and acc.num_processes == 1:  # DDP needs equal backward counts
+            order, counts = identical_rows(rollout, advantages, order)
+            weights = torch.zeros(n_local, device=mask.device)
+            weights[order] = counts.to(weights.dtype)
+            order = by_length(mask, order)
+        self.last_merged_rows = n_local - self.last_skipped_rows - len(order)
+        ref_logps = self.reference_logps(rollout, order)
+        old_logps = _batched_logps(self.unwrapped, rollout, cfg, order) if cfg.mu > 1 else None
+
+        sums: dict[str, float] = {}
+        total_loss, grad_norm = 0.0, 0.0
         for _ in range(cfg.mu):
             total_loss = 0.0
-            if trained is not None and len(trained) == 0:  # nothing but zero gradients: the optimizer sees them
+            if len(order) == 0:  # nothing but zero gradients: the optimizer sees them
                 self._zero_gradients()
-            for sl in _micro_batches(n_local if trained is None else len(trained), cfg.micro_batch_size):
-                rows, c = sl, rollout.completion_ids.size(1)
-                if trained is not None:  # the rows that carry a gradient, trailing padding columns dropped
-                    rows = trained[sl]
-                    c = max(int(mask[rows].sum(1).max()), 1)
+            for sl in _micro_batches(len(order), cfg.micro_batch_size):
+                rows = order[sl]
+                c = _width(mask, rows)  # trailing padding columns dropped
                 logps, entropy = rollout_logps(self.model, rollout, rows, c, cfg, share, compute_entropy=True)
                 m = mask[rows, :c]
                 # mu = 1: the sampling policy *is* the current one, so the ratio is exp(0) with a live gradient.
@@ -313,12 +356,14 @@ class GRPOTrainer:
                     epsilon_high=cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon,
                     beta=cfg.beta, ref_logps=ref_logps[rows, :c] if ref_logps is not None else None,
                     importance_sampling_level=cfg.importance_sampling_level,
+                    row_weights=weights[rows] if weights is not None else None,
                 )
                 # DDP averages gradients over processes; normalisers are already global, so undo that mean.
                 acc.backward(loss * acc.num_processes)
                 total_loss += loss.item()
-                weight = float(m.sum())
-                stats["entropy"] = (entropy * m).sum() / m.sum().clamp(min=1)
+                wm = m if weights is None else m * weights[rows].unsqueeze(1)  # a merged row counts as its copies
+                weight = float(wm.sum())
+                stats["entropy"] = (entropy * wm).sum() / wm.sum().clamp(min=1)
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * weight
             grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
@@ -376,6 +421,7 @@ class GRPOTrainer:
             "completions/clipped_ratio": float(truncated.mean()),
             "num_tokens": tokens,
             "frac_rows_skipped": self.last_skipped_rows / max(rollout.completion_ids.size(0), 1),
+            "frac_rows_merged": self.last_merged_rows / max(rollout.completion_ids.size(0), 1),
             "skipped_steps": float(self.skipped_steps),
             "step_time": time.perf_counter() - t0,
         })

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from grpo_steps.config import GRPOConfig, LoraConfig, ModelConfig
-from grpo_steps.grpo.logprobs import completion_logps, distinct_prompts, shared_prompt_logps
+from grpo_steps.grpo.logprobs import can_share_prompt, completion_logps, distinct_prompts, shared_prompt_logps
 from grpo_steps.grpo.reward_model import RewardModelFunction, encode_pairs, sequence_logps
 from grpo_steps.grpo.rewards import digit_match
 from grpo_steps.grpo.sampling import sample_groups
@@ -147,3 +147,54 @@ def test_the_reward_model_scores_each_prompt_once_as_the_full_sequences_score(se
         ids, attention, completion = encode_pairs(tok, rollout.prompts, completions)
         expected = 0.5 * sequence_logps(model, ids, attention, completion, length_normalize)
     torch.testing.assert_close(torch.tensor(scores), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_under_activation_checkpointing_training_takes_the_full_pass(setup):
+    """transformers drops the KV cache in checkpointed layers while training, so the prompt cannot be shared
+    there; the no-grad passes (reference, old log-probs) still share it."""
+    _, policy, _ = setup
+    model = copy.deepcopy(policy)
+    model.activation_checkpointing_enable()
+    model.train()
+    assert not can_share_prompt(model)
+    with torch.no_grad():
+        assert can_share_prompt(model)
+    assert can_share_prompt(copy.deepcopy(policy).train())
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_identical_rows_computed_once_and_weighted_give_the_same_update(setup, loss_type):
+    """`grpo.merge_identical_rows`: rows 0-2 and 8-9 repeat a completion of their prompt (with its advantage); each
+    set is computed once, weighted by its size. Row 3 has row 0's tokens but another advantage: kept apart."""
+    tok, policy, rollout = setup
+    rollout = rollout[torch.arange(rollout.completion_ids.size(0))]  # a copy to edit
+    for src, dst in ((0, 1), (0, 2), (0, 3), (8, 9)):
+        rollout.completion_ids[dst] = rollout.completion_ids[src]
+        rollout.completion_mask[dst] = rollout.completion_mask[src]
+    n = rollout.completion_ids.size(0)
+    advantages = torch.linspace(-1.5, 1.5, n)
+    advantages[1] = advantages[2] = advantages[0]
+    advantages[9] = advantages[8]
+    results = []
+    for merge in (False, True):
+        cfg = GRPOConfig(prompts_per_step=len(PROMPTS), num_generations=G, micro_batch_size=5, beta=0.05,
+                         learning_rate=1e-2, loss_type=loss_type, merge_identical_rows=merge)
+        trainer = GRPOTrainer(copy.deepcopy(policy), tok, [digit_match], [1.0], cfg.settings(), seed=0)
+        grads, step = {}, trainer.optimizer.step
+
+        def recording_step(*args, _trainer=trainer, _grads=grads, _step=step, **kwargs):
+            _grads.update({k: p.grad.clone() for k, p in _trainer.unwrapped.named_parameters()})
+            return _step(*args, **kwargs)
+
+        trainer.optimizer.step = recording_step
+        batch = GenerationBatch(rollout, torch.zeros(n), torch.zeros(n, 1), advantages, torch.ones(n))
+        sums, loss, _, _ = trainer.update(batch)
+        results.append((grads, sums, loss, trainer.last_merged_rows))
+    (g_full, s_full, l_full, merged_full), (g_fast, s_fast, l_fast, merged_fast) = results
+    assert merged_full == 0 and merged_fast == 3
+    assert l_fast == pytest.approx(l_full, rel=1e-4, abs=1e-7)
+    for k in ("kl", "entropy", "clip_ratio/region_mean"):
+        assert s_fast[k] == pytest.approx(s_full[k], rel=1e-4, abs=1e-7), k
+    scale = max(float(g.abs().max()) for g in g_full.values())
+    for k in g_full:
+        torch.testing.assert_close(g_fast[k], g_full[k], rtol=1e-4, atol=1e-5 * scale, msg=k)
