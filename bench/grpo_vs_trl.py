@@ -30,8 +30,9 @@ Same for both (one settings dict, passed to both children):
     the same function, wrapped only to count completion tokens from the `completion_ids` TRL passes it);
   * prompts per step P and group size G: one generation batch of P x G rows per optimizer step, one micro-batch
     (ours: `micro_batch_size = P*G`, `mu = 1`; TRL: `per_device_train_batch_size = P*G`, `num_generations = G`,
-    `gradient_accumulation_steps = 1`, so `steps_per_generation = 1`, and `num_iterations = 1`): neither side
-    computes old log-probs (ratio against the detached current ones);
+    `gradient_accumulation_steps = 1`, so `steps_per_generation = 1`, and `num_iterations = 1`), or micro-batches
+    of `--micro-batch-size` rows (TRL: that per device, accumulating P*G / it; its generation batch stays P*G):
+    neither side computes old log-probs (ratio against the detached current ones);
   * sampling: transformers `generate` on both sides, KV cache on, `do_sample=True`, `temperature`, `top_k=0`,
     `top_p=1.0`, `max_new_tokens = --completion-length`, stop at EOS (TRL: `use_vllm=False`, no continuous batching);
     with `--generation-backend compact` ours samples the same distribution with its own loop instead, which drops
@@ -207,6 +208,15 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _micro(s: dict[str, Any]) -> int:
+    """Rows per forward/backward on both sides (one optimizer step per generation batch of P x G rows)."""
+    rows = s["prompts_per_step"] * s["num_generations"]
+    micro = s.get("micro_batch_size") or rows
+    if rows % micro:
+        raise SystemExit(f"--micro-batch-size {micro} must divide P x G = {rows}")
+    return micro
+
+
 def _total_steps(s: dict[str, Any]) -> int:
     return s["warmup_steps"] + s["steps"]
 
@@ -224,7 +234,7 @@ def build_ours(s: dict[str, Any], model_dir: Path):
     model = load_policy(model_dir)
     cfg = GRPOConfig(
         steps=_total_steps(s), prompts_per_step=s["prompts_per_step"], num_generations=s["num_generations"],
-        micro_batch_size=s["prompts_per_step"] * s["num_generations"], mu=1,
+        micro_batch_size=_micro(s), mu=1,
         max_completion_length=s["completion_length"], temperature=s["temperature"], learning_rate=s["lr"],
         weight_decay=0.0, max_grad_norm=1.0, beta=s["beta"], epsilon=0.2, loss_type=s["loss_type"],
         scale_rewards="group", logprob_chunk_size=s["logprob_chunk_size"],
@@ -283,8 +293,9 @@ def trl_config(s: dict[str, Any], output_dir: str):
 
     return GRPOConfig(
         output_dir=output_dir, report_to="none", use_cpu=s["device"] == "cpu", bf16=False, fp16=False,
-        per_device_train_batch_size=s["prompts_per_step"] * s["num_generations"],
-        num_generations=s["num_generations"], gradient_accumulation_steps=1, num_iterations=1,
+        per_device_train_batch_size=_micro(s),
+        num_generations=s["num_generations"], num_iterations=1,
+        gradient_accumulation_steps=s["prompts_per_step"] * s["num_generations"] // _micro(s),
         max_steps=_total_steps(s), max_completion_length=s["completion_length"], temperature=s["temperature"],
         top_k=0, top_p=1.0, use_vllm=False, learning_rate=s["lr"], lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=0.0, max_grad_norm=1.0, optim=s["trl_optim"], beta=s["beta"], epsilon=0.2,
@@ -311,7 +322,8 @@ def build_trl(s: dict[str, Any], model_dir: Path, output_dir: str, counts: list[
     seed_everything(s["seed"])
     trainer = GRPOTrainer(model=model, reward_funcs=_counting(reward_function(s), counts), args=args,
                           train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=callbacks)
-    assert not trainer.args.gradient_checkpointing and trainer.args.steps_per_generation == 1
+    rows = s["prompts_per_step"] * s["num_generations"]
+    assert not trainer.args.gradient_checkpointing and trainer.args.steps_per_generation * _micro(s) == rows
     assert (trainer.ref_model is not None) == (s["beta"] != 0.0)
     return trainer
 
@@ -487,6 +499,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--generation-backend", choices=("hf", "compact"), default="compact",
                    help="ours: grpo.generation_backend (compact, the default: each prompt prefilled once, finished "
                    "rows leave the decoding batch; TRL keeps transformers generate either way)")
+    p.add_argument("--micro-batch-size", type=int, default=0,
+                   help="rows per forward/backward on both sides, dividing P x G (default 0: all of them, one "
+                   "micro-batch); TRL accumulates P x G / this many, ours sorts the rows by length first")
     p.add_argument("--no-share-prompt", dest="share_prompt", action="store_false",
                    help="ours: grpo.share_prompt off (every row's prompt computed in every pass, as TRL does)")
     p.add_argument("--trl-optim", default="adamw_torch",
@@ -527,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         "loss_type": args.loss_type, "temperature": args.temperature, "seed": args.seed,
         "logprob_chunk_size": args.logprob_chunk_size, "trl_optim": args.trl_optim, "threads": args.threads,
         "generation_backend": args.generation_backend, "reward": args.reward,
-        "share_prompt": args.share_prompt,
+        "share_prompt": args.share_prompt, "micro_batch_size": args.micro_batch_size,
     }
     load_before = _load()
     results: dict[str, list[dict[str, Any]]] = {impl: [] for impl in IMPLEMENTATIONS}
@@ -550,7 +565,8 @@ def main(argv: list[str] | None = None) -> int:
         f"device {args.device}; P={args.prompts_per_step} prompts x G={args.num_generations}, max completion "
         f"length {args.completion_length}, torch threads per run {args.threads or 'default'}, beta {args.beta}, "
         f"loss {args.loss_type}, lr {args.lr}, ours logprob_chunk_size {args.logprob_chunk_size}, ours generation "
-        f"backend {args.generation_backend}, ours share_prompt {args.share_prompt}, reward {args.reward}, TRL optim "
+        f"backend {args.generation_backend}, ours share_prompt {args.share_prompt}, micro-batch "
+        f"{args.micro_batch_size or 'P x G'}, reward {args.reward}, TRL optim "
         f"{args.trl_optim}, temperature "
         f"{args.temperature}, seed {args.seed}; {args.warmup_steps} warm-up + {args.steps} timed steps, "
         f"{args.repeats} repeat(s), median (min-max)\n"
