@@ -29,7 +29,10 @@ def main(policy_dir: str, out: str, loss_type: str, mu: int) -> None:
     policy = load_policy(policy_dir)
     cfg = GRPOConfig(prompts_per_step=len(PROMPTS), num_generations=4, micro_batch_size=5, mu=mu, beta=0.05,
                      loss_type=loss_type, epsilon_high=0.28, learning_rate=1e-2, max_completion_length=4,
-                     reward_functions=[{"name": "digit_match"}])
+                     reward_functions=[{"name": "digit_match"}],
+                     # one process would share prompts and merge rows, which DDP does not (tests/unit/
+                     # test_share_prompt.py checks those against this full pass): the same computation both ways
+                     share_prompt=False, merge_identical_rows=False)
     trainer = GRPOTrainer(policy, tok, [digit_match], [1.0], cfg, accelerator=acc)
     torch.manual_seed(1234)
     rollout = sample_groups(trainer.unwrapped, tok, PROMPTS, cfg.num_generations, cfg.max_completion_length)
