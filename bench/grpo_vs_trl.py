@@ -239,6 +239,7 @@ def build_ours(s: dict[str, Any], model_dir: Path):
         weight_decay=0.0, max_grad_norm=1.0, beta=s["beta"], epsilon=0.2, loss_type=s["loss_type"],
         scale_rewards="group", logprob_chunk_size=s["logprob_chunk_size"],
         generation_backend=s.get("generation_backend", "compact"), share_prompt=s.get("share_prompt", True),
+        merge_identical_rows=s.get("merge_identical_rows", True),
     )
     seed_everything(s["seed"])
     trainer = GRPOTrainer(model, tok, [reward_function(s)], [1.0], cfg, seed=s["seed"],
@@ -504,6 +505,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "micro-batch); TRL accumulates P x G / this many, ours sorts the rows by length first")
     p.add_argument("--no-share-prompt", dest="share_prompt", action="store_false",
                    help="ours: grpo.share_prompt off (every row's prompt computed in every pass, as TRL does)")
+    p.add_argument("--no-merge-rows", dest="merge_identical_rows", action="store_false",
+                   help="ours: grpo.merge_identical_rows off (identical completions each computed, as TRL does)")
     p.add_argument("--trl-optim", default="adamw_torch",
                    help="TRL's `optim`; adamw_torch matches ours, TRL's default is adamw_torch_fused")
     p.add_argument("--out", type=Path, default=None,
@@ -543,6 +546,7 @@ def main(argv: list[str] | None = None) -> int:
         "logprob_chunk_size": args.logprob_chunk_size, "trl_optim": args.trl_optim, "threads": args.threads,
         "generation_backend": args.generation_backend, "reward": args.reward,
         "share_prompt": args.share_prompt, "micro_batch_size": args.micro_batch_size,
+        "merge_identical_rows": args.merge_identical_rows,
     }
     load_before = _load()
     results: dict[str, list[dict[str, Any]]] = {impl: [] for impl in IMPLEMENTATIONS}
@@ -565,7 +569,8 @@ def main(argv: list[str] | None = None) -> int:
         f"device {args.device}; P={args.prompts_per_step} prompts x G={args.num_generations}, max completion "
         f"length {args.completion_length}, torch threads per run {args.threads or 'default'}, beta {args.beta}, "
         f"loss {args.loss_type}, lr {args.lr}, ours logprob_chunk_size {args.logprob_chunk_size}, ours generation "
-        f"backend {args.generation_backend}, ours share_prompt {args.share_prompt}, micro-batch "
+        f"backend {args.generation_backend}, ours share_prompt {args.share_prompt}, merge rows "
+        f"{args.merge_identical_rows}, micro-batch "
         f"{args.micro_batch_size or 'P x G'}, reward {args.reward}, TRL optim "
         f"{args.trl_optim}, temperature "
         f"{args.temperature}, seed {args.seed}; {args.warmup_steps} warm-up + {args.steps} timed steps, "

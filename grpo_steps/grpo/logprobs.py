@@ -99,10 +99,19 @@ def distinct_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     return unique[:, :width].contiguous(), unique[:, width:].to(prompt_mask.dtype).contiguous(), index
 
 
+# config fields with which a causal LM's forward changes the LM head's output (Gemma's soft-capping, Cohere's and
+# Granite's scales): the shared pass calls the head itself, so such models take the full pass
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
 def can_share_prompt(model: PreTrainedModel) -> bool:
-    """Whether a KV cache carries a prompt into the completion pass: not under gradient checkpointing in training,
-    where transformers drops the cache (it recomputes layers instead)."""
-    return not (torch.is_grad_enabled() and model.training and getattr(model, "is_gradient_checkpointing", False))
+    """Whether a KV cache can carry a prompt into the completion pass and the head's output is the logits: not
+    for a model in training mode with activation checkpointing (transformers drops the cache in checkpointed
+    layers then, with or without gradients), nor one whose forward post-processes the logits."""
+    config = getattr(model, "config", None)
+    if any(getattr(config, k, None) not in (None, 1.0) for k in _LOGIT_POSTPROCESSING):
+        return False
+    return not (model.training and bool(getattr(model, "is_activation_checkpointing", False)))
 
 
 def shared_prompt_logps(

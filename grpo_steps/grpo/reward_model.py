@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from grpo_steps.grpo.logprobs import shared_prompt_logps
+from grpo_steps.grpo.logprobs import can_share_prompt, shared_prompt_logps
 from grpo_steps.grpo.tokens import prompt_completion_ids
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,8 @@ class RewardModelFunction:
         if self.likelihood:
             # each distinct prompt once (a group's G completions share theirs), as sequence_logps would score
             p_ids, p_mask, c_ids, c_mask = (t.to(device) for t in encode_grouped(self.tokenizer, prompts, completions))
-            if not bool(p_mask.any(dim=1).all()):  # an empty prompt has no last token to predict from
+            # an empty prompt has no last token to predict from; some heads' logits need the model's own forward
+            if not bool(p_mask.any(dim=1).all()) or not can_share_prompt(self.model):
                 ids, attention, completion = (t.to(device) for t in encode_pairs(self.tokenizer, prompts, completions))
                 return self.beta * sequence_logps(self.model, ids, attention, completion, self.length_normalize)
             logps, _ = shared_prompt_logps(self.model, p_ids, p_mask, c_ids, c_mask)

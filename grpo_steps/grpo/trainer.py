@@ -103,8 +103,10 @@ def identical_rows(rollout: Rollout, advantages: torch.Tensor, rows: torch.Tenso
         return rows, rows.clone()
     mask = rollout.completion_mask[rows]
     bits = advantages.detach().float().to(mask.device)[rows].contiguous().view(torch.int32).long().unsqueeze(1)
+    # a row without loss tokens (a masked truncated completion) stays itself, so frac_rows_merged counts repeats
+    alone = torch.where(mask.sum(1) == 0, torch.arange(len(rows), device=mask.device), -1).unsqueeze(1)
     key = torch.cat([rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.completion_ids[rows] * mask, mask,
-                     bits], dim=1)
+                     bits, alone], dim=1)
     _, inverse, counts = torch.unique(key, dim=0, return_inverse=True, return_counts=True)
     position = torch.arange(len(rows), device=inverse.device)
     first = torch.full((len(counts),), len(rows), dtype=torch.long, device=inverse.device)
@@ -169,6 +171,8 @@ class GRPOTrainer:
         if cfg.beta != 0.0 and not self.ref_is_base:
             self.ref_model = copy.deepcopy(policy).eval().requires_grad_(False)
             self.ref_model.to(self.accelerator.device)
+        policy.train()  # as transformers' Trainer trains (from_pretrained returns eval mode): dropout as configured,
+        # and activation checkpointing, which transformers applies in training mode only
         trainable = [p for p in policy.parameters() if p.requires_grad]  # all of them, or a LoRA adapter's
         optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.model, self.optimizer = self.accelerator.prepare(policy, optimizer)
@@ -335,7 +339,10 @@ class GRPOTrainer:
             order = by_length(mask, order)
         self.last_merged_rows = n_local - self.last_skipped_rows - len(order)
         ref_logps = self.reference_logps(rollout, order)
-        old_logps = _batched_logps(self.unwrapped, rollout, cfg, order) if cfg.mu > 1 else None
+        old_logps = None
+        if cfg.mu > 1:
+            with acc.autocast():  # as the policy's own forward runs under mixed precision
+                old_logps = _batched_logps(self.unwrapped, rollout, cfg, order)
 
         sums: dict[str, float] = {}
         total_loss, grad_norm = 0.0, 0.0
@@ -346,7 +353,8 @@ class GRPOTrainer:
             for sl in _micro_batches(len(order), cfg.micro_batch_size):
                 rows = order[sl]
                 c = _width(mask, rows)  # trailing padding columns dropped
-                logps, entropy = rollout_logps(self.model, rollout, rows, c, cfg, share, compute_entropy=True)
+                with acc.autocast():  # the shared pass calls the decoder and head, not the wrapped forward
+                    logps, entropy = rollout_logps(self.model, rollout, rows, c, cfg, share, compute_entropy=True)
                 m = mask[rows, :c]
                 # mu = 1: the sampling policy *is* the current one, so the ratio is exp(0) with a live gradient.
                 old = old_logps[rows, :c] if old_logps is not None else logps.detach()

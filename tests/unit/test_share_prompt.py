@@ -150,16 +150,69 @@ def test_the_reward_model_scores_each_prompt_once_as_the_full_sequences_score(se
 
 
 def test_under_activation_checkpointing_training_takes_the_full_pass(setup):
-    """transformers drops the KV cache in checkpointed layers while training, so the prompt cannot be shared
-    there; the no-grad passes (reference, old log-probs) still share it."""
+    """transformers drops the KV cache in checkpointed layers in training mode, with or without gradients, so the
+    prompt cannot be shared there; in eval mode (the reference) it can. A model whose forward post-processes the
+    logits (Gemma's soft-capping) takes the full pass too."""
     _, policy, _ = setup
     model = copy.deepcopy(policy)
     model.activation_checkpointing_enable()
     model.train()
     assert not can_share_prompt(model)
     with torch.no_grad():
-        assert can_share_prompt(model)
+        assert not can_share_prompt(model)
+    assert can_share_prompt(model.eval())
     assert can_share_prompt(copy.deepcopy(policy).train())
+    capped = copy.deepcopy(policy)
+    capped.config.final_logit_softcapping = 30.0
+    assert not can_share_prompt(capped)
+
+
+def test_the_trainer_takes_the_shared_path_and_trains_in_training_mode(setup):
+    """The update's decoder sees each group's prompt once (4 prompts, not 16 rows of them); a length-1 micro-batch
+    (completions cut to their EOS at once) takes the branch without a completion pass."""
+    tok, policy, rollout = setup
+    rollout = rollout[torch.arange(rollout.completion_ids.size(0))]
+    rollout.completion_mask[:4, 1:] = 0  # the first group: one token each
+    cfg = GRPOConfig(prompts_per_step=len(PROMPTS), num_generations=G, micro_batch_size=4, beta=0.05,
+                     learning_rate=1e-2)
+    trainer = GRPOTrainer(copy.deepcopy(policy).eval(), tok, [digit_match], [1.0], cfg.settings(), seed=0)
+    assert trainer.unwrapped.training  # from_pretrained gives eval mode; the trainer trains
+    calls = []
+    hook = trainer.unwrapped.get_decoder().register_forward_pre_hook(  # (rows, prefill or completion pass)
+        lambda m, args, kwargs: calls.append((kwargs["input_ids"].size(0), kwargs["past_key_values"].get_seq_length()
+                                              == 0)), with_kwargs=True)
+    n = rollout.completion_ids.size(0)
+    try:
+        trainer.update(GenerationBatch(rollout, torch.zeros(n), torch.zeros(n, 1), torch.linspace(-1, 1, n),
+                                       torch.ones(n)))
+    finally:
+        hook.remove()
+    prefills = [rows for rows, prefill in calls if prefill]
+    completions = [rows for rows, prefill in calls if not prefill]
+    assert len(prefills) == 4 and sum(prefills) < n, calls  # 4 micro-batches, each prompt once in each
+    assert completions == [4, 4, 4], calls  # the micro-batch of one-token rows needs no completion pass
+
+
+def test_mu_above_one_with_merged_rows_gives_the_full_pass_update(setup):
+    """mu = 2: old log-probs are computed for the rows the update computes, merged ones included."""
+    tok, policy, rollout = setup
+    rollout = rollout[torch.arange(rollout.completion_ids.size(0))]
+    rollout.completion_ids[1] = rollout.completion_ids[0]
+    rollout.completion_mask[1] = rollout.completion_mask[0]
+    n = rollout.completion_ids.size(0)
+    advantages = torch.linspace(-1.5, 1.5, n)
+    advantages[1] = advantages[0]
+    out = []
+    for fast in (False, True):
+        cfg = GRPOConfig(prompts_per_step=len(PROMPTS), num_generations=G, micro_batch_size=5, beta=0.05, mu=2,
+                         learning_rate=1e-3, share_prompt=fast, merge_identical_rows=fast)
+        trainer = GRPOTrainer(copy.deepcopy(policy), tok, [digit_match], [1.0], cfg.settings(), seed=0)
+        _, loss, _, _ = trainer.update(GenerationBatch(rollout, torch.zeros(n), torch.zeros(n, 1), advantages,
+                                                       torch.ones(n)))
+        out.append((loss, trainer.last_merged_rows))
+    (loss_full, merged_full), (loss_fast, merged_fast) = out
+    assert merged_full == 0 and merged_fast == 1
+    assert loss_fast == pytest.approx(loss_full, rel=1e-3, abs=1e-6)  # the second update's loss: after the first
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
