@@ -78,6 +78,7 @@ def _peak_above_baseline(fn, model, inputs) -> float:
     return (sampler.peak - base) / 2**20
 
 
+@pytest.mark.slow  # ~8 s: test-fast stays under its 3-minute budget
 def test_chunked_peak_memory_at_most_half_of_trl_full_logits():
     """chunk_size=1 keeps one row's logits; TRL's selective_log_softmax path holds the whole batch's.
 
