@@ -9,14 +9,14 @@ import copy
 import pytest
 import torch
 
-from grpo_steps.config import GRPOConfig, LoraConfig, ModelConfig
+from grpo_steps.config import GRPOConfig, LoraConfig
 from grpo_steps.grpo.logprobs import can_share_prompt, completion_logps, distinct_prompts, shared_prompt_logps
 from grpo_steps.grpo.reward_model import RewardModelFunction, encode_pairs, sequence_logps
 from grpo_steps.grpo.rewards import digit_match
 from grpo_steps.grpo.sampling import sample_groups
 from grpo_steps.grpo.trainer import GenerationBatch, GRPOTrainer
-from grpo_steps.modeling import apply_lora, build_policy
-from grpo_steps.tokenizer import build_tokenizer
+from grpo_steps.modeling import apply_lora
+from tests.support.rollouts import varied_length_rollout
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")  # tests/unit/conftest.py
 
@@ -26,15 +26,7 @@ G = 4
 
 @pytest.fixture(scope="module")
 def setup():
-    tok = build_tokenizer()
-    torch.manual_seed(0)
-    policy = build_policy(ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64), tok)
-    torch.manual_seed(1)
-    rollout = sample_groups(policy, tok, PROMPTS, G, 6, share_prompt=False)
-    for i, length in enumerate([2, 3, 4, 5, 6, 1, 2, 3] * 2):  # varied lengths: padding inside the batch
-        rollout.completion_mask[i, length:] = 0
-        rollout.completion_ids[i, length:] = tok.pad_token_id
-    return tok, policy, rollout
+    return varied_length_rollout(PROMPTS, G)  # varied lengths (padding inside the batch)
 
 
 def test_distinct_prompts_finds_each_prompt_once_and_drops_all_padding_columns(setup):

@@ -9,12 +9,10 @@ import copy
 import pytest
 import torch
 
-from grpo_steps.config import GRPOConfig, ModelConfig
+from grpo_steps.config import GRPOConfig
 from grpo_steps.grpo.rewards import digit_match
-from grpo_steps.grpo.sampling import sample_groups
 from grpo_steps.grpo.trainer import GenerationBatch, GRPOTrainer
-from grpo_steps.modeling import build_policy
-from grpo_steps.tokenizer import build_tokenizer
+from tests.support.rollouts import varied_length_rollout
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")  # tests/unit/conftest.py
 
@@ -24,16 +22,7 @@ G = 4
 
 @pytest.fixture(scope="module")
 def setup():
-    tok = build_tokenizer()
-    torch.manual_seed(0)
-    policy = build_policy(ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64), tok)
-    torch.manual_seed(1)
-    rollout = sample_groups(policy, tok, PROMPTS, G, 6)
-    # varied lengths, as if EOS came early (so the skipped path also drops trailing padding columns)
-    for i, length in enumerate([2, 3, 4, 5, 6, 1, 2, 3] * 2):
-        rollout.completion_mask[i, length:] = 0
-        rollout.completion_ids[i, length:] = tok.pad_token_id
-    return tok, policy, rollout
+    return varied_length_rollout(PROMPTS, G)  # varied lengths (so the skipped path also drops trailing padding columns)
 
 
 def _step(tok, policy, rollout, advantages, skip: bool, steps: int = 2, **kw):
