@@ -163,10 +163,15 @@ class RewardModelFunction:
 
     def _score(self, prompts: list[str], completions: list[str], device: torch.device) -> torch.Tensor:
         if self.likelihood:
-            # each distinct prompt once (a group's G completions share theirs), as sequence_logps would score
-            p_ids, p_mask, c_ids, c_mask = (t.to(device) for t in encode_grouped(self.tokenizer, prompts, completions))
-            # an empty prompt has no last token to predict from; some heads' logits need the model's own forward
-            if not bool(p_mask.any(dim=1).all()) or not can_share_prompt(self.model):
+            # each distinct prompt once (a group's G completions share theirs), as sequence_logps would score; a
+            # model whose head's logits need its own forward, or an empty prompt (no last token to predict from),
+            # takes the full pass
+            shared = can_share_prompt(self.model) and all(prompts)
+            if shared:
+                p_ids, p_mask, c_ids, c_mask = (t.to(device) for t in
+                                                encode_grouped(self.tokenizer, prompts, completions))
+                shared = bool(p_mask.any(dim=1).all())  # text a tokenizer may still map to no token at all
+            if not shared:
                 ids, attention, completion = (t.to(device) for t in encode_pairs(self.tokenizer, prompts, completions))
                 return self.beta * sequence_logps(self.model, ids, attention, completion, self.length_normalize)
             logps, _ = shared_prompt_logps(self.model, p_ids, p_mask, c_ids, c_mask)
