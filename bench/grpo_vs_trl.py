@@ -487,7 +487,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=2, help="rounds of (ours, TRL)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (constant)")
     p.add_argument("--beta", type=float, default=0.02, help="KL coefficient (> 0: both sides run a reference model)")
-    p.add_argument("--loss-type", choices=("grpo", "bnpo", "dr_grpo", "dapo"), default="grpo")
+    p.add_argument("--loss-type", choices=("grpo", "dr_grpo", "dapo"), default="grpo")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,

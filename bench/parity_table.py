@@ -95,11 +95,16 @@ class Variant:
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2
     importance_sampling_level: str = "token"
+    ours: str | None = None  # our loss_type for TRL's, where the names differ
+
+    @property
+    def our_loss_type(self) -> str:
+        return self.ours or self.loss_type
 
 
 VARIANTS = (
     Variant("grpo", "grpo", 0.04),
-    Variant("bnpo", "bnpo", 0.04),
+    Variant("bnpo (TRL) = dapo (ours), one micro-batch", "bnpo", 0.04, ours="dapo"),
     Variant("dr_grpo", "dr_grpo", 0.04),
     Variant("dapo (clip-higher 0.2/0.28)", "dapo", 0.04, 0.2, 0.28),
     # GSPO as TRL documents it: sequence-level ratios with the paper's tiny clip range, on the grpo aggregation.
@@ -249,7 +254,7 @@ def our_loss(model, batch: dict[str, torch.Tensor], variant: Variant):
     logps, _ = completion_logps(model, torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1),
                                 torch.cat([batch["prompt_mask"], mask], 1), batch["completion_ids"].size(1))
     loss, stats = policy_loss(logps, batch["old_per_token_logps"], batch["advantages"], mask, norm,
-                              loss_type=variant.loss_type, epsilon_low=variant.epsilon_low,
+                              loss_type=variant.our_loss_type, epsilon_low=variant.epsilon_low,
                               epsilon_high=variant.epsilon_high, beta=variant.beta,
                               ref_logps=batch["ref_per_token_logps"] if variant.beta != 0.0 else None,
                               importance_sampling_level=variant.importance_sampling_level)

@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup-steps", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--beta", type=float, default=0.02)
-    p.add_argument("--loss-type", choices=("grpo", "bnpo", "dr_grpo", "dapo"), default="grpo")
+    p.add_argument("--loss-type", choices=("grpo", "dr_grpo", "dapo"), default="grpo")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)

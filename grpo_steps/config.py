@@ -396,7 +396,12 @@ class GRPOConfig(_Section):
     beta: float = Field(0.02, ge=0, description="KL coefficient to the frozen reference (k3); 0 loads no reference")
     epsilon: float = Field(0.2, gt=0, description="lower clip range (and upper when epsilon_high is unset)")
     epsilon_high: float | None = Field(None, gt=0, description="upper clip range (DAPO clip-higher)")
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = Field(
+        "grpo", description="how token losses are averaged: grpo = each sequence's token mean, averaged over the "
+        "batch's sequences; dapo = the token sum over the batch's tokens; dr_grpo = the token sum over "
+        "sequences x max_completion_length. Always over the whole generation batch, whatever the micro-batches "
+        "and processes",
+    )
     importance_sampling_level: Literal["token", "sequence"] = Field(
         "token", description="'sequence' gives GSPO's length-normalised sequence ratio"
     )
@@ -462,6 +467,15 @@ class GRPOConfig(_Section):
     def settings(self) -> GRPOSettings:
         """The algorithm's view of this section (grpo_steps/grpo takes no app config)."""
         return GRPOSettings(**{f.name: getattr(self, f.name) for f in fields(GRPOSettings)})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bnpo(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("loss_type") == "bnpo":
+            raise ValueError("grpo.loss_type 'bnpo' normalises by each micro-batch's tokens (as in TRL), so its "
+                             "update changes with the micro-batch size and the number of processes; the token "
+                             "mean over the whole generation batch is 'dapo' here: use loss_type: dapo")
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> GRPOConfig:

@@ -23,10 +23,12 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def logps_from_logits(
-    logits: torch.Tensor, targets: torch.Tensor, compute_entropy: bool = False
+    logits: torch.Tensor, targets: torch.Tensor, compute_entropy: bool = False, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log softmax(logits)[target] without keeping a second (.., vocab) tensor, and the entropy if asked."""
-    logits = logits.float()
+    """log softmax(logits / temperature)[target] without keeping a second (.., vocab) tensor, and the entropy if
+    asked. Computed in fp32 from whatever precision the logits come in (bf16 under autocast, fp32 when a wrapper
+    converted them): the same numbers either way."""
+    logits = logits.float() / temperature
     lse = torch.logsumexp(logits, dim=-1)
     logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
     entropy = None
@@ -37,7 +39,7 @@ def logps_from_logits(
 
 
 def _head_chunk(head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float, want_entropy: bool):
-    logps, entropy = logps_from_logits(head(hidden) / temperature, targets, want_entropy)
+    logps, entropy = logps_from_logits(head(hidden), targets, want_entropy, temperature)
     return logps, entropy if entropy is not None else torch.zeros_like(logps)
 
 
@@ -46,7 +48,7 @@ def _logps_of_hidden(head, hidden: torch.Tensor, targets: torch.Tensor, temperat
     """Log-probs (and entropies) of `targets` from the decoder's hidden states: at once, or `chunk_size` rows at a
     time under activation checkpointing."""
     if chunk_size <= 0:
-        return logps_from_logits(head(hidden) / temperature, targets, compute_entropy)
+        return logps_from_logits(head(hidden), targets, compute_entropy, temperature)
     logps_parts, entropy_parts = [], []
     for start in range(0, hidden.size(0), chunk_size):
         h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
@@ -76,7 +78,7 @@ def completion_logps(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             logits_to_keep=logits_to_keep + 1, use_cache=False,
         ).logits[:, :-1, :]
-        return logps_from_logits(logits / temperature, targets, compute_entropy)
+        return logps_from_logits(logits, targets, compute_entropy, temperature)
 
     decoder = model.get_decoder()
     head = model.get_output_embeddings()

@@ -9,10 +9,10 @@ The variants differ in how token losses are averaged (`aggregate`). The normalis
 *whole* optimizer batch, so summing micro-batch losses gives exactly the big-batch loss (gradient
 accumulation without a drift in the effective weighting).
     grpo    : mean over sequences of each sequence's token mean
-    bnpo    : sum over tokens / tokens in the optimizer batch
     dr_grpo : sum over tokens / (sequences x max_completion_length)
-    dapo    : sum over tokens / tokens in the whole generation batch (equals bnpo when one optimizer
-              batch is one generation batch, as in our loop)
+    dapo    : sum over tokens / tokens in the whole generation batch
+TRL's `bnpo` divides by the tokens of each micro-batch (on each process), so its update depends on the layout;
+over the whole batch it is `dapo`, which is why there is no third name for it here.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Literal
 
 import torch
 
-LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
+LossType = Literal["grpo", "dr_grpo", "dapo"]
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: LossType, 
     if loss_type == "grpo":
         per_seq = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
         return (per_seq * w).sum() / norm.num_sequences
-    if loss_type in ("bnpo", "dapo"):
+    if loss_type == "dapo":
         return (per_token * mask).sum(-1).mul(w).sum() / max(norm.num_tokens, 1)
     if loss_type == "dr_grpo":
         return (per_token * mask).sum(-1).mul(w).sum() / (norm.num_sequences * norm.max_completion_length)

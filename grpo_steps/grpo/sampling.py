@@ -1,4 +1,12 @@
-"""Group sampling: G completions per prompt from the current policy, with masks that stop at the first EOS."""
+"""Group sampling: G completions per prompt from the current policy, with masks that stop at the first EOS.
+
+Each row draws its random numbers from a stream of its own (`RowStreams`): the token at position t of row i is
+drawn by inverse-CDF sampling with a uniform that depends on (stream key, i, t) alone, a counter-based hash. So a
+run's samples depend on (seed, step, prompt position, sample index) and never on how the rows are split over
+processes, micro-batches or the decoding batch: 1 process and N processes sample the same completions (up to the
+float noise of the probabilities themselves). transformers' `generate` (the `hf` backend) draws from torch's
+global generator instead: its samples depend on the batch it is given.
+"""
 
 from __future__ import annotations
 
@@ -42,6 +50,63 @@ class Rollout:
         return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
 
 
+    def to(self, device: torch.device | str) -> Rollout:
+        return Rollout(self.prompt_ids.to(device), self.prompt_mask.to(device), self.completion_ids.to(device),
+                       self.completion_mask.to(device), self.prompts, self.completions, self.truncated.to(device))
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x, c: int):
+    """(x * c) mod 2**32 for 32-bit x (an int or an int64 tensor) without leaving int64."""
+    return ((x & 0xFFFF) * c + ((((x >> 16) * c) & 0xFFFF) << 16)) & _MASK32
+
+
+def mix32(x):
+    """A 32-bit integer hash (lowbias32): a bijection whose every output bit depends on every input bit."""
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def stream_key(*parts: int) -> int:
+    """One 32-bit key from integers (a seed, a step, a round...), each part mixed in turn."""
+    key = 0x9E3779B9
+    for part in parts:
+        for word in (part & _MASK32, (part >> 32) & _MASK32):
+            key = mix32(key ^ mix32(word))
+    return key
+
+
+@dataclass(frozen=True)
+class RowStreams:
+    """Row i of a batch draws from stream `first + i` of `key`: give the same (key, row) to the same completion
+    and it is sampled alike whatever batch or process it is computed in."""
+
+    key: int
+    first: int = 0
+
+    def uniforms(self, rows: torch.Tensor, t: int) -> torch.Tensor:
+        """(len(rows),) float64 uniforms in (0, 1], for position t of the batch rows `rows`."""
+        r = rows.long() + self.first
+        h = mix32(mix32(mix32(r & _MASK32) ^ mix32(r >> 32) ^ self.key) ^ mix32(t))
+        low = mix32(h ^ 0x68E31DA4)
+        bits = (h << 21) | (low >> 11)  # 53 random bits
+        return (bits + 1).double() / float(2**53)
+
+
+def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """(B,) token ids: row b takes the first token whose cumulative probability reaches uniforms[b] (inverse-CDF
+    sampling, so a token of probability 0 is never drawn). `probs` (B, V) need not sum exactly to 1."""
+    cdf = probs.float().cumsum(dim=-1)
+    target = (uniforms.to(cdf.device) * cdf[:, -1].double()).float().unsqueeze(1)
+    return torch.searchsorted(cdf, target).squeeze(1).clamp(max=probs.size(-1) - 1)
+
+
 def _pad_to(t: torch.Tensor, width: int, value: int, left: bool) -> torch.Tensor:
     missing = width - t.size(1)
     if missing <= 0:
@@ -81,13 +146,15 @@ def mask_after_eos(completion_ids: torch.Tensor, eos_token_id: int) -> tuple[tor
 @torch.no_grad()
 def generate_compact(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      max_new_tokens: int, eos_token_id: int, pad_token_id: int, temperature: float = 1.0,
-                     do_sample: bool = True, repeats: int = 1) -> torch.Tensor:
+                     do_sample: bool = True, repeats: int = 1, streams: RowStreams | None = None) -> torch.Tensor:
     """(B * repeats, max_new_tokens) completion tokens (pad after EOS), `repeats` consecutive rows per prompt: a
     KV-cached decoding loop that drops each row from the batch once it has produced EOS, so finished rows cost
     nothing for the rest of the batch's decoding (HF `generate` keeps computing them until the last row stops).
     Each prompt is prefilled once and its cache shared by its `repeats` rows (`generate` prefills every copy).
     Sampling is plain: softmax(logits / T), no top-k or top-p, as `sample_groups` asks of `generate`; greedy with
-    `do_sample=False`."""
+    `do_sample=False`. Output row i draws from `streams` row i (default: a key drawn from torch's generator)."""
+    if do_sample and streams is None:
+        streams = RowStreams(int(torch.randint(0, 2**31, (1,)).item()))
     n = input_ids.size(0) * repeats
     out = torch.full((n, max_new_tokens), pad_token_id, dtype=torch.long, device=input_ids.device)
     active = torch.arange(n, device=input_ids.device)
@@ -105,7 +172,7 @@ def generate_compact(model: PreTrainedModel, input_ids: torch.Tensor, attention_
         used = t + 1
         if do_sample:
             probs = torch.softmax(logits.float() / temperature, dim=-1)
-            token = torch.multinomial(probs, 1).squeeze(1)
+            token = draw(probs, streams.uniforms(active, t))
         else:
             token = logits.argmax(dim=-1)
         out[active, t] = token
@@ -132,12 +199,15 @@ def sample_groups(
     max_new_tokens: int,
     temperature: float = 1.0,
     do_sample: bool = True,
-    backend: str = "hf",
+    backend: str = "compact",
     share_prompt: bool = True,
+    streams: RowStreams | None = None,
 ) -> Rollout:
-    """One `generate` call for all prompts x G (KV cache on, left padding, stops when every row hit EOS);
-    `backend="compact"`: `generate_compact`, which stops computing each row at its EOS and, with `share_prompt`,
-    prefills each prompt once for its G rows."""
+    """G completions of each prompt, rows grouped by prompt. `backend="compact"`: `generate_compact`, which stops
+    computing each row at its EOS and, with `share_prompt`, prefills each prompt once for its G rows; row i draws
+    from `streams` row i. `backend="hf"`: one `generate` call for all prompts x G (KV cache on, left padding,
+    stops when every row hit EOS), top-k and top-p off; any other processor the checkpoint's generation_config sets
+    (a repetition penalty...) still applies there, which the compact backend never does."""
     expanded = [p for p in prompts for _ in range(num_generations)]
     device = next(model.parameters()).device
     shared = backend == "compact" and share_prompt
@@ -145,16 +215,16 @@ def sample_groups(
                     padding_side="left").to(device)
     was_training = model.training
     model.eval()
-    gen_kwargs = {"do_sample": do_sample, "max_new_tokens": max_new_tokens, "use_cache": True,
-                  "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
-    if do_sample:
-        gen_kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
     prompt_len = enc["input_ids"].size(1)
     if backend == "compact":
         completion_ids = generate_compact(model, enc["input_ids"], enc["attention_mask"], max_new_tokens,
                                           tokenizer.eos_token_id, tokenizer.pad_token_id, temperature, do_sample,
-                                          repeats=num_generations if shared else 1)
+                                          repeats=num_generations if shared else 1, streams=streams)
     else:
+        gen_kwargs = {"do_sample": do_sample, "max_new_tokens": max_new_tokens, "use_cache": True,
+                      "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+        if do_sample:
+            gen_kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
         completion_ids = model.generate(**enc, **gen_kwargs)[:, prompt_len:]
     model.train(was_training)
     if shared:
@@ -176,8 +246,12 @@ def sample_groups(
 
 
 def sample_in_batches(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], n: int,
-                      max_new_tokens: int, greedy: bool, batch: int = 256) -> list[Rollout]:
-    """`sample_groups` over `prompts` in chunks of about `batch` rows (n completions each, temperature 1)."""
+                      max_new_tokens: int, greedy: bool, batch: int = 256, backend: str = "compact",
+                      seed: int | None = None) -> list[Rollout]:
+    """`sample_groups` over `prompts` in chunks of about `batch` rows (n completions each, temperature 1), decoded
+    as the training rollouts are (`backend`). With `seed`, prompt j's k-th sample draws from stream j * n + k of
+    that seed, whatever the chunking."""
     per = max(1, batch // n)
-    return [sample_groups(model, tokenizer, prompts[i : i + per], n, max_new_tokens, 1.0, do_sample=not greedy)
+    return [sample_groups(model, tokenizer, prompts[i : i + per], n, max_new_tokens, 1.0, do_sample=not greedy,
+                          backend=backend, streams=None if seed is None else RowStreams(stream_key(seed), i * n))
             for i in range(0, len(prompts), per)]

@@ -24,7 +24,7 @@ class GRPOSettings:
     beta: float = 0.02  # k3 KL coefficient to the frozen reference; 0 builds no reference
     epsilon: float = 0.2  # lower clip (and upper when epsilon_high is None)
     epsilon_high: float | None = None  # DAPO clip-higher
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = "grpo"  # always over the whole generation batch
     importance_sampling_level: Literal["token", "sequence"] = "token"  # sequence: GSPO
     scale_rewards: Literal["group", "batch", "none"] = "batch"
     logprob_chunk_size: int = 0  # rows per log-prob chunk; 0: all at once

@@ -1,9 +1,17 @@
 """The GRPO loop, visible in one place: sample -> score -> advantages -> (mu x) clipped update.
 
-One code path for one CPU, one GPU and many processes: `accelerate` wraps the model and optimizer; each
-process samples its shard of the step's prompts, and loss normalisers are global (summed over processes),
-so the update does not depend on how the batch is split across processes or micro-batches. Logged
-metrics are global too (gathered over processes); with one process nothing is gathered.
+One computation for one CPU, one GPU and many processes. `accelerate` wraps the model and optimizer. Each
+process samples and scores its contiguous share of the step's prompts, every row drawing from its own random
+stream (grpo/sampling.py), so the completions do not depend on the split. The scored shards are gathered, so
+every process holds the whole generation batch: dynamic sampling's choices, the advantages (the batch std
+included) and the logged metrics are computed from it, as one process computes them. The update then takes
+each process's share of the rows; loss normalisers are those of the whole batch and DDP's gradient mean is
+undone, so the update is the one-process update up to float summation order.
+
+How the update computes its rows is decided once, in `plan_update`: the single-process savings (shared prompt,
+merged identical rows, the zero-advantage skip) give the same update and apply where they can, and each one
+that cannot is named in one log line. Policy, old and reference log-probs all go through `logps_of`, under the
+same precision and the same path, so at identical weights the KL is exactly 0, in bf16 as in fp32.
 
 `training_state()` / `load_training_state()` carry what a resumed run needs besides the weights and the
 optimizer (step, counters, metrics history); grpo_steps/checkpoint.py writes them to disk.
@@ -11,6 +19,7 @@ optimizer (step, counters, metrics history); grpo_steps/checkpoint.py writes the
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -28,7 +37,7 @@ from grpo_steps.grpo.advantages import group_advantages, groups_with_spread, nan
 from grpo_steps.grpo.logprobs import can_share_prompt, completion_logps, shared_prompt_logps
 from grpo_steps.grpo.loss import Normalizers, policy_loss
 from grpo_steps.grpo.rewards import RewardFunction, function_name, score_completions
-from grpo_steps.grpo.sampling import Rollout, concat_rollouts, sample_groups
+from grpo_steps.grpo.sampling import Rollout, RowStreams, concat_rollouts, sample_groups, stream_key
 from grpo_steps.grpo.settings import GRPOSettings
 
 log = logging.getLogger(__name__)
@@ -73,9 +82,9 @@ def _micro_batches(n: int, size: int) -> list[slice]:
 
 def rollout_logps(model, rollout: Rollout, rows: slice | torch.Tensor, c: int, cfg: GRPOSettings, share: bool,
                   compute_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs of the first `c` completion tokens of `rows`: each distinct prompt computed once
-    (`grpo.share_prompt`), or every row's prompt and completion in one pass."""
-    if share and can_share_prompt(model):
+    """Log-probs of the first `c` completion tokens of `rows`: each distinct prompt computed once (`share`, as
+    the update's plan decides), or every row's prompt and completion in one pass."""
+    if share:
         return shared_prompt_logps(model, rollout.prompt_ids[rows], rollout.prompt_mask[rows],
                                    rollout.completion_ids[rows, :c], rollout.completion_mask[rows, :c],
                                    cfg.temperature, cfg.logprob_chunk_size, compute_entropy)
@@ -114,23 +123,86 @@ def identical_rows(rollout: Rollout, advantages: torch.Tensor, rows: torch.Tenso
     return rows[first], counts
 
 
+@dataclass(frozen=True)
+class UpdatePlan:
+    """How the update computes its rows on this layout. Each saving gives the same update as computing every row
+    in full (tests/unit/test_share_prompt.py, test_skip_zero_advantage.py); `off` names those asked for that
+    cannot apply here, and why."""
+
+    share_prompt: bool  # each distinct prompt once per pass: policy, old and reference log-probs alike
+    merge_identical_rows: bool  # identical rows computed once, weighted by their count
+    skip_zero_advantage: bool  # beta = 0: no forward/backward for rows whose gradient is exactly zero
+    off: tuple[str, ...] = ()
+
+    def rows(self, rollout: Rollout, advantages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, int, int]:
+        """(the rows to compute, shortest completion first; their weights (None: 1 each); rows skipped; rows
+        merged into an identical one)."""
+        mask = rollout.completion_mask
+        n = mask.size(0)
+        rows = torch.arange(n, device=mask.device)
+        if self.skip_zero_advantage:
+            rows = torch.nonzero((advantages.to(mask.device) != 0) & (mask.sum(1) > 0)).flatten()
+        skipped = n - len(rows)
+        weights = None
+        if self.merge_identical_rows:
+            rows, counts = identical_rows(rollout, advantages, rows)
+            weights = torch.zeros(n, device=mask.device)
+            weights[rows] = counts.to(weights.dtype)
+        return by_length(mask, rows), weights, skipped, n - skipped - len(rows)
+
+
+def plan_update(cfg: GRPOSettings, num_processes: int, policy: PreTrainedModel) -> UpdatePlan:
+    """The one place that decides which single-process savings apply. Under DDP every rank's forward must go
+    through its wrapper (the shared pass calls the decoder itself) and every rank must run the same number of
+    backward passes (merging and skipping make the counts depend on the data), so there all three are off and
+    every row is computed in full: the same update, more compute. The shared pass also needs a KV cache, which
+    transformers drops in checkpointed layers, and the head's output to be the logits."""
+    multi = num_processes > 1
+    off = []
+    share = cfg.share_prompt
+    if share and multi:
+        share = False
+        off.append(f"grpo.share_prompt ({num_processes} processes: DDP runs each forward through its wrapper)")
+    elif share and not can_share_prompt(policy):
+        share = False
+        off.append("grpo.share_prompt (activation checkpointing drops the KV cache, or the model post-processes "
+                   "its logits)")
+    merge = cfg.merge_identical_rows and not multi
+    if cfg.merge_identical_rows and multi:
+        off.append(f"grpo.merge_identical_rows ({num_processes} processes: DDP needs equal backward counts)")
+    skip = cfg.skip_zero_advantage and cfg.beta == 0.0 and not multi
+    if cfg.skip_zero_advantage and cfg.beta == 0.0 and multi:
+        off.append(f"grpo.skip_zero_advantage ({num_processes} processes: DDP needs equal backward counts)")
+    return UpdatePlan(share, merge, skip, tuple(off))
+
+
+@contextlib.contextmanager
+def _mode(model, training: bool):
+    was = model.training
+    model.train(training)
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
 @torch.no_grad()
-def _batched_logps(model, rollout: Rollout, cfg: GRPOSettings, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """(N, C) log-probs of the completion tokens of `rows` (default: all; 0 elsewhere and after a row's end),
-    micro-batch by micro-batch in length order, each cut to its longest row."""
+def _batched_logps(model, rollout: Rollout, cfg: GRPOSettings, rows: torch.Tensor, share: bool) -> torch.Tensor:
+    """(N, C) log-probs of the completion tokens of `rows` (0 elsewhere and after a row's end), micro-batch by
+    micro-batch in the order given, each cut to its longest row: the update's own micro-batches."""
     mask = rollout.completion_mask
     out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-    order = by_length(mask, rows)
-    for sl in _micro_batches(len(order), cfg.micro_batch_size):
-        rows = order[sl]
-        c = _width(mask, rows)
-        out[rows, :c] = rollout_logps(model, rollout, rows, c, cfg, cfg.share_prompt)[0].to(out.device)
+    for sl in _micro_batches(len(rows), cfg.micro_batch_size):
+        part = rows[sl]
+        c = _width(mask, part)
+        out[part, :c] = rollout_logps(model, rollout, part, c, cfg, share)[0].to(out.device)
     return out
 
 
 @dataclass
 class GenerationBatch:
-    """One process's share of a generation batch, scored, with its group-relative advantages."""
+    """A whole generation batch (every process's rows, the same on every process), scored, with its
+    group-relative advantages."""
 
     rollout: Rollout
     rewards: torch.Tensor  # (N,) weighted total, NaN where every function abstained
@@ -164,6 +236,9 @@ class GRPOTrainer:
         self.reward_weights = list(reward_weights)
         self.reward_names = [function_name(f) for f in reward_funcs]
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        if cfg.prompts_per_step % self.accelerator.num_processes:
+            raise ValueError(f"grpo.prompts_per_step ({cfg.prompts_per_step}) must divide evenly over "
+                             f"{self.accelerator.num_processes} processes")
         # The reference is the starting policy, frozen. With beta = 0 it is never built nor run. A LoRA policy's
         # reference is its own base model with the adapter off: no second copy of the weights.
         self.ref_model = None
@@ -173,6 +248,9 @@ class GRPOTrainer:
             self.ref_model.to(self.accelerator.device)
         policy.train()  # as transformers' Trainer trains (from_pretrained returns eval mode): dropout as configured,
         # and activation checkpointing, which transformers applies in training mode only
+        self.plan = plan_update(cfg, self.accelerator.num_processes, policy)
+        if self.plan.off:
+            log.info("off on this layout, with the same update: %s", "; ".join(self.plan.off))
         trainable = [p for p in policy.parameters() if p.requires_grad]  # all of them, or a LoRA adapter's
         optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.model, self.optimizer = self.accelerator.prepare(policy, optimizer)
@@ -188,25 +266,19 @@ class GRPOTrainer:
     def unwrapped(self) -> PreTrainedModel:
         return self.accelerator.unwrap_model(self.model)
 
-    def _shard(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _shard(self, n: int) -> slice:
+        """This process's contiguous share of `n` items (prompts, or rows of whole groups)."""
         acc = self.accelerator
-        if len(rows) % acc.num_processes:
-            raise ValueError(f"prompts_per_step ({len(rows)}) must divide evenly over {acc.num_processes} processes")
-        per = len(rows) // acc.num_processes
-        return rows[acc.process_index * per : (acc.process_index + 1) * per]
+        if n % acc.num_processes:
+            raise ValueError(f"{n} prompts or rows do not divide evenly over {acc.num_processes} processes")
+        per = n // acc.num_processes
+        return slice(acc.process_index * per, (acc.process_index + 1) * per)
 
     def _global_sum(self, value: float) -> float:
         if self.accelerator.num_processes == 1:
             return value
         t = torch.tensor([value], dtype=torch.float64, device=self.accelerator.device)
         return float(self.accelerator.reduce(t, reduction="sum").item())
-
-    def _gather(self, t: torch.Tensor) -> torch.Tensor:
-        """Every process's rows of a per-completion tensor, concatenated (itself with one process)."""
-        acc = self.accelerator
-        if acc.num_processes == 1:
-            return t
-        return acc.gather(t.to(acc.device)).cpu()
 
     def weights_finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self.unwrapped.parameters())
@@ -222,29 +294,58 @@ class GRPOTrainer:
         self.consecutive_nonfinite = int(state["consecutive_nonfinite"])
         self.history = [dict(m) for m in state["history"]]
 
-    def _sample_scored(self, rows: list[dict[str, Any]]) -> tuple[Rollout, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """G completions for each of `rows` (this process's), scored: (rollout, rewards, per_func, lengths)."""
+    # ------------------------------------------------------------------------------------------- sample, score
+    def _rollout(self, prompts: list[str], streams: RowStreams) -> Rollout:
+        cfg = self.cfg
+        sample = lambda: sample_groups(self.unwrapped, self.tokenizer, prompts, cfg.num_generations,  # noqa: E731
+                                       cfg.max_completion_length, cfg.temperature, backend=cfg.generation_backend,
+                                       share_prompt=cfg.share_prompt, streams=streams)
+        if cfg.generation_backend != "hf":
+            return sample()
+        # `generate` draws from torch's generator: seeded per step and per shard, so that processes do not draw
+        # alike and a resumed run draws what the first did (the samples still depend on the layout)
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(stream_key(streams.key, streams.first))
+            return sample()
+
+    def _sample_scored(self, rows: list[dict[str, Any]], round_: int
+                       ) -> tuple[Rollout, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """G completions for each of `rows` (the step's prompts, the same on every process), each process sampling
+        and scoring its share; gathered: (rollout, rewards, per_func, lengths) of all of them."""
         G = self.cfg.num_generations
-        rollout = sample_groups(self.unwrapped, self.tokenizer, [r["prompt"] for r in rows], G,
-                                self.cfg.max_completion_length, self.cfg.temperature,
-                                backend=self.cfg.generation_backend, share_prompt=self.cfg.share_prompt)
-        columns = {k: [r[k] for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
+        mine = self._shard(len(rows))
+        shard = rows[mine]
+        streams = RowStreams(stream_key(self.seed, self.step, round_), mine.start * G)
+        rollout = self._rollout([r["prompt"] for r in shard], streams)
+        columns = {k: [r[k] for r in shard for _ in range(G)] for k in shard[0] if k != "prompt"}
         lengths = rollout.completion_mask.sum(dim=1)  # tokens, EOS included
         columns["completion_lengths"] = lengths.tolist()
         per_func, rewards = score_completions(self.reward_funcs, self.reward_weights, rollout.prompts,
                                               rollout.completions, columns)
-        return rollout, rewards, per_func, lengths
+        return self._gathered(rollout, rewards, per_func, lengths)
+
+    def _gathered(self, rollout: Rollout, *tensors: torch.Tensor) -> tuple:
+        """Every process's rows concatenated in process order (as they are with one process)."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return (rollout, *tensors)
+        from accelerate.utils import gather_object
+
+        parts = gather_object([(rollout.to("cpu"), *(t.cpu() for t in tensors))])
+        whole = concat_rollouts([p[0] for p in parts], self.tokenizer.pad_token_id).to(acc.device)
+        return (whole, *(torch.cat([p[i + 1] for p in parts]) for i in range(len(tensors))))
 
     def generate(self, rows: list[dict[str, Any]],
                  more: Callable[[int], list[dict[str, Any]]] | None = None) -> GenerationBatch:
-        """Sample G completions for this process's share of `rows`, score them, compute advantages. With
-        `grpo.dynamic_sampling`, groups whose rewards are all equal are replaced by groups of further prompts
-        from `more(n)` (the prompt sampler), for at most `grpo.max_dynamic_sampling_rounds` extra rounds."""
-        shard = self._shard(rows)
-        scored = self._sample_scored(shard)
+        """Sample G completions for each of `rows`, score them, compute advantages: the whole batch, on every
+        process. With `grpo.dynamic_sampling`, groups whose rewards are all equal are replaced by groups of
+        further prompts from `more(n)` (the prompt sampler), for at most `grpo.max_dynamic_sampling_rounds` extra
+        rounds."""
+        scored = self._sample_scored(rows, 0)
         self.last_sampling = {"rounds": 1, "dropped_groups": 0, "filled_groups": 0}
         if self.cfg.dynamic_sampling:
-            scored = self._dynamic_sampling(len(shard), scored, more)
+            scored = self._dynamic_sampling(len(rows), scored, more)
         rollout, rewards, per_func, lengths = scored
         if self.cfg.mask_truncated_completions:  # DAPO: scored, but no gradient from a cut-off completion
             rollout.completion_mask = rollout.completion_mask * (~rollout.truncated).unsqueeze(1).long()
@@ -253,16 +354,15 @@ class GRPOTrainer:
 
     def _dynamic_sampling(self, need: int, scored: tuple, more: Callable[[int], list[dict[str, Any]]] | None):
         """DAPO's dynamic sampling: keep `need` groups whose rewards differ, sampling further rounds of prompts
-        while any process has too few; when the cap is reached, fill up with groups of equal rewards (advantage
-        0). Every process takes the same decisions (global counts), so the prompt sampler advances alike."""
+        while there are too few; when the cap is reached, fill up with groups of equal rewards (advantage 0).
+        Every process holds the whole batch, so every one takes the same decisions."""
         cfg, G = self.cfg, self.cfg.num_generations
         parts = [scored]
         spread = [groups_with_spread(scored[1], G)]
         kept = int(spread[0].sum())
         rounds = 1
-        while (more is not None and rounds <= cfg.max_dynamic_sampling_rounds
-               and self._global_sum(float(kept < need)) > 0):
-            part = self._sample_scored(self._shard(more(cfg.prompts_per_step)))
+        while more is not None and rounds <= cfg.max_dynamic_sampling_rounds and kept < need:
+            part = self._sample_scored(more(cfg.prompts_per_step), rounds)
             parts.append(part)
             spread.append(groups_with_spread(part[1], G))
             kept += int(spread[-1].sum())
@@ -279,35 +379,25 @@ class GRPOTrainer:
                               "filled_groups": len(fill)}
         return rollout, rewards, per_func, lengths
 
+    # ------------------------------------------------------------------------------------------------ update
+    def logps_of(self, model, rollout: Rollout, rows: torch.Tensor) -> torch.Tensor:
+        """Log-probs without gradient (reference, old policy) as the update computes the policy's: the same
+        micro-batches, the same path (the plan's), under the same mixed precision."""
+        with self.accelerator.autocast():
+            return _batched_logps(model, rollout, self.cfg, rows, self.plan.share_prompt)
+
     def reference_logps(self, rollout: Rollout, rows: torch.Tensor | None = None) -> torch.Tensor | None:
         """The frozen reference's log-probs of the rollout's completions, of `rows` only if given (None when
         beta = 0)."""
+        if rows is None:
+            rows = by_length(rollout.completion_mask)
         if self.ref_model is not None:
-            return _batched_logps(self.ref_model, rollout, self.cfg, rows)
+            return self.logps_of(self.ref_model, rollout, rows)
         if not self.ref_is_base:
             return None
         model = self.unwrapped
-        was_training = model.training
-        model.eval()  # as the reference copy is: no dropout
-        try:
-            with model.disable_adapter():
-                return _batched_logps(model, rollout, self.cfg, rows)
-        finally:
-            model.train(was_training)
-
-    def rows_to_train(self, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
-        """The rows whose gradient can be non-zero, or None for all of them.
-
-        A row with advantage 0 contributes exactly nothing to the policy-gradient term of every loss type, so with
-        beta = 0 (no KL term) its forward and backward are skipped (`grpo.skip_zero_advantage`). The loss
-        normalisers stay those of the whole batch, so the update is the same. With beta > 0 the row still carries
-        the KL gradient; with several processes every one must run the same number of backward passes (DDP), so
-        nothing is skipped there either.
-        """
-        cfg = self.cfg
-        if not cfg.skip_zero_advantage or cfg.beta != 0.0 or self.accelerator.num_processes > 1:
-            return None
-        return torch.nonzero((advantages.to(mask.device) != 0) & (mask.sum(1) > 0)).flatten()
+        with _mode(model, False), model.disable_adapter():  # eval mode, as the reference copy is: no dropout
+            return self.logps_of(model, rollout, rows)
 
     def _zero_gradients(self) -> None:
         """Zero (not absent) gradients, so AdamW steps its moments and weight decay as it would on a full pass."""
@@ -316,33 +406,22 @@ class GRPOTrainer:
                 p.grad = torch.zeros_like(p)
 
     def update(self, batch: GenerationBatch) -> tuple[dict[str, float], float, float, Normalizers]:
-        """`mu` optimizer updates on one generation batch; returns (token-weighted stat sums, loss, grad norm,
-        the batch's global normalisers). The update does not depend on how the batch is split over processes
-        or micro-batches: normalisers are global and DDP's gradient mean is undone."""
-        cfg, acc, rollout, advantages = self.cfg, self.accelerator, batch.rollout, batch.advantages
+        """`mu` optimizer updates on one generation batch, this process computing its share of the rows; returns
+        (token-weighted stat sums over all processes, loss, grad norm, the batch's normalisers). The normalisers
+        are the whole batch's and DDP's gradient mean is undone, so the update does not depend on how the rows
+        are split over processes or micro-batches."""
+        cfg, acc, plan = self.cfg, self.accelerator, self.plan
+        whole = batch.rollout.completion_mask
+        norm = Normalizers(num_sequences=whole.size(0), num_tokens=int(whole.sum()),
+                           max_completion_length=cfg.max_completion_length)
+        mine = self._shard(whole.size(0))
+        rollout, advantages = batch.rollout[mine], batch.advantages[mine]
         mask = rollout.completion_mask
-        n_local = mask.size(0)
-        norm = Normalizers(
-            num_sequences=int(self._global_sum(n_local)),
-            num_tokens=int(self._global_sum(float(mask.sum()))),
-            max_completion_length=cfg.max_completion_length,
-        )
-        share = cfg.share_prompt and acc.num_processes == 1  # DDP needs its own forward: the full pass there
-        trained = self.rows_to_train(advantages, mask)
-        self.last_skipped_rows = n_local - (n_local if trained is None else len(trained))
-        order = by_length(mask, trained)  # the rows that can carry a gradient, shortest first
-        weights = None
-        if cfg.merge_identical_rows and acc.num_processes == 1:  # DDP needs equal backward counts
-            order, counts = identical_rows(rollout, advantages, order)
-            weights = torch.zeros(n_local, device=mask.device)
-            weights[order] = counts.to(weights.dtype)
-            order = by_length(mask, order)
-        self.last_merged_rows = n_local - self.last_skipped_rows - len(order)
+        order, weights, self.last_skipped_rows, self.last_merged_rows = plan.rows(rollout, advantages)
+        self.last_skipped_rows = int(self._global_sum(self.last_skipped_rows))
+        self.last_merged_rows = int(self._global_sum(self.last_merged_rows))
         ref_logps = self.reference_logps(rollout, order)
-        old_logps = None
-        if cfg.mu > 1:
-            with acc.autocast():  # as the policy's own forward runs under mixed precision
-                old_logps = _batched_logps(self.unwrapped, rollout, cfg, order)
+        old_logps = self.logps_of(self.unwrapped, rollout, order) if cfg.mu > 1 else None
 
         sums: dict[str, float] = {}
         total_loss, grad_norm = 0.0, 0.0
@@ -354,7 +433,8 @@ class GRPOTrainer:
                 rows = order[sl]
                 c = _width(mask, rows)  # trailing padding columns dropped
                 with acc.autocast():  # the shared pass calls the decoder and head, not the wrapped forward
-                    logps, entropy = rollout_logps(self.model, rollout, rows, c, cfg, share, compute_entropy=True)
+                    logps, entropy = rollout_logps(self.model, rollout, rows, c, cfg, plan.share_prompt,
+                                                   compute_entropy=True)
                 m = mask[rows, :c]
                 # mu = 1: the sampling policy *is* the current one, so the ratio is exp(0) with a live gradient.
                 old = old_logps[rows, :c] if old_logps is not None else logps.detach()
@@ -392,51 +472,54 @@ class GRPOTrainer:
             self.consecutive_nonfinite = 0
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        if acc.num_processes > 1 and sums:
+            keys = sorted(sums)
+            summed = acc.reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=acc.device),
+                                reduction="sum")
+            sums = dict(zip(keys, summed.tolist(), strict=True))
         return sums, total_loss, grad_norm, norm
 
     def train_step(self, rows: list[dict[str, Any]],
                    more: Callable[[int], list[dict[str, Any]]] | None = None) -> dict[str, float]:
         """One generation batch: sample, score, and `mu` optimizer updates on it (`more`: further prompts for
         dynamic sampling)."""
-        cfg, acc = self.cfg, self.accelerator
+        cfg = self.cfg
         t0 = time.perf_counter()
         G = cfg.num_generations
         batch = self.generate(rows, more)
         sums, total_loss, grad_norm, norm = self.update(batch)
         self.step += 1
-        rollout, rewards, per_func, group_std = batch.rollout, batch.rewards, batch.per_func, batch.group_std
+        rollout, rewards, per_func = batch.rollout, batch.rewards, batch.per_func
+        group_std = batch.group_std.view(-1, G)[:, 0]
 
-        # Metrics over the whole generation batch: gathered from every process (nothing to gather with one).
+        # Metrics over the whole generation batch, which every process holds. Names mean what TRL's mean.
         tokens = float(norm.num_tokens)
-        if acc.num_processes > 1 and sums:
-            keys = sorted(sums)
-            summed = acc.reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=acc.device),
-                                reduction="sum")
-            sums = dict(zip(keys, summed.tolist(), strict=True))
-        rewards, group_std, per_func = self._gather(rewards), self._gather(group_std), self._gather(per_func)
-        lengths = self._gather(batch.lengths.float())  # as generated: a masked truncated completion is not 0 long
-        truncated = self._gather(rollout.truncated.float())
-        metrics = {f"{k}": v / max(tokens * cfg.mu, 1.0) for k, v in sums.items()}
+        n = rollout.completion_ids.size(0)
+        metrics = {k: v / max(tokens * cfg.mu, 1.0) for k, v in sums.items()}
+        if self.plan.skip_zero_advantage and "entropy" in metrics:  # over the rows computed: not the batch's
+            metrics["entropy/trained_rows"] = metrics.pop("entropy")
+        lengths = batch.lengths.float()  # as generated: a masked truncated completion is not 0 long
         metrics.update({
             "loss": total_loss,
             "grad_norm": grad_norm,
-            "reward": float(torch.nan_to_num(rewards, nan=0.0).mean()),
-            "reward_std": float(group_std.view(-1, G)[:, 0].mean()),
-            "frac_reward_zero_std": float((group_std.view(-1, G)[:, 0] < 1e-8).float().mean()),
+            "reward": float(torch.nanmean(rewards)) if (~torch.isnan(rewards)).any() else math.nan,
+            "reward_std": float(torch.nan_to_num(nanstd(rewards), nan=0.0)),  # over the batch, as TRL's
+            "reward_std_within_group": float(group_std.mean()),  # the mean of the groups' stds
+            "frac_reward_zero_std": float((group_std < 1e-8).float().mean()),  # of the groups
             "completions/mean_length": float(lengths.mean()),
             "completions/min_length": float(lengths.min()),
             "completions/max_length": float(lengths.max()),
-            "completions/clipped_ratio": float(truncated.mean()),
+            "completions/clipped_ratio": float(rollout.truncated.float().mean()),
             "num_tokens": tokens,
-            "frac_rows_skipped": self.last_skipped_rows / max(rollout.completion_ids.size(0), 1),
-            "frac_rows_merged": self.last_merged_rows / max(rollout.completion_ids.size(0), 1),
+            "frac_rows_skipped": self.last_skipped_rows / max(n, 1),
+            "frac_rows_merged": self.last_merged_rows / max(n, 1),
             "skipped_steps": float(self.skipped_steps),
             "step_time": time.perf_counter() - t0,
         })
         if cfg.dynamic_sampling:
             metrics["dynamic_sampling/rounds"] = float(self.last_sampling["rounds"])
             for k in ("dropped_groups", "filled_groups"):
-                metrics[f"dynamic_sampling/{k}"] = self._global_sum(float(self.last_sampling[k]))
+                metrics[f"dynamic_sampling/{k}"] = float(self.last_sampling[k])
         for j, name in enumerate(self.reward_names):
             col = per_func[:, j]
             metrics[f"rewards/{name}/mean"] = float(torch.nanmean(col)) if (~torch.isnan(col)).any() else math.nan
@@ -453,4 +536,3 @@ class GRPOTrainer:
             if on_step is not None:
                 on_step(self.step, metrics)
         return self.history
-

@@ -30,7 +30,7 @@ def test_greedy_compact_equals_greedy_generate_token_for_token():
     tok = build_tokenizer()
     for boost in (0.0, 30.0):
         model = _policy(tok, boost)
-        hf = sample_groups(model, tok, PROMPTS, 2, 12, do_sample=False)
+        hf = sample_groups(model, tok, PROMPTS, 2, 12, do_sample=False, backend="hf")
         compact = sample_groups(model, tok, PROMPTS, 2, 12, do_sample=False, backend="compact")
         assert torch.equal(compact.completion_ids, hf.completion_ids)
         assert torch.equal(compact.completion_mask, hf.completion_mask) and compact.completions == hf.completions

@@ -33,7 +33,7 @@ def test_on_policy_grpo_loss_value_and_gradient_is_policy_gradient():
     torch.testing.assert_close(logps.grad, expected)
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
 def test_micro_batches_sum_to_the_big_batch_loss_and_gradient(loss_type):
     logps, old, ref, adv, mask = _inputs(1)
     norm = Normalizers(6, int(mask.sum()), 5)
@@ -57,7 +57,7 @@ def test_aggregations_follow_their_definitions():
     n = Normalizers(3, int(mask.sum()), 6)
     seq_means = torch.tensor([(0 + 1) / 2, (4 + 5 + 6 + 7) / 4, 8.0])
     assert aggregate(per_token, mask, "grpo", n).item() == pytest.approx(seq_means.mean().item())
-    assert aggregate(per_token, mask, "bnpo", n).item() == pytest.approx((0 + 1 + 22 + 8) / 7)
+    assert aggregate(per_token, mask, "dapo", n).item() == pytest.approx((0 + 1 + 22 + 8) / 7)
     assert aggregate(per_token, mask, "dr_grpo", n).item() == pytest.approx((0 + 1 + 22 + 8) / (3 * 6))
 
 
@@ -67,11 +67,11 @@ def test_clip_higher_clips_positive_advantages_at_epsilon_high():
     adv = torch.tensor([1.0, -1.0])
     mask = torch.ones(2, 1)
     n = Normalizers(2, 2, 1)
-    loss, stats = policy_loss(logps, old, adv, mask, n, loss_type="bnpo", epsilon_low=0.2, epsilon_high=0.2)
+    loss, stats = policy_loss(logps, old, adv, mask, n, loss_type="dapo", epsilon_low=0.2, epsilon_high=0.2)
     # ratio 1.25 > 1.2: positive advantage clipped at 1.2, negative side takes the unclipped -1.25
     assert loss.item() == pytest.approx((-1.2 + 1.25) / 2)
     assert stats["clip_ratio/high_mean"].item() == pytest.approx(0.5)
-    loss_hi, stats_hi = policy_loss(logps, old, adv, mask, n, loss_type="bnpo", epsilon_low=0.2, epsilon_high=0.28)
+    loss_hi, stats_hi = policy_loss(logps, old, adv, mask, n, loss_type="dapo", epsilon_low=0.2, epsilon_high=0.28)
     assert loss_hi.item() == pytest.approx((-1.25 + 1.25) / 2)
     assert stats_hi["clip_ratio/high_mean"].item() == 0
 

@@ -34,7 +34,7 @@ def _grpo(**kw) -> GRPOConfig:
 def _step_until_it_learns(trainer: GRPOTrainer, tries: int = 6) -> None:
     """Train steps until one had reward variance (a batch of equal rewards has zero advantages)."""
     for _ in range(tries):
-        if trainer.train_step(ROWS)["reward_std"] > 0:
+        if trainer.train_step(ROWS)["reward_std_within_group"] > 0:
             return
     pytest.fail(f"no generation batch with mixed rewards in {tries} steps")
 

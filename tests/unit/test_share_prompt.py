@@ -207,7 +207,7 @@ def test_mu_above_one_with_merged_rows_gives_the_full_pass_update(setup):
     assert loss_fast == pytest.approx(loss_full, rel=1e-3, abs=1e-6)  # the second update's loss: after the first
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
 def test_identical_rows_computed_once_and_weighted_give_the_same_update(setup, loss_type):
     """`grpo.merge_identical_rows`: rows 0-2 and 8-9 repeat a completion of their prompt (with its advantage); each
     set is computed once, weighted by its size. Row 3 has row 0's tokens but another advantage: kept apart."""
