@@ -32,7 +32,7 @@ from grpo_steps.grpo.sampling import sample_in_batches
 from grpo_steps.io import atomic_path, read_jsonl, write_json, write_jsonl
 from grpo_steps.judge import accuracy_judge
 from grpo_steps.lineage import file_md5
-from grpo_steps.modeling import load_policy, load_reward_model, load_tokenizer, seed_everything
+from grpo_steps.modeling import load_policy, load_reward_model, load_tokenizer, place, seed_everything
 from grpo_steps.prompts import render_all
 from grpo_steps.results import Artifact, StageResult
 
@@ -135,7 +135,7 @@ def load_champion(cfg: Config, dst: Path) -> Champion:
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}",
                                                          dst_path=str(dst)))
-        model = load_policy(local / "model", cfg.model.trust_remote_code, cfg.model.dtype).eval()
+        model = place(load_policy(local / "model", cfg.model.trust_remote_code, cfg.model.dtype).eval())
         tok = load_tokenizer(local / "components" / "tokenizer", cfg.model.trust_remote_code)
     except Exception as e:  # noqa: BLE001 - a broken or foreign version must not fail the evaluation
         return Champion(version=str(mv.version), note=f"could not load {name} v{mv.version} (champion): {e}")
@@ -205,12 +205,13 @@ def evaluate(cfg: Config) -> StageResult:
     seed_everything(cfg.seed)
     rows = read_jsonl(cfg.paths.validated_file("test"))
     tok = load_tokenizer(cfg.paths.grpo_policy())
-    start = load_policy(cfg.paths.sft_policy(), cfg.model.trust_remote_code, cfg.model.dtype).eval()
-    trained = load_policy(cfg.paths.grpo_policy(), cfg.model.trust_remote_code, cfg.model.dtype).eval()
+    # every model on this process's accelerator device (grpo_steps/modeling.py `place`); inputs follow the model's
+    start = place(load_policy(cfg.paths.sft_policy(), cfg.model.trust_remote_code, cfg.model.dtype).eval())
+    trained = place(load_policy(cfg.paths.grpo_policy(), cfg.model.trust_remote_code, cfg.model.dtype).eval())
     rm = None
     if cfg.paths.reward_model().exists():
         trust = cfg.reward_model.trust_remote_code or cfg.model.trust_remote_code
-        rm = RewardModelFunction(load_reward_model(cfg.paths.reward_model(), trust, cfg.model.dtype), tok)
+        rm = RewardModelFunction(place(load_reward_model(cfg.paths.reward_model(), trust, cfg.model.dtype)), tok)
     tracked: dict[str, float] = {}
     tags: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="champion-") as scratch:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from grpo_steps.config import Config, LoraConfig, ModelConfig
+from grpo_steps.config import Config, ConfigError, LoraConfig, ModelConfig
 from grpo_steps.grpo.trainer import is_adapter
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,54 @@ def trl_args(seed: int, cfg: ModelConfig) -> dict[str, object]:
     stage writes its output itself), the seed, the device, and precision and checkpointing made explicit."""
     return {"logging_steps": 10, "save_strategy": "no", "report_to": ["mlflow"], "seed": seed,
             "use_cpu": not torch.cuda.is_available(), "dataloader_num_workers": 0, **trainer_precision(cfg)}
+
+
+def trl_warmup(ratio: float) -> float:
+    """`warmup_steps` of a TRL config for a warm-up *ratio* (`sft.warmup_ratio`, `reward_model.warmup_ratio`).
+
+    transformers 5 has no `warmup_ratio` any more: its `warmup_steps` reads a float in [0, 1) as a ratio of the
+    training steps (`ceil(steps * ratio)` warm-up steps, TrainingArguments.get_warmup_steps) and anything from 1
+    up as a number of steps. A ratio below 1 passes as it is; 1.0 (warm up throughout, which the config allows)
+    would read as one step, so it passes as the largest float below 1, whose ceil(steps * r) is every step.
+    """
+    return ratio if ratio < 1 else math.nextafter(1.0, 0.0)
+
+
+def per_process_batch(global_batch: int, processes: int, setting: str) -> int:
+    """Each process's share of a global batch of `global_batch` rows split over `processes`; a ConfigError
+    naming `setting` when it does not divide evenly (the global batch is split, never repeated)."""
+    if global_batch % processes:
+        raise ConfigError(
+            f"{setting}={global_batch} is the global batch (rows per optimizer step, all processes together) and "
+            f"must divide evenly over the {processes} processes of this run: use a multiple of {processes}"
+        )
+    return global_batch // processes
+
+
+def split_trl_batch(args, global_batch: int, setting: str):
+    """A TRL config whose optimizer steps see `global_batch` rows in all, as on one process: transformers' batch
+    size is per device, and a step takes one from every process (and from every GPU of a DataParallel one)."""
+    devices = args.world_size * max(1, args.n_gpu)  # world_size: the PartialState transformers set up itself
+    args.per_device_train_batch_size = per_process_batch(global_batch, devices, setting)
+    return args
+
+
+def accelerator_device() -> torch.device:
+    """This process's device, as accelerate assigns it: under `accelerate launch`/torchrun with GPUs the process's
+    own GPU (cuda:<local rank>); a single process, the GPU when there is one; otherwise the CPU. Like every
+    Accelerator of the stages, it asks for the CPU when CUDA is unavailable (`cpu=not torch.cuda.is_available()`),
+    so a model placed here and the tensors a stage's Accelerator places meet on one device."""
+    from accelerate import PartialState  # the process-wide state: the stage's Accelerator shares it
+
+    return PartialState(cpu=not torch.cuda.is_available()).device
+
+
+def place(model: PreTrainedModel, device: torch.device | str | None = None) -> PreTrainedModel:
+    """The one placement of the models the stages build or load for inference (evaluation, sampling, scoring):
+    `model` moved to `device`, by default this process's accelerator device (`accelerator_device`). Models a
+    stage trains are placed by `accelerator.prepare` (or TRL's Trainer, which calls it) on that same device.
+    Helpers that build inputs for a model (sampling, RewardModelFunction) put them on the model's device."""
+    return model.to(accelerator_device() if device is None else device)
 
 
 def torch_dtype(name: str) -> torch.dtype | str:

@@ -17,7 +17,7 @@ from trl import SFTConfig, SFTTrainer
 from grpo_steps.config import Config
 from grpo_steps.grpo.tokens import prompt_completion_ids
 from grpo_steps.io import atomic_path, read_jsonl
-from grpo_steps.modeling import begin_stage, build_policy, policy_tokenizer, trl_args
+from grpo_steps.modeling import begin_stage, build_policy, policy_tokenizer, split_trl_batch, trl_args, trl_warmup
 from grpo_steps.prompts import render
 from grpo_steps.results import StageResult
 
@@ -58,15 +58,17 @@ def sft(cfg: Config) -> StageResult:
             args = SFTConfig(
                 output_dir=str(tmp / "_trainer"),
                 max_steps=sc.max_steps,
-                per_device_train_batch_size=sc.batch_size,
+                per_device_train_batch_size=sc.batch_size,  # the global batch: split over the processes below
                 learning_rate=sc.learning_rate,
                 weight_decay=sc.weight_decay,
                 lr_scheduler_type="cosine",
-                warmup_steps=sc.warmup_ratio,
+                warmup_steps=trl_warmup(sc.warmup_ratio),  # a ratio: transformers 5 reads warmup_steps < 1 as one
                 completion_only_loss=True,
                 max_length=cfg.validate_.max_prompt_tokens + cfg.validate_.completion_tokens() + 2,
                 **trl_args(cfg.seed, cfg.model),
             )
+            split_trl_batch(args, sc.batch_size, "sft.batch_size")  # sft.batch_size rows a step, on N processes too
+            # the trainer places the policy on the accelerator's device (accelerator.prepare)
             trainer = SFTTrainer(model=policy, args=args, train_dataset=demonstrations_dataset(cfg, tok, rows),
                                  processing_class=tok)
             result = trainer.train()

@@ -59,11 +59,14 @@ LOCK_NAME = ".grpo.lock"
 
 def build_reward_functions(cfg: Config, tokenizer) -> tuple[list[RewardFunction], list[float]]:
     """Built-in names, the trained reward model, or `module:function` import paths from params.yaml."""
+    from grpo_steps.modeling import place  # deferred: local until the top-level import block's rework lands
+
     funcs, weights = [], []
     for rf in cfg.grpo.reward_functions:
         if rf.name == "reward_model":
             model = load_reward_model(cfg.paths.reward_model(), cfg.reward_trust_remote_code(), cfg.model.dtype)
-            funcs.append(RewardModelFunction(model, tokenizer))
+            # on the policy's device: place() and the stage's Accelerator share accelerate's process state
+            funcs.append(RewardModelFunction(place(model), tokenizer))
         else:
             funcs.append(resolve_reward_function(rf.name, reward_kwargs(cfg, rf)))
         weights.append(rf.weight)

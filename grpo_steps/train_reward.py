@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import (
@@ -31,7 +32,7 @@ from transformers import (
 )
 from trl import RewardConfig, RewardTrainer
 
-from grpo_steps.config import Config
+from grpo_steps.config import Config, ConfigError
 from grpo_steps.errors import UserError
 from grpo_steps.grpo.reward_model import RewardModelFunction, bradley_terry_loss, encode_pairs, sequence_logps
 from grpo_steps.io import DataFileError, atomic_path, read_jsonl, write_json
@@ -43,10 +44,14 @@ from grpo_steps.modeling import (
     build_reward_backbone,
     load_policy,
     load_tokenizer,
+    per_process_batch,
+    place,
     policy_tokenizer,
     require_safetensors,
+    split_trl_batch,
     torch_dtype,
     trl_args,
+    trl_warmup,
 )
 from grpo_steps.policy_pairs import sample_pairs
 from grpo_steps.prompts import render
@@ -102,7 +107,8 @@ def build_reward_model(cfg: Config) -> tuple[PreTrainedModel, PreTrainedTokenize
     """The untrained reward model and the tokenizer it reads text with.
 
     By default it starts from the starting policy (models/sft): its transformer already computes the task, and
-    only the scalar head is new (InstructGPT, DeepSeekMath). `init: config` builds fresh weights instead.
+    only the scalar head is new (InstructGPT, DeepSeekMath). `init: config` builds fresh weights instead. It is
+    built on the CPU: training places it (`accelerator.prepare`, or TRL's Trainer, which calls it).
     """
     backbone = cfg.reward_model.backbone
     if backbone is None and cfg.reward_model.init == "config":  # built from the `model` section
@@ -167,28 +173,29 @@ def pairs_dataset(pairs: list[dict[str, Any]], cfg: Config, source: str = "the p
     return Dataset.from_list(rows)
 
 
-def _train_scalar(cfg: Config, model, tok, train_pairs: list[dict], source: str, tmp) -> PreTrainedModel:
-    """TRL's RewardTrainer: a sequence-classification head, Bradley-Terry loss (+ margin, centering)."""
+def _train_scalar(cfg: Config, model, tok, train_pairs: list[dict], source: str, scratch: Path) -> PreTrainedModel:
+    """TRL's RewardTrainer: a sequence-classification head, Bradley-Terry loss (+ margin, centering); each
+    optimizer step sees `reward_model.batch_size` pairs in all, however many processes share them."""
     rc = cfg.reward_model
     # Pairs were bounded in tokens of the project's tokenizer by `validate`; another backbone's tokenizer
     # counts differently, so there nothing is filtered out.
     max_length = None if rc.backbone else cfg.validate_.max_prompt_tokens + cfg.validate_.completion_tokens() + 2
     args = RewardConfig(
-        output_dir=str(tmp / "_trainer"),
+        output_dir=str(scratch / "_trainer"),
         num_train_epochs=rc.epochs,
-        per_device_train_batch_size=rc.batch_size,
+        per_device_train_batch_size=rc.batch_size,  # the global batch: split over the processes below
         learning_rate=rc.learning_rate,
         lr_scheduler_type="cosine",
-        warmup_steps=rc.warmup_ratio,
+        warmup_steps=trl_warmup(rc.warmup_ratio),  # a ratio: transformers 5 reads warmup_steps < 1 as one
         center_rewards_coefficient=rc.center_rewards_coefficient,
         max_length=max_length,
         disable_tqdm=False,
         **trl_args(cfg.seed, cfg.model),
     )
+    split_trl_batch(args, rc.batch_size, "reward_model.batch_size")
     trainer = RewardTrainer(model=model, args=args, train_dataset=pairs_dataset(train_pairs, cfg, source),
-                            processing_class=tok)
+                            processing_class=tok)  # places the model on the accelerator's device
     trainer.train()
-    shutil.rmtree(tmp / "_trainer", ignore_errors=True)
     return trainer.model
 
 
@@ -198,6 +205,13 @@ def _train_likelihood(cfg: Config, model, tok, train_pairs: list[dict], source: 
     Seeded shuffles, AdamW with warm-up and cosine decay, gradient clipping at 1, through accelerate (the
     precision of `model.precision`, any device, DDP under `accelerate launch`); loss, accuracy and margin
     logged to MLflow every 10 steps as reward_model/train/*.
+
+    On N processes the computation is the one process's: every process draws the same global batches of
+    `reward_model.batch_size` pairs, in the same order, and trains on its contiguous share of each
+    (batch_size / N pairs; a ConfigError when N does not divide it). Its loss is the mean over its share, and
+    DDP averages the gradients over the processes: the mean of N equal shares' means is the mean over the global
+    batch, the one process's loss, so no rescaling is needed. The logged loss, accuracy and margin are the
+    global batch's, averaged over the processes alike; the main process logs them.
     """
     rc = cfg.reward_model
     margins = _margins(train_pairs, cfg, source)
@@ -206,11 +220,19 @@ def _train_likelihood(cfg: Config, model, tok, train_pairs: list[dict], source: 
     if cfg.model.activation_checkpointing:
         model.activation_checkpointing_enable()
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=accelerate_precision(cfg.model))
+    per = per_process_batch(rc.batch_size, acc.num_processes, "reward_model.batch_size")
+    share = slice(acc.process_index * per, (acc.process_index + 1) * per)  # all of each batch on one process
+    if acc.num_processes > 1:
+        if len(train_pairs) < rc.batch_size:  # one process trains on a short batch; shares of it would be unequal
+            raise ConfigError(f"reward_model.batch_size={rc.batch_size} is more than the {len(train_pairs)} train "
+                              f"pairs: on {acc.num_processes} processes the global batch must be full")
+        log.info("train_reward: process %d of %d trains on pairs %d-%d of each global batch of %d",
+                 acc.process_index, acc.num_processes, share.start, share.stop - 1, rc.batch_size)
     per_epoch = math.ceil(len(train_pairs) / rc.batch_size)
     steps = max(1, math.ceil(per_epoch * rc.epochs))
     optimizer = torch.optim.AdamW(model.parameters(), lr=rc.learning_rate, weight_decay=0.0)
     schedule = get_cosine_schedule_with_warmup(optimizer, int(rc.warmup_ratio * steps), steps)
-    model, optimizer = acc.prepare(model, optimizer)
+    model, optimizer = acc.prepare(model, optimizer)  # placed on the accelerator's device (DDP on N processes)
     model.train()
     g = torch.Generator().manual_seed(cfg.seed)
     order: list[int] = []
@@ -219,7 +241,8 @@ def _train_likelihood(cfg: Config, model, tok, train_pairs: list[dict], source: 
     for step in bar:
         if len(order) < rc.batch_size:  # a fresh seeded permutation per epoch, no pair dropped
             order += torch.randperm(len(train_pairs), generator=g).tolist()
-        idx, order = order[: rc.batch_size], order[rc.batch_size :]
+        idx, order = order[: rc.batch_size], order[rc.batch_size :]  # the global batch, alike on every process
+        idx = idx[share]
         batch = [train_pairs[i] for i in idx]
         prompts = [p["prompt"] for p in batch]
         ids, attention, completion = (t.to(acc.device) for t in encode_pairs(
@@ -228,15 +251,17 @@ def _train_likelihood(cfg: Config, model, tok, train_pairs: list[dict], source: 
         scores = rc.beta * sequence_logps(model, ids, attention, completion, rc.length_normalize)
         chosen, rejected = scores[: len(batch)], scores[len(batch) :]
         margin = torch.tensor([margins[i] for i in idx], device=acc.device) if margins is not None else None
-        loss = bradley_terry_loss(chosen, rejected, margin)
+        loss = bradley_terry_loss(chosen, rejected, margin)  # the share's mean: see the docstring
         acc.backward(loss)
         acc.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        window["loss"].append(loss.item())
-        window["accuracy"].append((chosen > rejected).float().mean().item())
-        window["margin"].append((chosen - rejected).mean().item())
+        stats = torch.stack([loss.detach(), (chosen > rejected).float().mean(), (chosen - rejected).mean()])
+        if acc.num_processes > 1:  # equal shares: the mean over the processes is the global batch's
+            stats = acc.reduce(stats, reduction="mean")
+        for key, value in zip(window, stats.tolist(), strict=True):
+            window[key].append(value)
         if step % 10 == 0 or step == steps:
             means = {k: sum(v) / len(v) for k, v in window.items()}
             log_curve({f"reward_model/train/{k}": v for k, v in means.items()}, step)
@@ -250,7 +275,7 @@ def _train_likelihood(cfg: Config, model, tok, train_pairs: list[dict], source: 
 
 def policy_sampled_pairs(cfg: Config) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(train, held-out) pairs from the starting policy's samples on the train and eval prompts."""
-    policy = load_policy(cfg.paths.sft_policy(), cfg.model.trust_remote_code, cfg.model.dtype).eval()
+    policy = place(load_policy(cfg.paths.sft_policy(), cfg.model.trust_remote_code, cfg.model.dtype).eval())
     tok = load_tokenizer(cfg.paths.sft_policy(), cfg.model.trust_remote_code)
     judge = accuracy_judge(cfg)
     train_rows = read_jsonl(cfg.paths.validated_file("train"))[: cfg.reward_model.sample_prompts]
@@ -272,31 +297,35 @@ def train_reward(cfg: Config) -> StageResult:
     model, tok = build_reward_model(cfg)
     # the prompts as the policy sees them, so the model scores what it will be asked to score in grpo
     train_pairs, eval_pairs = rendered(cfg, tok, train_pairs), rendered(cfg, tok, eval_pairs)
-    out = cfg.paths.reward_model()
-    with atomic_path(out) as tmp:
-        if rc.head == "likelihood":
-            model = _train_likelihood(cfg, model, tok, train_pairs, source)
-        else:
-            model = _train_scalar(cfg, model, tok, train_pairs, source, tmp)
-        scorer = RewardModelFunction(model, tok)
-        report = pairwise_report(scorer, eval_pairs)
-        acc = report["pairwise_accuracy"]
-        passed = acc >= rc.min_pairwise_accuracy
-        metrics = {
-            "pairwise_accuracy": acc,
-            "by_kind": report["by_kind"],
-            "mean_margin": report["mean_margin"],
-            "n_train_pairs": len(train_pairs),
-            "n_eval_pairs": len(eval_pairs),
-            "min_pairwise_accuracy": rc.min_pairwise_accuracy,
-            "gate_passed": passed,
-            "init": reward_init(cfg),
-            "head": rc.head,
-            "pairs": rc.pairs,
-        }
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tok.save_pretrained(str(tmp))
-        write_json(cfg.paths.reward_report(), metrics)
+    if rc.head == "likelihood":
+        model = _train_likelihood(cfg, model, tok, train_pairs, source)
+    else:
+        with tempfile.TemporaryDirectory(prefix="train_reward-") as scratch:  # the trainer's output_dir
+            model = _train_scalar(cfg, model, tok, train_pairs, source, Path(scratch))
+    # every process scores the held-out pairs with the same weights, so each reaches the gate's verdict
+    scorer = RewardModelFunction(place(model), tok)
+    report = pairwise_report(scorer, eval_pairs)
+    acc = report["pairwise_accuracy"]
+    passed = acc >= rc.min_pairwise_accuracy
+    metrics = {
+        "pairwise_accuracy": acc,
+        "by_kind": report["by_kind"],
+        "mean_margin": report["mean_margin"],
+        "n_train_pairs": len(train_pairs),
+        "n_eval_pairs": len(eval_pairs),
+        "min_pairwise_accuracy": rc.min_pairwise_accuracy,
+        "gate_passed": passed,
+        "init": reward_init(cfg),
+        "head": rc.head,
+        "pairs": rc.pairs,
+    }
+    state = PartialState(cpu=not torch.cuda.is_available())  # set up by the training: its processes
+    if state.is_main_process:  # one writer under `accelerate launch`
+        with atomic_path(cfg.paths.reward_model()) as tmp:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            tok.save_pretrained(str(tmp))
+            write_json(cfg.paths.reward_report(), metrics)
+    state.wait_for_everyone()  # the outputs exist when any process returns
     log.info("reward model: held-out pairwise accuracy %.3f (gate %.3f); by kind of rejected answer: %s", acc,
              rc.min_pairwise_accuracy,
              ", ".join(f"{k} {v['pairwise_accuracy']:.3f} (n={v['n']})" for k, v in report["by_kind"].items()) or "-")

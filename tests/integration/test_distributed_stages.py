@@ -1,0 +1,137 @@
+"""The train_reward stage as users launch it, `grpo train_reward` on 1 process against `accelerate launch
+--config_file infra/accelerate/cpu_2proc.yaml -m grpo_steps.cli train_reward` on 2 (CPU, gloo), from the same
+inputs: the same reward model up to float summation order, so the same held-out pairwise accuracy.
+
+Each process trains on its half of every global batch of `reward_model.batch_size` pairs, DDP averages the
+halves' gradients, and the logged curve is the global batch's. What was measured (likelihood head, 2000 pairs,
+15 epochs = 435 steps at lr 3e-3, seeds 0, 1, 2):
+- held-out pairwise accuracy (200 pairs): 1 process 0.725, 0.745, 0.725; 2 processes the same, to the pair (the
+  seeds themselves spread by 0.02, so 0.02 is the tolerance);
+- weights: max |W_2 - W_1| 1.6e-4, 3.7e-4, 3.9e-4 (float summation order, grown over 435 AdamW steps), bound 2e-3;
+- the logged train loss: equal to 1e-8 at its first point (step 10), within 1.6e-4 over the curve; rank 0's
+  unreduced half-batch loss differs from it by 0.048 at step 10 (and 0.054 at most), so 1e-5 and 1e-3 tell;
+- the previous code, where every process trained on the whole batch, gave weights bit-identical to 1 process
+  (the same gradient on every rank, averaged): the 2-process weights now differ in the last bits, and each
+  process says which half it trains on.
+Run times on 2 cores: about 20 s on 1 process, 28 s on 2 (most of it start-up).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT, TINY
+
+pytestmark = pytest.mark.slow
+
+# 2000 pairs (1800 train, 200 held out), the likelihood head from a fresh tiny policy: trained long enough to rank
+# well above chance, so agreeing accuracies mean something.
+SETTINGS = TINY + ["task.n_preference_pairs=2000", "reward_model.epochs=15", "reward_model.learning_rate=0.003",
+                   "reward_model.batch_size=64", "tracking.system_metrics=false"]
+ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false",
+       "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """data/validated from the real prepare and validate stages and a fresh tiny starting policy (models/sft)."""
+    from grpo_steps.config import load_config
+    from grpo_steps.modeling import build_policy, load_tokenizer
+    from tests.support.stages import prepare, validate
+
+    base = tmp_path_factory.mktemp("reward-inputs")
+    shutil.copy(ROOT / "params.yaml", base / "params.yaml")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(base)
+        cfg = load_config("params.yaml", SETTINGS + [f"tracking.tracking_uri=sqlite:///{base}/mlflow.db"])
+        prepare(cfg)
+        validate(cfg)
+        tok = load_tokenizer(cfg.paths.tokenizer())
+        torch.manual_seed(0)
+        policy = build_policy(cfg.model, tok)
+        policy.save_pretrained(str(cfg.paths.sft_policy()), safe_serialization=True)
+        tok.save_pretrained(str(cfg.paths.sft_policy()))
+    return base
+
+
+def _train_reward(inputs: Path, workdir: Path, processes: int, *extra: str) -> subprocess.CompletedProcess:
+    """`grpo train_reward` as a user launches it: directly, or under accelerate's launcher with the CPU config."""
+    workdir.mkdir()
+    shutil.copy(inputs / "params.yaml", workdir / "params.yaml")
+    shutil.copytree(inputs / "data" / "validated", workdir / "data" / "validated")
+    shutil.copytree(inputs / "models" / "sft", workdir / "models" / "sft")
+    settings = [x for o in [*SETTINGS, *extra, f"tracking.tracking_uri=sqlite:///{workdir}/mlflow.db"]
+                for x in ("--set", o)]
+    stage = ["-m", "grpo_steps.cli", "train_reward", "--params", "params.yaml", *settings]
+    launcher = [] if processes == 1 else [
+        "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "infra" / "accelerate" / "cpu_2proc.yaml"),
+        "--num_processes", str(processes), "--main_process_port", "0"]
+    env = {**os.environ, **ENV, "PYTHONPATH": str(ROOT)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([sys.executable, *launcher, *stage], cwd=workdir, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def _succeeded(proc: subprocess.CompletedProcess) -> str:
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    return out
+
+
+def _logged_loss(workdir: Path) -> dict[int, float]:
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("grpo-pipeline").experiment_id],
+                                "tags.stage = 'train_reward'")
+    return {m.step: m.value for m in client.get_metric_history(run.info.run_id, "reward_model/train/loss")}
+
+
+def test_two_processes_train_the_one_process_reward_model(inputs, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _succeeded(_train_reward(inputs, one, 1))
+    out = _succeeded(_train_reward(inputs, two, 2))
+
+    # each process trained on its own half of every global batch of 64
+    assert "process 0 of 2 trains on pairs 0-31 of each global batch of 64" in out
+    assert "process 1 of 2 trains on pairs 32-63 of each global batch of 64" in out
+
+    report_1 = json.loads((one / "reports" / "reward_model.json").read_text())
+    report_2 = json.loads((two / "reports" / "reward_model.json").read_text())
+    print(f"held-out pairwise accuracy: 1 process {report_1['pairwise_accuracy']:.4f}, "
+          f"2 processes {report_2['pairwise_accuracy']:.4f}")
+    assert report_1["n_eval_pairs"] == report_2["n_eval_pairs"] == 200
+    assert report_1["pairwise_accuracy"] >= 0.65, "the reward model barely learned: agreement would mean little"
+    assert report_2["pairwise_accuracy"] == pytest.approx(report_1["pairwise_accuracy"], abs=0.02)
+
+    w1 = load_file(str(one / "models" / "reward" / "model.safetensors"))
+    w2 = load_file(str(two / "models" / "reward" / "model.safetensors"))
+    assert w1.keys() == w2.keys()
+    largest = max((w2[k] - w1[k]).abs().max().item() for k in w1)
+    print(f"max |W_2 - W_1| = {largest:.2e}")
+    assert largest <= 2e-3
+    # the whole batch on every process would be bit-identical to one process (the same gradient, averaged)
+    assert not all(torch.equal(w1[k], w2[k]) for k in w1), "2 processes computed exactly what 1 did: not split"
+
+    # the logged loss is the global batch's on 2 processes too (rank 0's half alone is 0.05 off)
+    loss_1, loss_2 = _logged_loss(one), _logged_loss(two)
+    assert loss_1.keys() == loss_2.keys() and min(loss_1) == 10
+    assert loss_2[10] == pytest.approx(loss_1[10], abs=1e-5)
+    assert max(abs(loss_2[s] - loss_1[s]) for s in loss_1) <= 1e-3
+
+
+def test_a_global_batch_the_processes_cannot_share_evenly_is_refused(inputs, tmp_path):
+    proc = _train_reward(inputs, tmp_path / "odd", 2, "reward_model.batch_size=63")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert "grpo train_reward: error: reward_model.batch_size=63 is the global batch" in out
+    assert "divide evenly over the 2 processes" in out
+    assert not (tmp_path / "odd" / "models" / "reward").exists()
