@@ -36,6 +36,7 @@ import torch
 from safetensors.torch import load_file
 
 from grpo_steps.config import Config
+from grpo_steps.grpo.sharding import full_optimizer_state, full_state_dict, load_full_state
 from grpo_steps.grpo.trainer import GRPOTrainer, NonFiniteLossError, PromptSampler, is_adapter
 from grpo_steps.io import atomic_path, file_sha256, fsync_tree
 
@@ -260,19 +261,25 @@ class CheckpointStore:
                                      "nothing saved (lower grpo.learning_rate or grpo.max_grad_norm)")
         mine = rng_state()
         states = _gather_objects(trainer, mine)
+        weights = optimizer = None
+        if trainer.sharded:  # collectives: every process hands in its shards, the main one gets them whole
+            weights = full_state_dict(trainer.model)
+            optimizer = full_optimizer_state(trainer.model, trainer.optimizer)
         if not acc.is_main_process:
             return None
         target = self.dir / f"step-{step:06d}"
         state = {
             "format": FORMAT, "step": step, "key": self.key, "params_hash": self.params_hash,
             "sampler_position": sampler.position, "num_processes": acc.num_processes,
+            "layout": "fsdp2" if trainer.sharded else "replicate",
             "trainer": trainer.training_state(), "rng": states,
         }
         try:
             with atomic_path(target) as tmp:
                 tmp.mkdir()
-                trainer.unwrapped.save_pretrained(str(tmp / MODEL), safe_serialization=True)
-                torch.save(trainer.optimizer.state_dict(), tmp / OPTIMIZER)
+                trainer.unwrapped.save_pretrained(str(tmp / MODEL), safe_serialization=True, state_dict=weights)
+                # sharded: the whole state keyed by parameter name; replicated: torch's own, keyed by position
+                torch.save(optimizer if trainer.sharded else trainer.optimizer.state_dict(), tmp / OPTIMIZER)
                 (tmp / STATE).write_text(json.dumps(state), encoding="utf-8")
                 fsync_tree(tmp)
                 files = {p.relative_to(tmp).as_posix(): {"sha256": file_sha256(p), "size": p.stat().st_size}
@@ -332,14 +339,23 @@ def restore(trainer: GRPOTrainer, sampler: PromptSampler, ckpt: Checkpoint) -> d
     """Apply a verified checkpoint: weights, optimizer, counters, history, data position. Returns this
     process's RNG state, for the caller to `set_rng_state` right before training continues."""
     acc = trainer.accelerator
-    load_weights(trainer.unwrapped, ckpt.weights, ckpt.path)
-    trainer.optimizer.load_state_dict(ckpt.optimizer)
+    layout = ckpt.state.get("layout", "replicate")
+    if layout != ("fsdp2" if trainer.sharded else "replicate"):
+        raise CheckpointError(f"{ckpt.path} was written with model.sharding {layout}; resume it with that setting "
+                              "(or delete it to start over)")
+    if trainer.sharded:
+        load_full_state(trainer.model, trainer.optimizer, ckpt.weights, ckpt.optimizer)
+    else:
+        load_weights(trainer.unwrapped, ckpt.weights, ckpt.path)
+        trainer.optimizer.load_state_dict(ckpt.optimizer)
     trainer.load_training_state(ckpt.state["trainer"])
     sampler.position = int(ckpt.state["sampler_position"])
     sampler._order = []  # recomputed for the position's epoch
     states = ckpt.state["rng"]
     saved_procs = int(ckpt.state.get("num_processes", len(states)))
     if saved_procs != acc.num_processes:
-        log.warning("checkpoint %s was written by %d processes, this run has %d: the data order and weights resume, "
-                    "the random streams of the other processes do not", ckpt.path, saved_procs, acc.num_processes)
+        log.warning("checkpoint %s was written by %d processes, this run has %d: it resumes the same run (weights, "
+                    "optimizer, data order; samples do not depend on the layout with grpo.generation_backend "
+                    "compact), and a finished one is not trained again: give another models_dir to compare layouts",
+                    ckpt.path, saved_procs, acc.num_processes)
     return states[acc.process_index] if acc.process_index < len(states) else states[0]

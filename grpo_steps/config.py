@@ -202,6 +202,19 @@ class ModelConfig(_Section):
         None, description="train a LoRA adapter (peft) in grpo instead of every weight: the reference is the base "
         "model with the adapter off (no second copy), checkpoints hold the adapter, models/grpo the merged model",
     )
+    sharding: Literal["replicate", "fsdp2"] = Field(
+        "replicate", description="how the grpo stage spreads the policy over several processes: replicate = a "
+        "whole copy on each (DDP); fsdp2 = each weight, its gradient and AdamW state split over them (torch's "
+        "fully_shard per decoder layer), for a model that does not fit one device. The same update either way; "
+        "with one process there is nothing to shard. Not with lora (an adapter is small enough to replicate)",
+    )
+
+    @model_validator(mode="after")
+    def _sharding_fits(self) -> ModelConfig:
+        if self.sharding == "fsdp2" and self.lora is not None:
+            raise ValueError("model.sharding fsdp2 with model.lora: a LoRA adapter is small enough to replicate; "
+                             "use model.sharding: replicate")
+        return self
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> ModelConfig:

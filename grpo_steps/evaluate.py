@@ -52,15 +52,16 @@ def policy_metrics(
     prompts = render_all(tok, [r["prompt"] for r in rows], cfg.data.system_prompt, cfg.data.chat_template)
     answers = [r["answer"] for r in rows]
     max_new = cfg.grpo.max_completion_length
+    backend = cfg.grpo.generation_backend  # decoded as the training rollouts were
     judge = accuracy_judge(cfg)
-    greedy = sample_in_batches(model, tok, prompts, 1, max_new, greedy=True)
+    greedy = sample_in_batches(model, tok, prompts, 1, max_new, greedy=True, backend=backend)
     completions = [c for r in greedy for c in r.completions]
     correct = judge(prompts, completions, answers)
     lengths = torch.cat([r.completion_mask.sum(1) for r in greedy]).float()
     metrics = {"accuracy": sum(correct) / len(correct), "mean_completion_length": float(lengths.mean())}
 
     k = cfg.evaluate.pass_k
-    sampled = sample_in_batches(model, tok, prompts, k, max_new, greedy=False)
+    sampled = sample_in_batches(model, tok, prompts, k, max_new, greedy=False, backend=backend)
     sampled_completions = [c for r in sampled for c in r.completions]
     hits = judge([p for p in prompts for _ in range(k)], sampled_completions, [a for a in answers for _ in range(k)])
     per_prompt = torch.tensor(hits).view(-1, k).amax(dim=1)

@@ -50,7 +50,8 @@ def sample_pairs(cfg: Config, model: PreTrainedModel, tok: PreTrainedTokenizerBa
     per = max(1, batch // g)
     completions: list[list[str]] = []
     for i in range(0, len(rows), per):
-        rollout = sample_groups(model, tok, rendered[i : i + per], g, cfg.grpo.max_completion_length, 1.0)
+        rollout = sample_groups(model, tok, rendered[i : i + per], g, cfg.grpo.max_completion_length, 1.0,
+                                backend=cfg.grpo.generation_backend)  # as the grpo stage samples
         completions += [rollout.completions[j : j + g] for j in range(0, len(rollout.completions), g)]
     flat = [c for cs in completions for c in cs]
     verdicts = judge([p for p in rendered for _ in range(g)], flat, [r["answer"] for r in rows for _ in range(g)])

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from grpo_steps.checkpoint import CheckpointStore, checkpoints_root, restore, se
 from grpo_steps.config import Config, ConfigError, RewardFunctionConfig
 from grpo_steps.grpo.reward_model import RewardModelFunction
 from grpo_steps.grpo.rewards import RewardFunction, function_name, resolve_reward_function
+from grpo_steps.grpo.sharding import full_state_dict
 from grpo_steps.grpo.trainer import GRPOTrainer, NonFiniteLossError, PromptSampler
 from grpo_steps.io import OutputLockedError, atomic_path, exclusive_lock, read_jsonl
 from grpo_steps.modeling import (
@@ -42,6 +44,7 @@ from grpo_steps.modeling import (
     load_reward_model,
     load_tokenizer,
     merged,
+    place,
     seed_everything,
 )
 from grpo_steps.prompts import render_all
@@ -51,16 +54,14 @@ from grpo_steps.training_eval import BEST_DIR, BestPolicy, TrainingEval
 
 log = logging.getLogger(__name__)
 
-CURVE_KEYS = ("step", "reward", "reward_std", "kl", "loss", "entropy", "completions/mean_length",
-              "frac_reward_zero_std", "clip_ratio/region_mean", "step_time", "eval/accuracy",
-              "eval/reward_model_score")
+CURVE_KEYS = ("step", "reward", "reward_std", "reward_std_within_group", "kl", "loss", "entropy",
+              "entropy/trained_rows", "completions/mean_length", "frac_reward_zero_std", "clip_ratio/region_mean",
+              "step_time", "eval/accuracy", "eval/reward_model_score")
 LOCK_NAME = ".grpo.lock"
 
 
 def build_reward_functions(cfg: Config, tokenizer) -> tuple[list[RewardFunction], list[float]]:
     """Built-in names, the trained reward model, or `module:function` import paths from params.yaml."""
-    from grpo_steps.modeling import place  # deferred: local until the top-level import block's rework lands
-
     funcs, weights = [], []
     for rf in cfg.grpo.reward_functions:
         if rf.name == "reward_model":
@@ -107,6 +108,9 @@ def preflight(cfg: Config) -> None:
             raise ConfigError(f"grpo.reward_functions[{i}].name {rf.name!r}: its function is named {name!r}, like "
                               f"grpo.reward_functions[{seen[name]}]'s; metrics would mix (rename one)")
         seen[name] = i
+    if cfg.model.sharding == "fsdp2" and cfg.grpo.select_best:
+        raise ConfigError("grpo.select_best with model.sharding fsdp2 is not supported yet (the best weights are "
+                          "kept by the main process alone); unset one of them")
     needed = [(cfg.paths.sft_policy(), "starting policy (stage sft)"),
               (cfg.paths.validated_file("train"), "validated training prompts (stage validate)")]
     if "reward_model" in seen:
@@ -134,16 +138,20 @@ def _broadcast(acc: Accelerator, obj: Any) -> Any:
     return broadcast_object_list([obj], from_process=0)[0]
 
 
-def refuse_sharded(acc: Accelerator) -> None:
-    """The loop samples and saves with full parameters on every process (DDP); under FSDP they are sharded, and
-    `generate` would stop at different steps on different ranks. Refused before any model is loaded."""
+def refuse_sharded(acc: Accelerator | None = None) -> None:
+    """The grpo stage shards the policy itself (`model.sharding: fsdp2`, torch's fully_shard inside the loop), under
+    a DDP launch; accelerate's own FSDP set-up wraps the model in ways the loop does not drive (and on CPU it is
+    ignored, or fails). Refused before any model is loaded: from the launcher's environment before the
+    Accelerator is built, and from the Accelerator's own type."""
     from accelerate.utils import DistributedType
 
-    if acc.distributed_type == DistributedType.FSDP:
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes") or (
+        acc is not None and acc.distributed_type == DistributedType.FSDP)
+    if fsdp:
         raise ConfigError(
-            "the grpo stage runs under DDP, not FSDP (accelerate config distributed_type: FSDP): rollouts and "
-            "checkpoints need full parameters on every process. Use infra/accelerate/ddp_multi_gpu.yaml, and to "
-            "fit a larger model model.dtype: bfloat16 with model.lora (infra/README.md, 'Sizes that fit')"
+            "the grpo stage shards the policy itself: launch it with a DDP config (infra/accelerate/"
+            "ddp_multi_gpu.yaml, cpu_2proc.yaml, or torchrun) and set model.sharding: fsdp2, not with accelerate's "
+            "FSDP config (distributed_type: FSDP), which is for the TRL stages (infra/README.md)"
         )
 
 
@@ -151,6 +159,7 @@ def train_grpo(cfg: Config, progress: bool = True, accelerator: Accelerator | No
     """Run (or resume) GRPO; the result's value is a summary whose `resumed_from_step` is 0 for a fresh
     start. Per-step metrics go to the stage's MLflow run as the steps happen."""
     preflight(cfg)
+    refuse_sharded()
     if accelerator is None:  # no precision or gradient state left over from a stage that ran before in-process
         begin_stage(cfg.seed)
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
@@ -181,7 +190,8 @@ def _train(cfg: Config, acc: Accelerator, progress: bool) -> StageResult:
     policy = apply_lora(policy, cfg.model.lora)
     rows = training_rows(cfg, tok)
     funcs, weights = build_reward_functions(cfg, tok)
-    trainer = GRPOTrainer(policy, tok, funcs, weights, cfg.grpo.settings(), seed=cfg.seed, accelerator=acc)
+    trainer = GRPOTrainer(policy, tok, funcs, weights, cfg.grpo.settings(), seed=cfg.seed, accelerator=acc,
+                          fsdp2=cfg.model.sharding == "fsdp2")
     sampler = PromptSampler(rows, seed=cfg.seed)
 
     store = CheckpointStore(checkpoints_root(cfg), _broadcast(acc, training_key(cfg) if main else None),
@@ -204,12 +214,15 @@ def _train(cfg: Config, acc: Accelerator, progress: bool) -> StageResult:
     every, eval_every = cfg.grpo.checkpoint_every, cfg.grpo.eval_every
     evaluator = best = None
     tags = {}
-    if eval_every and main:  # the main process evaluates; the others wait at the next step's first collective
-        evaluator = TrainingEval(cfg, tok, reward_model_of(funcs))
+    # the main process evaluates, the others wait at the next step's first collective; a sharded policy is
+    # evaluated by every process in lock-step (each of its forwards gathers weights from all of them)
+    if eval_every and (main or trainer.sharded):
+        evaluator = TrainingEval(cfg, tok, reward_model_of(funcs), lockstep=trainer.sharded)
         if cfg.grpo.select_best:
             best = BestPolicy(store.dir / BEST_DIR)
         if not resumed_from:
-            start = evaluator(trainer.unwrapped)
+            with acc.autocast():
+                start = evaluator(trainer.unwrapped)
             log_curve(start, 0)
             tags["eval_start_accuracy"] = f"{start['eval/accuracy']:.4f}"
             log.info("held-out greedy accuracy before GRPO: %.4f", start["eval/accuracy"])
@@ -217,7 +230,8 @@ def _train(cfg: Config, acc: Accelerator, progress: bool) -> StageResult:
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
         if evaluator is not None and (step % eval_every == 0 or step == cfg.grpo.steps):
-            metrics.update(evaluator(trainer.unwrapped))  # into the history too: checkpoints and the curve keep it
+            with acc.autocast():  # the precision the policy trains and samples in
+                metrics.update(evaluator(trainer.unwrapped))  # into the history too: checkpoints and the curve
             if best is not None and best.offer(step, metrics["eval/accuracy"], trainer.unwrapped):
                 log.info("step %d: best held-out accuracy so far, %.4f", step, metrics["eval/accuracy"])
         log_curve(metrics, step)
@@ -250,11 +264,12 @@ def _train(cfg: Config, acc: Accelerator, progress: bool) -> StageResult:
                      "last step %d (%.4f)", best.step, best.accuracy, len(history),
                      last.get("eval/accuracy", float("nan")))
         tags["selected_step"] = str(best.step)
+    whole = full_state_dict(trainer.model) if trainer.sharded else None  # a collective: every process
     if main:
         out = cfg.paths.grpo_policy()
         with atomic_path(out) as tmp:
             # with LoRA, the adapter merged in: evaluate, register and mlflow.transformers load a plain model
-            merged(trainer.unwrapped).save_pretrained(str(tmp), safe_serialization=True)
+            merged(trainer.unwrapped).save_pretrained(str(tmp), safe_serialization=True, state_dict=whole)
             tok.save_pretrained(str(tmp))
         _write_curve(cfg.paths.grpo_curve(), history)
     acc.wait_for_everyone()

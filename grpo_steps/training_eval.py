@@ -36,7 +36,8 @@ BEST_INFO = "best.json"
 class TrainingEval:
     """Greedy accuracy of the current policy on the eval split, with the reward model's mean score when given."""
 
-    def __init__(self, cfg: Config, tokenizer, reward_model: RewardModelFunction | None = None):
+    def __init__(self, cfg: Config, tokenizer, reward_model: RewardModelFunction | None = None,
+                 lockstep: bool = False):
         rows = read_jsonl(cfg.paths.validated_file("eval"))
         if cfg.grpo.eval_prompts is not None:
             rows = rows[: cfg.grpo.eval_prompts]
@@ -48,13 +49,16 @@ class TrainingEval:
         self.answers = [r["answer"] for r in rows]
         self.judge = accuracy_judge(cfg)
         self.max_new = cfg.grpo.max_completion_length
+        self.backend = cfg.grpo.generation_backend  # decoded as the training rollouts are
         self.reward_model = reward_model
+        self.lockstep = lockstep  # a sharded policy: every process decodes the same prompts in step
 
     @torch.no_grad()
     def __call__(self, model) -> dict[str, float]:
         rng = torch.get_rng_state()  # greedy decoding draws nothing; restored anyway, the run must not move
         try:
-            rollouts = sample_in_batches(model, self.tokenizer, self.prompts, 1, self.max_new, greedy=True)
+            rollouts = sample_in_batches(model, self.tokenizer, self.prompts, 1, self.max_new, greedy=True,
+                                         backend=self.backend, lockstep=self.lockstep)
         finally:
             torch.set_rng_state(rng)
         completions = [c for r in rollouts for c in r.completions]

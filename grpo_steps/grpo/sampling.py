@@ -107,6 +107,13 @@ def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, target).squeeze(1).clamp(max=probs.size(-1) - 1)
 
 
+def _anywhere(flag: bool, device: torch.device) -> bool:
+    """`flag` on any process of the default process group."""
+    t = torch.tensor([int(flag)], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def _pad_to(t: torch.Tensor, width: int, value: int, left: bool) -> torch.Tensor:
     missing = width - t.size(1)
     if missing <= 0:
@@ -146,13 +153,16 @@ def mask_after_eos(completion_ids: torch.Tensor, eos_token_id: int) -> tuple[tor
 @torch.no_grad()
 def generate_compact(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      max_new_tokens: int, eos_token_id: int, pad_token_id: int, temperature: float = 1.0,
-                     do_sample: bool = True, repeats: int = 1, streams: RowStreams | None = None) -> torch.Tensor:
+                     do_sample: bool = True, repeats: int = 1, streams: RowStreams | None = None,
+                     lockstep: bool = False) -> torch.Tensor:
     """(B * repeats, max_new_tokens) completion tokens (pad after EOS), `repeats` consecutive rows per prompt: a
     KV-cached decoding loop that drops each row from the batch once it has produced EOS, so finished rows cost
     nothing for the rest of the batch's decoding (HF `generate` keeps computing them until the last row stops).
     Each prompt is prefilled once and its cache shared by its `repeats` rows (`generate` prefills every copy).
     Sampling is plain: softmax(logits / T), no top-k or top-p, as `sample_groups` asks of `generate`; greedy with
-    `do_sample=False`. Output row i draws from `streams` row i (default: a key drawn from torch's generator)."""
+    `do_sample=False`. Output row i draws from `streams` row i (default: a key drawn from torch's generator).
+    `lockstep`: every process of the process group calls the model as often as the longest-running one (a model
+    sharded with FSDP gathers its weights in every forward, so no process may stop while another decodes)."""
     if do_sample and streams is None:
         streams = RowStreams(int(torch.randint(0, 2**31, (1,)).item()))
     n = input_ids.size(0) * repeats
@@ -168,17 +178,23 @@ def generate_compact(model: PreTrainedModel, input_ids: torch.Tensor, attention_
         logits, mask, positions = (t.repeat_interleave(repeats, dim=0) for t in (logits, mask, positions))
     next_position = positions[:, -1] + 1
     used = 0
+    local = True  # rows of this batch still decoding
     for t in range(max_new_tokens):
-        used = t + 1
-        if do_sample:
-            probs = torch.softmax(logits.float() / temperature, dim=-1)
-            token = draw(probs, streams.uniforms(active, t))
-        else:
-            token = logits.argmax(dim=-1)
-        out[active, t] = token
-        running = token != eos_token_id
-        if t == max_new_tokens - 1 or not bool(running.any()):
+        if local:
+            used = t + 1
+            if do_sample:
+                probs = torch.softmax(logits.float() / temperature, dim=-1)
+                token = draw(probs, streams.uniforms(active, t))
+            else:
+                token = logits.argmax(dim=-1)
+            out[active, t] = token
+            running = token != eos_token_id
+            local = bool(running.any())
+        if t == max_new_tokens - 1 or not (_anywhere(local, input_ids.device) if lockstep else local):
             break
+        if not local:  # done here, not on another process: step along (a sharded model gathers in every forward)
+            model(input_ids=torch.full((1, 1), pad_token_id, device=input_ids.device), use_cache=False)
+            continue
         if not bool(running.all()):  # drop the rows that just finished, from the batch and its KV cache
             keep = torch.nonzero(running).flatten()
             cache.batch_select_indices(keep)
@@ -202,12 +218,14 @@ def sample_groups(
     backend: str = "compact",
     share_prompt: bool = True,
     streams: RowStreams | None = None,
+    lockstep: bool = False,
 ) -> Rollout:
     """G completions of each prompt, rows grouped by prompt. `backend="compact"`: `generate_compact`, which stops
     computing each row at its EOS and, with `share_prompt`, prefills each prompt once for its G rows; row i draws
     from `streams` row i. `backend="hf"`: one `generate` call for all prompts x G (KV cache on, left padding,
     stops when every row hit EOS), top-k and top-p off; any other processor the checkpoint's generation_config sets
-    (a repetition penalty...) still applies there, which the compact backend never does."""
+    (a repetition penalty...) still applies there, which the compact backend never does. `lockstep`: every process
+    decodes until the last one is done (a sharded model; `synced_gpus` for `generate`)."""
     expanded = [p for p in prompts for _ in range(num_generations)]
     device = next(model.parameters()).device
     shared = backend == "compact" and share_prompt
@@ -219,13 +237,14 @@ def sample_groups(
     if backend == "compact":
         completion_ids = generate_compact(model, enc["input_ids"], enc["attention_mask"], max_new_tokens,
                                           tokenizer.eos_token_id, tokenizer.pad_token_id, temperature, do_sample,
-                                          repeats=num_generations if shared else 1, streams=streams)
+                                          repeats=num_generations if shared else 1, streams=streams,
+                                          lockstep=lockstep)
     else:
         gen_kwargs = {"do_sample": do_sample, "max_new_tokens": max_new_tokens, "use_cache": True,
                       "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
         if do_sample:
             gen_kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
-        completion_ids = model.generate(**enc, **gen_kwargs)[:, prompt_len:]
+        completion_ids = model.generate(**enc, **gen_kwargs, synced_gpus=lockstep)[:, prompt_len:]
     model.train(was_training)
     if shared:
         enc = {k: v.repeat_interleave(num_generations, dim=0) for k, v in enc.items()}
@@ -247,11 +266,12 @@ def sample_groups(
 
 def sample_in_batches(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], n: int,
                       max_new_tokens: int, greedy: bool, batch: int = 256, backend: str = "compact",
-                      seed: int | None = None) -> list[Rollout]:
+                      seed: int | None = None, lockstep: bool = False) -> list[Rollout]:
     """`sample_groups` over `prompts` in chunks of about `batch` rows (n completions each, temperature 1), decoded
     as the training rollouts are (`backend`). With `seed`, prompt j's k-th sample draws from stream j * n + k of
     that seed, whatever the chunking."""
     per = max(1, batch // n)
     return [sample_groups(model, tokenizer, prompts[i : i + per], n, max_new_tokens, 1.0, do_sample=not greedy,
-                          backend=backend, streams=None if seed is None else RowStreams(stream_key(seed), i * n))
+                          backend=backend, streams=None if seed is None else RowStreams(stream_key(seed), i * n),
+                          lockstep=lockstep)
             for i in range(0, len(prompts), per)]

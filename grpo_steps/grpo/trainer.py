@@ -39,6 +39,7 @@ from grpo_steps.grpo.loss import Normalizers, policy_loss
 from grpo_steps.grpo.rewards import RewardFunction, function_name, score_completions
 from grpo_steps.grpo.sampling import Rollout, RowStreams, concat_rollouts, sample_groups, stream_key
 from grpo_steps.grpo.settings import GRPOSettings
+from grpo_steps.grpo.sharding import full, local, shard
 
 log = logging.getLogger(__name__)
 
@@ -162,17 +163,20 @@ def plan_update(cfg: GRPOSettings, num_processes: int, policy: PreTrainedModel) 
     share = cfg.share_prompt
     if share and multi:
         share = False
-        off.append(f"grpo.share_prompt ({num_processes} processes: DDP runs each forward through its wrapper)")
+        off.append(f"grpo.share_prompt ({num_processes} processes: each forward goes through the DDP or FSDP "
+                   "wrapper)")
     elif share and not can_share_prompt(policy):
         share = False
         off.append("grpo.share_prompt (activation checkpointing drops the KV cache, or the model post-processes "
                    "its logits)")
     merge = cfg.merge_identical_rows and not multi
     if cfg.merge_identical_rows and multi:
-        off.append(f"grpo.merge_identical_rows ({num_processes} processes: DDP needs equal backward counts)")
+        off.append(f"grpo.merge_identical_rows ({num_processes} processes: every process must run as many "
+                   "forward and backward passes)")
     skip = cfg.skip_zero_advantage and cfg.beta == 0.0 and not multi
     if cfg.skip_zero_advantage and cfg.beta == 0.0 and multi:
-        off.append(f"grpo.skip_zero_advantage ({num_processes} processes: DDP needs equal backward counts)")
+        off.append(f"grpo.skip_zero_advantage ({num_processes} processes: every process must run as many "
+                   "forward and backward passes)")
     return UpdatePlan(share, merge, skip, tuple(off))
 
 
@@ -226,7 +230,10 @@ class GRPOTrainer:
         cfg: GRPOSettings,
         seed: int = 0,
         accelerator: Accelerator | None = None,
+        fsdp2: bool = False,
     ):
+        """`fsdp2`: shard the policy and the reference over the processes (grpo/sharding.py) instead of
+        replicating them (DDP); with one process there is nothing to shard."""
         if len(reward_funcs) != len(reward_weights):
             raise ValueError("one weight per reward function")
         self.cfg = cfg
@@ -236,6 +243,10 @@ class GRPOTrainer:
         self.reward_weights = list(reward_weights)
         self.reward_names = [function_name(f) for f in reward_funcs]
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.sharded = fsdp2 and self.accelerator.num_processes > 1
+        if self.sharded and is_adapter(policy):
+            raise ValueError("model.sharding fsdp2 with model.lora is not supported: a LoRA adapter is small enough "
+                             "to replicate (model.sharding: replicate)")
         if cfg.prompts_per_step % self.accelerator.num_processes:
             raise ValueError(f"grpo.prompts_per_step ({cfg.prompts_per_step}) must divide evenly over "
                              f"{self.accelerator.num_processes} processes")
@@ -246,14 +257,21 @@ class GRPOTrainer:
         if cfg.beta != 0.0 and not self.ref_is_base:
             self.ref_model = copy.deepcopy(policy).eval().requires_grad_(False)
             self.ref_model.to(self.accelerator.device)
+            if self.sharded:
+                shard(self.ref_model)
         policy.train()  # as transformers' Trainer trains (from_pretrained returns eval mode): dropout as configured,
         # and activation checkpointing, which transformers applies in training mode only
         self.plan = plan_update(cfg, self.accelerator.num_processes, policy)
         if self.plan.off:
             log.info("off on this layout, with the same update: %s", "; ".join(self.plan.off))
+        if self.sharded:  # sharded before the optimizer is built: its moments are sharded too
+            shard(policy.to(self.accelerator.device))
         trainable = [p for p in policy.parameters() if p.requires_grad]  # all of them, or a LoRA adapter's
         optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        self.model, self.optimizer = self.accelerator.prepare(policy, optimizer)
+        if self.sharded:
+            self.model, self.optimizer = policy, optimizer
+        else:
+            self.model, self.optimizer = self.accelerator.prepare(policy, optimizer)
         self.step = 0
         self.consecutive_nonfinite = 0
         self.skipped_steps = 0
@@ -281,7 +299,9 @@ class GRPOTrainer:
         return float(self.accelerator.reduce(t, reduction="sum").item())
 
     def weights_finite(self) -> bool:
-        return all(bool(torch.isfinite(p).all()) for p in self.unwrapped.parameters())
+        """Whether every weight is finite, on every process (call on every process)."""
+        bad = sum(int(not bool(torch.isfinite(local(p)).all())) for p in self.unwrapped.parameters())
+        return self._global_sum(float(bad)) == 0
 
     def training_state(self) -> dict[str, Any]:
         """Counters and metrics history: with weights, optimizer and RNG, all a resumed run needs."""
@@ -299,13 +319,14 @@ class GRPOTrainer:
         cfg = self.cfg
         sample = lambda: sample_groups(self.unwrapped, self.tokenizer, prompts, cfg.num_generations,  # noqa: E731
                                        cfg.max_completion_length, cfg.temperature, backend=cfg.generation_backend,
-                                       share_prompt=cfg.share_prompt, streams=streams)
+                                       share_prompt=cfg.share_prompt, streams=streams, lockstep=self.sharded)
         if cfg.generation_backend != "hf":
-            return sample()
+            with self.accelerator.autocast():  # the precision the policy trains in, whether wrapped or sharded
+                return sample()
         # `generate` draws from torch's generator: seeded per step and per shard, so that processes do not draw
         # alike and a resumed run draws what the first did (the samples still depend on the layout)
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), self.accelerator.autocast():
             torch.manual_seed(stream_key(streams.key, streams.first))
             return sample()
 
@@ -399,6 +420,13 @@ class GRPOTrainer:
         with _mode(model, False), model.disable_adapter():  # eval mode, as the reference copy is: no dropout
             return self.logps_of(model, rollout, rows)
 
+    def _clip_grad_norm(self) -> float:
+        """Clip the gradient's global norm to `grpo.max_grad_norm`; the norm before clipping."""
+        if self.sharded:  # torch clips sharded gradients itself, with a global norm
+            trainable = [p for p in self.model.parameters() if p.requires_grad]
+            return float(full(torch.nn.utils.clip_grad_norm_(trainable, self.cfg.max_grad_norm)))
+        return float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm))
+
     def _zero_gradients(self) -> None:
         """Zero (not absent) gradients, so AdamW steps its moments and weight decay as it would on a full pass."""
         for p in self.model.parameters():
@@ -454,7 +482,7 @@ class GRPOTrainer:
                 stats["entropy"] = (entropy * wm).sum() / wm.sum().clamp(min=1)
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * weight
-            grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
+            grad_norm = self._clip_grad_norm()
             # Every process takes the same decision: the loss is summed over processes, the gradient is shared.
             total_loss = self._global_sum(total_loss)
             if not (math.isfinite(total_loss) and math.isfinite(grad_norm)):

@@ -27,18 +27,17 @@ exact agreement is the sharp check, the weights a bound.
 
 from __future__ import annotations
 
-import csv
-import os
-import shutil
+import re
 import subprocess
-import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT
+from bench import processes
 
 pytestmark = pytest.mark.slow
 
@@ -51,11 +50,11 @@ VARIANTS = {
     "group-dapo-dynamic-mu2": ["grpo.scale_rewards=group", "grpo.loss_type=dapo", "grpo.dynamic_sampling=true",
                                "grpo.beta=0.0", "grpo.mu=2", "grpo.epsilon_high=0.28", "grpo.micro_batch_size=24"],
     "none-drgrpo-bf16": ["grpo.scale_rewards=none", "grpo.loss_type=dr_grpo", "model.precision=bf16"],
+    # 2 processes shard the policy and the reference (FSDP2); one process has nothing to shard
+    "fsdp2": ["model.sharding=fsdp2"],
     "lora-bf16-gspo": ["model.lora={r: 8, alpha: 16}", "model.precision=bf16",
                        "grpo.importance_sampling_level=sequence", "grpo.learning_rate=0.002"],
 }
-ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false",
-       "PYTHONUNBUFFERED": "1"}
 # logged per step, the same numbers whatever the layout (the others are timings, or count the savings)
 SAME_METRICS = ("reward", "reward_std", "kl", "loss", "completions/mean_length", "frac_reward_zero_std",
                 "clip_ratio/region_mean", "eval/accuracy")
@@ -65,54 +64,16 @@ SAME_METRICS = ("reward", "reward_std", "kl", "loss", "completions/mean_length",
 def inputs(tmp_path_factory):
     """data/validated from the real prepare and validate stages; a default-size starting policy (fresh weights:
     the weights, not its skill, are compared) and, as the reward model, the same weights scoring by likelihood."""
-    from grpo_steps.config import load_config
-    from grpo_steps.modeling import build_policy, load_tokenizer
-    from tests.support.stages import prepare, validate
-
-    base = tmp_path_factory.mktemp("dist-inputs")
-    shutil.copy(ROOT / "params.yaml", base / "params.yaml")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(base)
-        cfg = load_config("params.yaml", SHORT + [f"tracking.tracking_uri=sqlite:///{base}/mlflow.db"])
-        prepare(cfg)
-        validate(cfg)
-        tok = load_tokenizer(cfg.paths.tokenizer())
-        torch.manual_seed(0)
-        policy = build_policy(cfg.model, tok)
-        for out in (cfg.paths.sft_policy(), cfg.paths.reward_model()):
-            policy.save_pretrained(str(out), safe_serialization=True)
-            tok.save_pretrained(str(out))
-    return base
+    return processes.build_inputs(tmp_path_factory.mktemp("dist-inputs"), SHORT)
 
 
-def _grpo(inputs: Path, workdir: Path, processes: int, extra: list[str]) -> tuple[dict, list[dict], str]:
-    """The grpo stage through its CLI, as a user launches it; (final weights, the curve's rows, output)."""
-    workdir.mkdir()
-    shutil.copy(inputs / "params.yaml", workdir / "params.yaml")
-    shutil.copytree(inputs / "data" / "validated", workdir / "data" / "validated")
-    for m in ("sft", "reward"):
-        shutil.copytree(inputs / "models" / m, workdir / "models" / m)
-    settings = [x for o in SHORT + extra + [f"tracking.tracking_uri=sqlite:///{workdir}/mlflow.db"]
-                for x in ("--set", o)]
-    stage = ["-m", "grpo_steps.cli", "grpo", "--params", "params.yaml", *settings]
-    if processes == 1:
-        cmd = [sys.executable, *stage]
-    else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "infra" / "accelerate" / "cpu_2proc.yaml"), "--num_processes", str(processes),
-               "--main_process_port", "0", *stage]
-    env = {**os.environ, **ENV, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-6000:]
-    with (workdir / "reports" / "grpo_steps.csv").open() as f:
-        curve = list(csv.DictReader(f))
-    return load_file(str(workdir / "models" / "grpo" / "model.safetensors")), curve, out
+def _grpo(inputs: Path, workdir: Path, n: int, extra: list[str], fresh: bool = True) -> tuple[dict, list[dict], str]:
+    """The grpo stage through its CLI, as a user launches it (bench/processes.py); (weights, curve rows, output)."""
+    weights, curve, out, _ = processes.run(inputs, workdir, n, SHORT + extra, fresh=fresh)
+    return weights, curve, out
 
 
-def _max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
+_max_diff = processes.max_diff
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -147,3 +108,34 @@ def test_two_processes_run_the_one_process_grpo_stage(inputs, tmp_path, variant)
         assert floor > 0 and diff <= 2 * floor, f"{variant}: 2 processes differ by {diff:.3g}, floor {floor:.3g}"
         return
     assert diff <= min(0.02 * moved, 1e-5), f"{variant}: the 2-process weights differ by {diff:.3g} (moved {moved:.3g})"
+
+
+def test_a_sharded_run_killed_mid_way_resumes_to_the_uninterrupted_weights(inputs, tmp_path):
+    """FSDP2 on 2 processes: checkpoints gather the whole weights and optimizer state, and a rerun after a kill
+    puts each process's shard back, ending bit for bit where the uninterrupted run ends."""
+    extra = ["model.sharding=fsdp2", "grpo.eval_every=0", "grpo.steps=8"]
+    reference, ref_curve, _ = _grpo(inputs, tmp_path / "reference", 2, extra)
+    work = tmp_path / "killed"
+    processes.install(inputs, work)
+    with (work / "victim.log").open("w") as log:
+        victim = subprocess.Popen(processes.command(work, 2, SHORT + extra), cwd=work, env=processes.env(),
+                                  stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    try:
+        while not list((work / "models" / "grpo_checkpoints").glob("*/step-000002")):
+            assert victim.poll() is None, "ended before its first checkpoint:\n" + (work / "victim.log").read_text()
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.05)
+    finally:  # the launcher and both ranks (torch's launcher starts each in a session of its own), no warning
+        family = [victim_proc := psutil.Process(victim.pid), *victim_proc.children(recursive=True)]
+        for p in family:
+            p.kill()
+        psutil.wait_procs(family, timeout=60)
+        victim.wait(timeout=60)
+    assert not (work / "models" / "grpo").exists(), "killed mid-run: no final policy may exist yet"
+    resumed, curve, out = _grpo(inputs, work, 2, extra, fresh=False)
+    assert re.search(r"resuming GRPO from checkpoint \S+ at step [246] of 8", out), out[-3000:]
+    assert resumed.keys() == reference.keys()
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference), "resumed weights differ"
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "step_time"} for r in rows]  # noqa: E731
+    assert drop(curve) == drop(ref_curve)

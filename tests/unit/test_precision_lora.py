@@ -155,9 +155,9 @@ def test_activation_checkpointing_gives_the_same_update(lora):
         torch.testing.assert_close(checkpointed[k], plain[k], rtol=1e-5, atol=1e-6)
 
 
-def test_fsdp_is_refused_before_any_model_loads():
-    """Under accelerate's FSDP the loop's rollouts and checkpoints would see sharded parameters: refused, naming
-    what to use instead (accelerate enables FSDP on GPUs only, so no CPU run can reach it)."""
+def test_accelerates_fsdp_is_refused_before_any_model_loads():
+    """accelerate's FSDP wraps the model in ways the loop does not drive (the stage shards it itself with
+    model.sharding: fsdp2): refused, naming what to use instead."""
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
@@ -165,6 +165,18 @@ def test_fsdp_is_refused_before_any_model_loads():
     from grpo_steps.config import ConfigError
     from grpo_steps.train_grpo import refuse_sharded
 
-    with pytest.raises(ConfigError, match="ddp_multi_gpu.yaml.*model.lora"):
+    with pytest.raises(ConfigError, match="ddp_multi_gpu.yaml.*model.sharding: fsdp2"):
         refuse_sharded(SimpleNamespace(distributed_type=DistributedType.FSDP))
     refuse_sharded(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))  # DDP over gloo: fine
+
+
+def test_an_fsdp_launch_is_refused_before_the_accelerator_is_built(monkeypatch):
+    """`accelerate launch --config_file infra/accelerate/fsdp.yaml` (with or without --cpu) sets
+    ACCELERATE_USE_FSDP for its processes: the stage says why before accelerate's FSDP set-up can fail or a
+    `--cpu` run silently trains one process."""
+    from grpo_steps.config import ConfigError
+    from grpo_steps.train_grpo import refuse_sharded
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match="model.sharding: fsdp2"):
+        refuse_sharded()
