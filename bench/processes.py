@@ -33,8 +33,9 @@ ENV = {"CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNB
 LAYOUTS = {"1 process": (1, []), "2 processes, DDP": (2, []), "2 processes, FSDP2": (2, ["model.sharding=fsdp2"])}
 
 
-def build_inputs(base: Path, overrides: list[str]) -> Path:
-    """data/validated, models/sft and models/reward in `base` (see the module docstring)."""
+def build_inputs(base: Path, overrides: list[str], reward_model: bool = True) -> Path:
+    """data/validated, models/sft (and, with `reward_model`, models/reward) in `base` (see the module
+    docstring)."""
     import torch
 
     from grpo_steps.config import load_config
@@ -51,7 +52,7 @@ def build_inputs(base: Path, overrides: list[str]) -> Path:
         tok = load_tokenizer(cfg.paths.tokenizer())
         torch.manual_seed(0)
         policy = build_policy(cfg.model, tok)
-        for out in (cfg.paths.sft_policy(), cfg.paths.reward_model()):
+        for out in (cfg.paths.sft_policy(), *([cfg.paths.reward_model()] if reward_model else [])):
             policy.save_pretrained(str(out), safe_serialization=True)
             tok.save_pretrained(str(out))
     finally:
@@ -60,18 +61,20 @@ def build_inputs(base: Path, overrides: list[str]) -> Path:
 
 
 def install(inputs: Path, workdir: Path) -> None:
-    """A fresh project directory holding the grpo stage's inputs."""
+    """A fresh project directory holding the inputs (data/validated and the models there are)."""
     workdir.mkdir(parents=True)
     shutil.copy(inputs / "params.yaml", workdir / "params.yaml")
     shutil.copytree(inputs / "data" / "validated", workdir / "data" / "validated")
     for m in ("sft", "reward"):
-        shutil.copytree(inputs / "models" / m, workdir / "models" / m)
+        if (inputs / "models" / m).is_dir():
+            shutil.copytree(inputs / "models" / m, workdir / "models" / m)
 
 
-def command(workdir: Path, processes: int, overrides: list[str]) -> list[str]:
-    """`grpo grpo` as a user launches it: directly, or under accelerate's launcher with the shipped CPU config."""
+def command(workdir: Path, processes: int, overrides: list[str], stage: str = "grpo") -> list[str]:
+    """`grpo <stage>` as a user launches it: directly, or under accelerate's launcher with the shipped CPU
+    config."""
     settings = [x for o in overrides + [f"tracking.tracking_uri=sqlite:///{workdir}/mlflow.db"] for x in ("--set", o)]
-    stage = ["-m", "grpo_steps.cli", "grpo", "--params", "params.yaml", *settings]
+    stage = ["-m", "grpo_steps.cli", stage, "--params", "params.yaml", *settings]
     if processes == 1:
         return [sys.executable, *stage]
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC), "--num_processes",
@@ -79,8 +82,12 @@ def command(workdir: Path, processes: int, overrides: list[str]) -> list[str]:
 
 
 def env(threads: int = 1) -> dict[str, str]:
-    return {**os.environ, **ENV, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-            "PYTHONPATH": str(ROOT)}
+    """The launch's environment: no GPU, `threads` per process, this project importable, and no tracking URI
+    of the caller's (each run tracks in its own directory)."""
+    out = {**os.environ, **ENV, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "PYTHONPATH": str(ROOT)}
+    out.pop("MLFLOW_TRACKING_URI", None)
+    return out
 
 
 def run(inputs: Path, workdir: Path, processes: int, overrides: list[str], fresh: bool = True, threads: int = 1

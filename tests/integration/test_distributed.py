@@ -19,7 +19,7 @@ or the full pass, the rows' padding) changes gradients by ~1e-2 relative, and fr
 a boundary of its distribution may flip. There the first step must still agree exactly (the same samples, the
 KL exactly 0), and the weights must be as close as one process's own two float paths are: the same run with the
 single-process savings off (what DDP computes) is the noise floor, and 2 processes stay within 2x of it
-(measured: 1.3e-3 against a floor of 8.9e-4 for dr_grpo, 1.7e-3 against 1.2e-3 for LoRA; the 2-process run is
+(measured: 1.3e-3 against a floor of 8.9e-4, 1.7e-3 against 1.2e-3 for LoRA; the 2-process run is
 as far from the savings-off run as from the savings-on one: every float path differs from every other by as
 much). On this fresh-weights model bf16's floor is as large as the update itself, so in bf16 the first step's
 exact agreement is the sharp check, the weights a bound.
@@ -49,7 +49,8 @@ VARIANTS = {
     # beta 0: one process skips zero-advantage rows; DDP computes them
     "group-dapo-dynamic-mu2": ["grpo.scale_rewards=group", "grpo.loss_type=dapo", "grpo.dynamic_sampling=true",
                                "grpo.beta=0.0", "grpo.mu=2", "grpo.epsilon_high=0.28", "grpo.micro_batch_size=24"],
-    "none-drgrpo-bf16": ["grpo.scale_rewards=none", "grpo.loss_type=dr_grpo", "model.precision=bf16"],
+    "none-drgrpo": ["grpo.scale_rewards=none", "grpo.loss_type=dr_grpo"],
+    "bf16": ["model.precision=bf16"],
     # 2 processes shard the policy and the reference (FSDP2); one process has nothing to shard
     "fsdp2": ["model.sharding=fsdp2"],
     "lora-bf16-gspo": ["model.lora={r: 8, alpha: 16}", "model.precision=bf16",

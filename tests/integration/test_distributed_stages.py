@@ -19,10 +19,7 @@ Run times on 2 cores: about 20 s on 1 process, 28 s on 2 (most of it start-up).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,7 +27,8 @@ import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, TINY
+from bench import processes
+from tests.conftest import TINY
 
 pytestmark = pytest.mark.slow
 
@@ -38,48 +36,19 @@ pytestmark = pytest.mark.slow
 # well above chance, so agreeing accuracies mean something.
 SETTINGS = TINY + ["task.n_preference_pairs=2000", "reward_model.epochs=15", "reward_model.learning_rate=0.003",
                    "reward_model.batch_size=64", "tracking.system_metrics=false"]
-ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false",
-       "PYTHONUNBUFFERED": "1"}
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """data/validated from the real prepare and validate stages and a fresh tiny starting policy (models/sft)."""
-    from grpo_steps.config import load_config
-    from grpo_steps.modeling import build_policy, load_tokenizer
-    from tests.support.stages import prepare, validate
-
-    base = tmp_path_factory.mktemp("reward-inputs")
-    shutil.copy(ROOT / "params.yaml", base / "params.yaml")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(base)
-        cfg = load_config("params.yaml", SETTINGS + [f"tracking.tracking_uri=sqlite:///{base}/mlflow.db"])
-        prepare(cfg)
-        validate(cfg)
-        tok = load_tokenizer(cfg.paths.tokenizer())
-        torch.manual_seed(0)
-        policy = build_policy(cfg.model, tok)
-        policy.save_pretrained(str(cfg.paths.sft_policy()), safe_serialization=True)
-        tok.save_pretrained(str(cfg.paths.sft_policy()))
-    return base
+    return processes.build_inputs(tmp_path_factory.mktemp("reward-inputs"), SETTINGS, reward_model=False)
 
 
-def _train_reward(inputs: Path, workdir: Path, processes: int, *extra: str) -> subprocess.CompletedProcess:
+def _train_reward(inputs: Path, workdir: Path, n: int, *extra: str) -> subprocess.CompletedProcess:
     """`grpo train_reward` as a user launches it: directly, or under accelerate's launcher with the CPU config."""
-    workdir.mkdir()
-    shutil.copy(inputs / "params.yaml", workdir / "params.yaml")
-    shutil.copytree(inputs / "data" / "validated", workdir / "data" / "validated")
-    shutil.copytree(inputs / "models" / "sft", workdir / "models" / "sft")
-    settings = [x for o in [*SETTINGS, *extra, f"tracking.tracking_uri=sqlite:///{workdir}/mlflow.db"]
-                for x in ("--set", o)]
-    stage = ["-m", "grpo_steps.cli", "train_reward", "--params", "params.yaml", *settings]
-    launcher = [] if processes == 1 else [
-        "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "infra" / "accelerate" / "cpu_2proc.yaml"),
-        "--num_processes", str(processes), "--main_process_port", "0"]
-    env = {**os.environ, **ENV, "PYTHONPATH": str(ROOT)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([sys.executable, *launcher, *stage], cwd=workdir, env=env, capture_output=True, text=True,
-                          timeout=600)
+    processes.install(inputs, workdir)
+    return subprocess.run(processes.command(workdir, n, [*SETTINGS, *extra], stage="train_reward"), cwd=workdir,
+                          env=processes.env(), capture_output=True, text=True, timeout=600)
 
 
 def _succeeded(proc: subprocess.CompletedProcess) -> str:

@@ -19,7 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, TINY
+from bench import processes
+from tests.conftest import TINY
 
 BASE = TINY + [
     "grpo.reward_functions=[{name: digit_match, weight: 1.0}, {name: number_format, weight: 0.5}]",
@@ -35,26 +36,9 @@ _CACHE: dict[str, Path] = {}
 
 def build_inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Once per session: data/validated, models/sft (+ tokenizer) and mlflow.db in a directory of their own."""
-    if "dir" in _CACHE:
-        return _CACHE["dir"]
-    from grpo_steps.config import load_config
-    from grpo_steps.modeling import build_policy, load_tokenizer
-    from tests.support.stages import prepare, validate
-
-    base = tmp_path_factory.mktemp("grpo-inputs")
-    shutil.copy(ROOT / "params.yaml", base / "params.yaml")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(base)
-        cfg = load_config("params.yaml", BASE + [f"tracking.tracking_uri=sqlite:///{base}/mlflow.db"])
-        prepare(cfg)
-        validate(cfg)
-        tok = load_tokenizer(cfg.paths.tokenizer())
-        torch.manual_seed(0)
-        policy = build_policy(cfg.model, tok)
-        policy.save_pretrained(str(cfg.paths.sft_policy()), safe_serialization=True)
-        tok.save_pretrained(str(cfg.paths.sft_policy()))
-    _CACHE["dir"] = base
-    return base
+    if "dir" not in _CACHE:
+        _CACHE["dir"] = processes.build_inputs(tmp_path_factory.mktemp("grpo-inputs"), BASE, reward_model=False)
+    return _CACHE["dir"]
 
 
 def install_inputs(base: Path, workdir: Path) -> None:
