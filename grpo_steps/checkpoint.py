@@ -6,6 +6,9 @@ nor prune, each other's checkpoints:
     <models_dir>/grpo_checkpoints/<key>/step-000025/
         model/               save_pretrained(safe_serialization=True): weights in safetensors, a loadable policy
         optimizer.pt         optimizer state: tensors and numbers only, read back with torch.load(weights_only=True)
+        shards/              instead of model/ and optimizer.pt with model.sharding fsdp2: weights and optimizer
+                             state as torch.distributed.checkpoint writes them, each process its own shards, read
+                             back resharded to however many processes resume
         trainer_state.json   step, data position, trainer counters, metrics history, RNG states (one per process)
         manifest.json        written last: sha256 and size of every file above, the key, the step, params hash
 
@@ -27,6 +30,7 @@ import logging
 import random
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +40,7 @@ import torch
 from safetensors.torch import load_file
 
 from grpo_steps.config import Config
-from grpo_steps.grpo.sharding import full_optimizer_state, full_state_dict, load_full_state
+from grpo_steps.grpo.sharding import load_sharded, save_sharded
 from grpo_steps.grpo.trainer import GRPOTrainer, NonFiniteLossError, PromptSampler, is_adapter
 from grpo_steps.io import atomic_path, file_sha256, fsync_tree
 
@@ -47,6 +51,7 @@ MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.pt"
 MODEL = "model"
+SHARDS = "shards"  # a sharded (model.sharding: fsdp2) checkpoint's weights and optimizer state
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 # Sections and settings that do not change what training computes: changing them keeps the checkpoints.
 _NOT_TRAINING_SECTIONS = ("evaluate", "registry", "tracking")
@@ -211,10 +216,11 @@ class CheckpointStore:
         if manifest.get("key") != self.key:
             raise CheckpointError(f"{path} was written for different params or inputs "
                                   f"(key {manifest.get('key')!r}, this run's is {self.key!r})")
-        for required in (STATE, OPTIMIZER):
+        sharded = manifest.get("layout", "replicate") == "fsdp2"
+        for required in (STATE, f"{SHARDS}/.metadata") if sharded else (STATE, OPTIMIZER):
             if required not in files:
                 raise CheckpointError(f"{path}: manifest lists no {required}")
-        if not any(rel.startswith(f"{MODEL}/") and rel.endswith(".safetensors") for rel in files):
+        if not sharded and not any(rel.startswith(f"{MODEL}/") and rel.endswith(".safetensors") for rel in files):
             raise CheckpointError(f"{path}: manifest lists no safetensors weights")
         for rel, meta in files.items():
             f = path / rel
@@ -233,7 +239,8 @@ class CheckpointStore:
             for rel in sorted(files):
                 if rel.startswith(f"{MODEL}/") and rel.endswith(".safetensors"):
                     weights.update(load_file(str(path / rel)))
-            optimizer = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
+            # sharded: read by every process from its folder when restored (torch.distributed.checkpoint)
+            optimizer = {} if sharded else torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - whatever the loader raises, this checkpoint is unusable
             raise CheckpointError(f"{path} could not be loaded: {type(e).__name__}: {e}") from e
         if int(state.get("step", -1)) != step:
@@ -261,31 +268,35 @@ class CheckpointStore:
                                      "nothing saved (lower grpo.learning_rate or grpo.max_grad_norm)")
         mine = rng_state()
         states = _gather_objects(trainer, mine)
-        weights = optimizer = None
-        if trainer.sharded:  # collectives: every process hands in its shards, the main one gets them whole
-            weights = full_state_dict(trainer.model)
-            optimizer = full_optimizer_state(trainer.model, trainer.optimizer)
+        target = self.dir / f"step-{step:06d}"
+        shards = None
+        if trainer.fsdp2:  # every process writes its own shards, into a hidden folder the main one names
+            self.dir.mkdir(parents=True, exist_ok=True)
+            shards = Path(_gather_objects(trainer, tempfile.mkdtemp(prefix=f".{target.name}.", dir=self.dir)
+                                          if acc.is_main_process else None)[0])
+            save_sharded(trainer.model, trainer.optimizer, str(shards))
         if not acc.is_main_process:
             return None
-        target = self.dir / f"step-{step:06d}"
         state = {
             "format": FORMAT, "step": step, "key": self.key, "params_hash": self.params_hash,
             "sampler_position": sampler.position, "num_processes": acc.num_processes,
-            "layout": "fsdp2" if trainer.sharded else "replicate",
             "trainer": trainer.training_state(), "rng": states,
         }
+        layout = "fsdp2" if trainer.fsdp2 else "replicate"
         try:
             with atomic_path(target) as tmp:
                 tmp.mkdir()
-                trainer.unwrapped.save_pretrained(str(tmp / MODEL), safe_serialization=True, state_dict=weights)
-                # sharded: the whole state keyed by parameter name; replicated: torch's own, keyed by position
-                torch.save(optimizer if trainer.sharded else trainer.optimizer.state_dict(), tmp / OPTIMIZER)
+                if shards is not None:
+                    shards.rename(tmp / SHARDS)  # torch.distributed.checkpoint's files: weights and optimizer
+                else:
+                    trainer.unwrapped.save_pretrained(str(tmp / MODEL), safe_serialization=True)
+                    torch.save(trainer.optimizer.state_dict(), tmp / OPTIMIZER)
                 (tmp / STATE).write_text(json.dumps(state), encoding="utf-8")
                 fsync_tree(tmp)
                 files = {p.relative_to(tmp).as_posix(): {"sha256": file_sha256(p), "size": p.stat().st_size}
                          for p in sorted(tmp.rglob("*")) if p.is_file()}
                 manifest = {"format": FORMAT, "step": step, "key": self.key, "params_hash": self.params_hash,
-                            "files": files}
+                            "layout": layout, "files": files}
                 (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
                 fsync_tree(tmp / MANIFEST)
             fsync_tree(self.dir)
@@ -339,12 +350,12 @@ def restore(trainer: GRPOTrainer, sampler: PromptSampler, ckpt: Checkpoint) -> d
     """Apply a verified checkpoint: weights, optimizer, counters, history, data position. Returns this
     process's RNG state, for the caller to `set_rng_state` right before training continues."""
     acc = trainer.accelerator
-    layout = ckpt.state.get("layout", "replicate")
-    if layout != ("fsdp2" if trainer.sharded else "replicate"):
+    layout = "fsdp2" if (ckpt.path / SHARDS).is_dir() else "replicate"
+    if layout != ("fsdp2" if trainer.fsdp2 else "replicate"):
         raise CheckpointError(f"{ckpt.path} was written with model.sharding {layout}; resume it with that setting "
                               "(or delete it to start over)")
-    if trainer.sharded:
-        load_full_state(trainer.model, trainer.optimizer, ckpt.weights, ckpt.optimizer)
+    if trainer.fsdp2:  # resharded to this run's processes, however many wrote it (one: nothing to shard)
+        load_sharded(trainer.model, trainer.optimizer, str(ckpt.path / SHARDS))
     else:
         load_weights(trainer.unwrapped, ckpt.weights, ckpt.path)
         trainer.optimizer.load_state_dict(ckpt.optimizer)

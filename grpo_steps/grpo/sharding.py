@@ -4,8 +4,9 @@ of its own and the rest (embeddings, final norm, a tied LM head) the root's.
 Every process keeps 1/N of each weight, its gradient and its AdamW moments; a forward gathers each layer's
 weights as it reaches it (a collective), so every process must run every forward: the update's micro-batches
 are equal in number on every process (the plan computes every row), and generation steps in lock-step
-(`sample_groups(lockstep=True)`). What needs the whole model gathers it: `full_state_dict`, a collective that
-hands the full weights to the main process (checkpoints, the exported policy).
+(`sample_groups(lockstep=True)`). Checkpoints are sharded too (`save_sharded`, torch.distributed.checkpoint: each
+process writes its own shards, and a load reshards to whatever the processes are then). The exported policy
+gathers the whole model once (`full_state_dict`, a collective that hands it to the main process).
 """
 
 from __future__ import annotations
@@ -57,25 +58,25 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in whole.items() if k not in twins}
 
 
-def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """The optimizer's whole state (keyed by parameter name) on the main process: call on every process."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+def _sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
-                                                                               cpu_offload=True))
+    return {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
 
 
-def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, weights: dict[str, torch.Tensor],
-                    optimizer_state: dict | None) -> None:
-    """Put whole weights (and an optimizer state of `full_optimizer_state`) into a sharded model: each process
-    keeps its shard of what it read."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
+def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder: str) -> None:
+    """Weights and optimizer state into `folder`, each process writing its own shards (a collective)."""
+    import torch.distributed.checkpoint as dcp
 
-    options = StateDictOptions(full_state_dict=True, strict=False)
-    set_model_state_dict(model, weights, options=options)
-    if optimizer is not None and optimizer_state is not None:
-        set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+    dcp.save(_sharded_state(model, optimizer), checkpoint_id=folder)
+
+
+def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder: str) -> None:
+    """What `save_sharded` wrote, resharded to this run's processes (a collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    state = _sharded_state(model, optimizer)
+    dcp.load(state, checkpoint_id=folder)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])

@@ -243,6 +243,7 @@ class GRPOTrainer:
         self.reward_weights = list(reward_weights)
         self.reward_names = [function_name(f) for f in reward_funcs]
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.fsdp2 = fsdp2  # the setting: checkpoints are sharded ones whatever the process count
         self.sharded = fsdp2 and self.accelerator.num_processes > 1
         if self.sharded and is_adapter(policy):
             raise ValueError("model.sharding fsdp2 with model.lora is not supported: a LoRA adapter is small enough "

@@ -111,15 +111,22 @@ def test_two_processes_run_the_one_process_grpo_stage(inputs, tmp_path, variant)
     assert diff <= min(0.02 * moved, 1e-5), f"{variant}: the 2-process weights differ by {diff:.3g} (moved {moved:.3g})"
 
 
-def test_a_sharded_run_killed_mid_way_resumes_to_the_uninterrupted_weights(inputs, tmp_path):
-    """FSDP2 on 2 processes: checkpoints gather the whole weights and optimizer state, and a rerun after a kill
-    puts each process's shard back, ending bit for bit where the uninterrupted run ends."""
-    extra = ["model.sharding=fsdp2", "grpo.eval_every=0", "grpo.steps=8"]
-    reference, ref_curve, _ = _grpo(inputs, tmp_path / "reference", 2, extra)
-    work = tmp_path / "killed"
+SHARDED = ["model.sharding=fsdp2", "grpo.eval_every=0", "grpo.steps=8"]
+
+
+@pytest.fixture(scope="module")
+def sharded_reference(inputs, tmp_path_factory):
+    """An uninterrupted FSDP2 run on 2 processes: (weights, curve)."""
+    weights, curve, _ = _grpo(inputs, tmp_path_factory.mktemp("sharded") / "reference", 2, SHARDED)
+    return weights, curve
+
+
+def _killed_at_first_checkpoint(inputs: Path, work: Path) -> None:
+    """The sharded run on 2 processes, killed without warning (the launcher and both ranks: torch's launcher
+    starts each in a session of its own) as soon as its first checkpoint is on disk."""
     processes.install(inputs, work)
     with (work / "victim.log").open("w") as log:
-        victim = subprocess.Popen(processes.command(work, 2, SHORT + extra), cwd=work, env=processes.env(),
+        victim = subprocess.Popen(processes.command(work, 2, SHORT + SHARDED), cwd=work, env=processes.env(),
                                   stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     try:
@@ -127,16 +134,41 @@ def test_a_sharded_run_killed_mid_way_resumes_to_the_uninterrupted_weights(input
             assert victim.poll() is None, "ended before its first checkpoint:\n" + (work / "victim.log").read_text()
             assert time.monotonic() < deadline, "no checkpoint within 300 s"
             time.sleep(0.05)
-    finally:  # the launcher and both ranks (torch's launcher starts each in a session of its own), no warning
+    finally:
         family = [victim_proc := psutil.Process(victim.pid), *victim_proc.children(recursive=True)]
         for p in family:
             p.kill()
         psutil.wait_procs(family, timeout=60)
         victim.wait(timeout=60)
     assert not (work / "models" / "grpo").exists(), "killed mid-run: no final policy may exist yet"
-    resumed, curve, out = _grpo(inputs, work, 2, extra, fresh=False)
+    assert list((work / "models" / "grpo_checkpoints").glob("*/step-000002/shards/.metadata"))
+
+
+def test_a_sharded_run_killed_mid_way_resumes_to_the_uninterrupted_weights(inputs, sharded_reference, tmp_path):
+    """FSDP2 on 2 processes: each process writes its shards (torch.distributed.checkpoint), and a rerun after a
+    kill reads them back, ending bit for bit where the uninterrupted run ends."""
+    reference, ref_curve = sharded_reference
+    work = tmp_path / "killed"
+    _killed_at_first_checkpoint(inputs, work)
+    resumed, curve, out = _grpo(inputs, work, 2, SHARDED, fresh=False)
     assert re.search(r"resuming GRPO from checkpoint \S+ at step [246] of 8", out), out[-3000:]
     assert resumed.keys() == reference.keys()
     assert all(torch.equal(resumed[k], reference[k]) for k in reference), "resumed weights differ"
     drop = lambda rows: [{k: v for k, v in r.items() if k != "step_time"} for r in rows]  # noqa: E731
     assert drop(curve) == drop(ref_curve)
+
+
+def test_a_sharded_checkpoint_resumes_on_another_number_of_processes(inputs, sharded_reference, tmp_path):
+    """Written by 2 processes, resumed by 1: the shards are read back resharded (here: whole), and the run ends
+    where the uninterrupted 2-process run ends, up to float order (the bound of the layout test above)."""
+    reference, ref_curve = sharded_reference
+    work = tmp_path / "killed"
+    _killed_at_first_checkpoint(inputs, work)
+    resumed, curve, out = _grpo(inputs, work, 1, SHARDED, fresh=False)
+    assert re.search(r"resuming GRPO from checkpoint \S+ at step [246] of 8", out), out[-3000:]
+    assert "was written by 2 processes, this run has 1" in out
+    for r1, r2 in zip(curve, ref_curve, strict=True):
+        assert float(r1["reward"]) == pytest.approx(float(r2["reward"]), abs=1e-6), r1["step"]
+    start = load_file(str(inputs / "models" / "sft" / "model.safetensors"))
+    moved, diff = _max_diff(reference, start), _max_diff(resumed, reference)
+    assert diff <= min(0.02 * moved, 1e-5), f"resumed on 1 process: {diff:.3g} off (moved {moved:.3g})"
