@@ -138,28 +138,48 @@ def _broadcast(acc: Accelerator, obj: Any) -> Any:
     return broadcast_object_list([obj], from_process=0)[0]
 
 
-def refuse_sharded(acc: Accelerator | None = None) -> None:
-    """The grpo stage shards the policy itself (`model.sharding: fsdp2`, torch's fully_shard inside the loop), under
-    a DDP launch; accelerate's own FSDP set-up wraps the model in ways the loop does not drive (and on CPU it is
-    ignored, or fails). Refused before any model is loaded: from the launcher's environment before the
-    Accelerator is built, and from the Accelerator's own type."""
+def _launched_with_fsdp() -> bool:
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")
+
+
+def launch_sharding(cfg: Config) -> Config:
+    """Under accelerate's FSDP launch (infra/accelerate/fsdp.yaml) the grpo stage shards the policy itself:
+    `model.sharding: fsdp2`, with its Accelerator built as a DDP launch's (accelerate's own FSDP wrapping is not
+    what the loop drives, and on CPU accelerate ignores it). FSDP version 1 is refused, before any model loads."""
+    if not _launched_with_fsdp():
+        return cfg
+    version = os.environ.get("FSDP_VERSION", "1")
+    if version != "2":
+        raise ConfigError(f"the grpo stage shards with FSDP2 only; this launch asks for FSDP version {version} "
+                          "(fsdp_config.fsdp_version in the accelerate config): use infra/accelerate/fsdp.yaml as "
+                          "shipped (version 2), or a DDP config with --set model.sharding=fsdp2")
+    if cfg.model.lora is not None:
+        raise ConfigError("an FSDP launch shards the policy (model.sharding: fsdp2), which model.lora does not "
+                          "support: launch a LoRA run with a DDP config (infra/accelerate/ddp_multi_gpu.yaml)")
+    os.environ["ACCELERATE_USE_FSDP"] = "false"  # this process's Accelerator: DDP's; the loop shards itself
+    log.info("accelerate's FSDP launch: the grpo stage shards the policy and the reference itself "
+             "(model.sharding: fsdp2)")
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"sharding": "fsdp2"})})
+
+
+def refuse_sharded(acc: Accelerator) -> None:
+    """An Accelerator of accelerate's own FSDP (one built before `launch_sharding` could speak) would wrap the
+    model in ways the loop does not drive: refused, naming what to use."""
     from accelerate.utils import DistributedType
 
-    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes") or (
-        acc is not None and acc.distributed_type == DistributedType.FSDP)
-    if fsdp:
+    if acc.distributed_type == DistributedType.FSDP:
         raise ConfigError(
-            "the grpo stage shards the policy itself: launch it with a DDP config (infra/accelerate/"
-            "ddp_multi_gpu.yaml, cpu_2proc.yaml, or torchrun) and set model.sharding: fsdp2, not with accelerate's "
-            "FSDP config (distributed_type: FSDP), which is for the TRL stages (infra/README.md)"
+            "the grpo stage shards the policy itself: pass no Accelerator of accelerate's FSDP; launch it with "
+            "infra/accelerate/fsdp.yaml, or a DDP config (infra/accelerate/ddp_multi_gpu.yaml, cpu_2proc.yaml, "
+            "torchrun) with --set model.sharding=fsdp2 (infra/README.md)"
         )
 
 
 def train_grpo(cfg: Config, progress: bool = True, accelerator: Accelerator | None = None) -> StageResult:
     """Run (or resume) GRPO; the result's value is a summary whose `resumed_from_step` is 0 for a fresh
     start. Per-step metrics go to the stage's MLflow run as the steps happen."""
+    cfg = launch_sharding(cfg)
     preflight(cfg)
-    refuse_sharded()
     if accelerator is None:  # no precision or gradient state left over from a stage that ran before in-process
         begin_stage(cfg.seed)
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(),

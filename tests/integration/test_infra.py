@@ -397,15 +397,21 @@ def test_accelerate_launch_accepts_config(name):
             assert env["ACCELERATE_MIXED_PRECISION"] == "no"
 
 
-def test_fsdp_config_full_shard_transformer_wrap():
+def test_fsdp_config_is_fsdp2_with_transformer_wrap_and_the_grpo_stage_shards_under_it(monkeypatch):
     from accelerate.utils.launch import prepare_multi_gpu_env
+
+    from grpo_steps.config import load_config
+    from grpo_steps.train_grpo import launch_sharding
 
     args = _launch_args("fsdp")
     assert args.use_fsdp
     env = prepare_multi_gpu_env(args)
-    assert env["ACCELERATE_USE_FSDP"] == "true"
-    assert env["FSDP_SHARDING_STRATEGY"] == "FULL_SHARD"
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
+    assert env["FSDP_RESHARD_AFTER_FORWARD"].lower() == "true"
     assert env["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP"
+    for k in ("ACCELERATE_USE_FSDP", "FSDP_VERSION"):  # what the launched grpo stage reads
+        monkeypatch.setenv(k, env[k])
+    assert launch_sharding(load_config(None)).model.sharding == "fsdp2"
     wrapped = set(env["FSDP_TRANSFORMER_CLS_TO_WRAP"].split(","))
     assert wrapped == {"Qwen2DecoderLayer", "LlamaDecoderLayer"}
     # the class names exist in the installed transformers (a source scan: importing the models takes seconds)

@@ -155,7 +155,7 @@ def test_activation_checkpointing_gives_the_same_update(lora):
         torch.testing.assert_close(checkpointed[k], plain[k], rtol=1e-5, atol=1e-6)
 
 
-def test_accelerates_fsdp_is_refused_before_any_model_loads():
+def test_an_accelerator_of_accelerates_fsdp_is_refused():
     """accelerate's FSDP wraps the model in ways the loop does not drive (the stage shards it itself with
     model.sharding: fsdp2): refused, naming what to use instead."""
     from types import SimpleNamespace
@@ -165,18 +165,28 @@ def test_accelerates_fsdp_is_refused_before_any_model_loads():
     from grpo_steps.config import ConfigError
     from grpo_steps.train_grpo import refuse_sharded
 
-    with pytest.raises(ConfigError, match="ddp_multi_gpu.yaml.*model.sharding: fsdp2"):
+    with pytest.raises(ConfigError, match="fsdp.yaml.*model.sharding=fsdp2"):
         refuse_sharded(SimpleNamespace(distributed_type=DistributedType.FSDP))
     refuse_sharded(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))  # DDP over gloo: fine
 
 
-def test_an_fsdp_launch_is_refused_before_the_accelerator_is_built(monkeypatch):
-    """`accelerate launch --config_file infra/accelerate/fsdp.yaml` (with or without --cpu) sets
-    ACCELERATE_USE_FSDP for its processes: the stage says why before accelerate's FSDP set-up can fail or a
-    `--cpu` run silently trains one process."""
-    from grpo_steps.config import ConfigError
-    from grpo_steps.train_grpo import refuse_sharded
+def test_an_fsdp_launch_shards_the_policy_in_the_loop(monkeypatch):
+    """`accelerate launch --config_file infra/accelerate/fsdp.yaml` (FSDP2) sets ACCELERATE_USE_FSDP and
+    FSDP_VERSION for its processes: the grpo stage takes it as model.sharding fsdp2 and builds its Accelerator as
+    a DDP launch's; version 1, and LoRA, are refused before any model loads."""
+    from grpo_steps.config import ConfigError, load_config
+    from grpo_steps.train_grpo import launch_sharding
 
+    cfg = load_config(None)
+    assert launch_sharding(cfg) is cfg  # no FSDP launch: as configured
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(ConfigError, match="model.sharding: fsdp2"):
-        refuse_sharded()
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ConfigError, match="FSDP version 1"):
+        launch_sharding(cfg)
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    with pytest.raises(ConfigError, match="model.lora"):
+        launch_sharding(load_config(None, ["model.lora={r: 4, alpha: 8}"]))
+    assert launch_sharding(cfg).model.sharding == "fsdp2"
+    import os
+
+    assert os.environ["ACCELERATE_USE_FSDP"] == "false"  # the stage's Accelerator is DDP's
