@@ -104,3 +104,28 @@ def test_the_plan_names_each_saving_that_cannot_apply(tiny):
 def test_bnpo_is_refused_with_its_reason():
     with pytest.raises(ValueError, match="use loss_type: dapo"):
         GRPOConfig(loss_type="bnpo")
+
+
+def _length(prompts, completions, **_):
+    """A reward with spread within groups (a fresh model is never right)."""
+    return [float(len(c)) for c in completions]
+
+
+def test_metrics_mean_what_trls_mean_and_say_which_rows_they_cover(tiny):
+    """reward_std is the whole batch's std (TRL's), the groups' mean std has a name of its own, and with rows
+    skipped the entropy is named for the rows it covers. Sampling the same step twice draws the same batch."""
+    import copy
+
+    from grpo_steps.grpo.advantages import nanstd
+
+    tok, base = tiny
+    rows = [{"prompt": p, "answer": str(eval(p[:-1]))} for p in PROMPTS[:4]]  # noqa: S307 - our literals
+    cfg = GRPOConfig(prompts_per_step=4, num_generations=G, beta=0.0, max_completion_length=4).settings()
+    trainer = GRPOTrainer(copy.deepcopy(base), tok, [_length], [1.0], cfg)
+    batch = trainer.generate(rows)  # step 0's batch, without training on it
+    metrics = trainer.train_step(rows)  # step 0 again: the same streams, the same batch
+    assert float(nanstd(batch.rewards)) > 0  # a spread to learn from
+    assert metrics["reward_std"] == pytest.approx(float(nanstd(batch.rewards)), abs=1e-6)
+    within = float(batch.group_std.view(-1, G)[:, 0].mean())
+    assert metrics["reward_std_within_group"] == pytest.approx(within, abs=1e-6)
+    assert trainer.plan.skip_zero_advantage and "entropy" not in metrics and "entropy/trained_rows" in metrics
