@@ -65,7 +65,7 @@ def install(inputs: Path, workdir: Path) -> None:
     workdir.mkdir(parents=True)
     shutil.copy(inputs / "params.yaml", workdir / "params.yaml")
     shutil.copytree(inputs / "data" / "validated", workdir / "data" / "validated")
-    for m in ("sft", "reward"):
+    for m in ("tokenizer", "sft", "reward"):
         if (inputs / "models" / m).is_dir():
             shutil.copytree(inputs / "models" / m, workdir / "models" / m)
 

@@ -19,6 +19,7 @@ Run times on 2 cores: about 20 s on 1 process, 28 s on 2 (most of it start-up).
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -57,11 +58,16 @@ def _succeeded(proc: subprocess.CompletedProcess) -> str:
     return out
 
 
-def _logged_loss(workdir: Path) -> dict[int, float]:
+def _logged(workdir: Path, stage: str, metric: str) -> dict[int, float]:
+    """A metric's history on the stage's MLflow run in `workdir`."""
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("grpo-pipeline").experiment_id],
-                                "tags.stage = 'train_reward'")
-    return {m.step: m.value for m in client.get_metric_history(run.info.run_id, "reward_model/train/loss")}
+                                f"tags.stage = '{stage}'")
+    return {m.step: m.value for m in client.get_metric_history(run.info.run_id, metric)}
+
+
+def _logged_loss(workdir: Path) -> dict[int, float]:
+    return _logged(workdir, "train_reward", "reward_model/train/loss")
 
 
 def test_two_processes_train_the_one_process_reward_model(inputs, tmp_path):
@@ -104,3 +110,23 @@ def test_a_global_batch_the_processes_cannot_share_evenly_is_refused(inputs, tmp
     assert "grpo train_reward: error: reward_model.batch_size=63 is the global batch" in out
     assert "divide evenly over the 2 processes" in out
     assert not (tmp_path / "odd" / "models" / "reward").exists()
+
+
+def test_two_processes_cold_start_on_the_one_process_batches(inputs, tmp_path):
+    """sft (TRL's SFTTrainer) on 2 processes keeps sft.batch_size rows a step in all, the same rows as on 1: the
+    logged loss of the first steps agrees (a batch twice as large, or other rows, shows at once)."""
+    losses, weights = {}, {}
+    for n in (1, 2):
+        work = tmp_path / f"sft{n}"
+        processes.install(inputs, work)
+        shutil.rmtree(work / "models" / "sft")
+        proc = subprocess.run(processes.command(work, n, SETTINGS, stage="sft"), cwd=work, env=processes.env(),
+                              capture_output=True, text=True, timeout=600)
+        _succeeded(proc)
+        losses[n] = _logged(work, "sft", "loss")
+        weights[n] = load_file(str(work / "models" / "sft" / "model.safetensors"))
+    largest = max((weights[2][k] - weights[1][k]).abs().max().item() for k in weights[1])
+    print(f"sft loss 1 process {losses[1]}, 2 processes {losses[2]}; max |W_2 - W_1| = {largest:.2e}")
+    assert losses[1].keys() == losses[2].keys() and losses[1]
+    for step in losses[1]:
+        assert losses[2][step] == pytest.approx(losses[1][step], rel=1e-3), step
