@@ -245,6 +245,11 @@ class CheckpointStore:
             raise CheckpointError(f"{path} could not be loaded: {type(e).__name__}: {e}") from e
         if int(state.get("step", -1)) != step:
             raise CheckpointError(f"{path / STATE}: step {state.get('step')!r}, manifest says {step}")
+        written = sum(1 for rel in files if rel.startswith(f"{SHARDS}/") and rel.endswith(".distcp"))
+        if sharded and written < int(state.get("num_processes", 1)):
+            raise CheckpointError(f"{path / SHARDS}: {written} shard files for the {state.get('num_processes')} "
+                                  "processes that wrote it (on several nodes the checkpoints need a shared "
+                                  "filesystem)")
         return Checkpoint(path=path, step=step, state=state, weights=weights, optimizer=optimizer)
 
     def latest(self) -> Checkpoint | None:
@@ -355,7 +360,10 @@ def restore(trainer: GRPOTrainer, sampler: PromptSampler, ckpt: Checkpoint) -> d
         raise CheckpointError(f"{ckpt.path} was written with model.sharding {layout}; resume it with that setting "
                               "(or delete it to start over)")
     if trainer.fsdp2:  # resharded to this run's processes, however many wrote it (one: nothing to shard)
-        load_sharded(trainer.model, trainer.optimizer, str(ckpt.path / SHARDS))
+        try:
+            load_sharded(trainer.model, trainer.optimizer, str(ckpt.path / SHARDS))
+        except Exception as e:  # noqa: BLE001 - whatever the reader raises, this checkpoint is unusable
+            raise CheckpointError(f"{ckpt.path / SHARDS} could not be loaded: {type(e).__name__}: {e}") from e
     else:
         load_weights(trainer.unwrapped, ckpt.weights, ckpt.path)
         trainer.optimizer.load_state_dict(ckpt.optimizer)

@@ -214,6 +214,9 @@ class ModelConfig(_Section):
         if self.sharding == "fsdp2" and self.lora is not None:
             raise ValueError("model.sharding fsdp2 with model.lora: a LoRA adapter is small enough to replicate; "
                              "use model.sharding: replicate")
+        if self.sharding == "fsdp2" and self.precision == "fp16":
+            raise ValueError("model.sharding fsdp2 with model.precision fp16: fp16's loss scaling is not driven "
+                             "through sharded gradients here; use bf16 (or fp32)")
         return self
 
     @model_validator(mode="after")

@@ -54,7 +54,7 @@ from grpo_steps.training_eval import BEST_DIR, BestPolicy, TrainingEval
 
 log = logging.getLogger(__name__)
 
-CURVE_KEYS = ("step", "reward", "reward_std", "reward_std_within_group", "kl", "loss", "entropy",
+CURVE_KEYS = ("step", "reward", "reward_std", "reward_std_within_group", "kl", "loss", "grad_norm", "entropy",
               "entropy/trained_rows", "completions/mean_length", "frac_reward_zero_std", "clip_ratio/region_mean",
               "step_time", "eval/accuracy", "eval/reward_model_score")
 LOCK_NAME = ".grpo.lock"

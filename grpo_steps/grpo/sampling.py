@@ -93,18 +93,26 @@ class RowStreams:
     def uniforms(self, rows: torch.Tensor, t: int) -> torch.Tensor:
         """(len(rows),) float64 uniforms in (0, 1], for position t of the batch rows `rows`."""
         r = rows.long() + self.first
-        h = mix32(mix32(mix32(r & _MASK32) ^ mix32(r >> 32) ^ self.key) ^ mix32(t))
-        low = mix32(h ^ 0x68E31DA4)
-        bits = (h << 21) | (low >> 11)  # 53 random bits
+        row = mix32(r & _MASK32) ^ mix32(r >> 32)
+        high = mix32(mix32(row ^ self.key) ^ mix32(t))
+        low = mix32(mix32(row ^ mix32(self.key ^ 0x68E31DA4)) ^ mix32(t ^ 0x1B56C4E9))  # a second, other hash
+        bits = (high << 21) | (low >> 11)  # 53 bits: 32 of one hash, 21 of the other
         return (bits + 1).double() / float(2**53)
 
 
 def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """(B,) token ids: row b takes the first token whose cumulative probability reaches uniforms[b] (inverse-CDF
-    sampling, so a token of probability 0 is never drawn). `probs` (B, V) need not sum exactly to 1."""
-    cdf = probs.float().cumsum(dim=-1)
-    target = (uniforms.to(cdf.device) * cdf[:, -1].double()).float().unsqueeze(1)
-    return torch.searchsorted(cdf, target).squeeze(1).clamp(max=probs.size(-1) - 1)
+    sampling). `probs` (B, V) need not sum exactly to 1. The sums are float64, so a token of probability far
+    below float32's resolution of the sum still has its share; a token of probability 0 is never drawn (a
+    parallel scan may round across a zero: such a draw takes the row's most likely token)."""
+    cdf = probs.double().cumsum(dim=-1)
+    total = cdf[:, -1]
+    if not bool(torch.isfinite(total).all() and (total > 0).all()):
+        raise ValueError("sampling probabilities are not finite or sum to 0 (NaN/inf logits)")
+    target = (uniforms.to(cdf.device) * total).unsqueeze(1)
+    token = torch.searchsorted(cdf, target).squeeze(1).clamp(max=probs.size(-1) - 1)
+    zero = probs.gather(1, token.unsqueeze(1)).squeeze(1) <= 0
+    return torch.where(zero, probs.argmax(dim=-1), token)
 
 
 def _anywhere(flag: bool, device: torch.device) -> bool:

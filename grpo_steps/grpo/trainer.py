@@ -257,16 +257,17 @@ class GRPOTrainer:
         self.ref_is_base = cfg.beta != 0.0 and is_adapter(policy)
         if cfg.beta != 0.0 and not self.ref_is_base:
             self.ref_model = copy.deepcopy(policy).eval().requires_grad_(False)
-            self.ref_model.to(self.accelerator.device)
-            if self.sharded:
+            if self.sharded:  # fully_shard moves each process's shards to its device: no whole copy there
                 shard(self.ref_model)
+            else:
+                self.ref_model.to(self.accelerator.device)
         policy.train()  # as transformers' Trainer trains (from_pretrained returns eval mode): dropout as configured,
         # and activation checkpointing, which transformers applies in training mode only
         self.plan = plan_update(cfg, self.accelerator.num_processes, policy)
         if self.plan.off:
             log.info("off on this layout, with the same update: %s", "; ".join(self.plan.off))
         if self.sharded:  # sharded before the optimizer is built: its moments are sharded too
-            shard(policy.to(self.accelerator.device))
+            shard(policy)
         trainable = [p for p in policy.parameters() if p.requires_grad]  # all of them, or a LoRA adapter's
         optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         if self.sharded:
