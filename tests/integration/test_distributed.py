@@ -21,8 +21,9 @@ KL exactly 0), and the weights must be as close as one process's own two float p
 single-process savings off (what DDP computes) is the noise floor, and 2 processes stay within 2x of it
 (measured: 1.3e-3 against a floor of 8.9e-4, 1.7e-3 against 1.2e-3 for LoRA; the 2-process run is
 as far from the savings-off run as from the savings-on one: every float path differs from every other by as
-much). On this fresh-weights model bf16's floor is as large as the update itself, so in bf16 the first step's
-exact agreement is the sharp check, the weights a bound.
+much). On this fresh-weights model bf16's floor is as large as the update itself, so the weights' bound catches
+gross errors only: in bf16 the first step's exact agreement (samples, rewards, KL 0, loss, grad norm) is the
+sharp check.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ VARIANTS = {
                        "grpo.importance_sampling_level=sequence", "grpo.learning_rate=0.002"],
 }
 # logged per step, the same numbers whatever the layout (the others are timings, or count the savings)
-SAME_METRICS = ("reward", "reward_std", "kl", "loss", "completions/mean_length", "frac_reward_zero_std",
+# grad_norm: the gradient's scale (DDP's and FSDP2's mean over processes undone), which AdamW's m / sqrt(v) would hide
+SAME_METRICS = ("reward", "reward_std", "kl", "loss", "grad_norm", "completions/mean_length", "frac_reward_zero_std",
                 "clip_ratio/region_mean", "eval/accuracy")
 
 
@@ -95,7 +97,8 @@ def test_two_processes_run_the_one_process_grpo_stage(inputs, tmp_path, variant)
                                 "eval/accuracy") else 1e-4 * max(abs(a), 1e-2)
             assert abs(a - b) <= tol, f"step {r1['step']} {k}: 1 process {a}, 2 processes {b}"
 
-    assert float(curve1[0]["kl"]) == float(curve2[0]["kl"]) == 0.0  # identical weights: the same precision path
+    if "grpo.beta=0.0" not in VARIANTS[variant]:  # identical weights at step 1, one precision path: KL exactly 0
+        assert float(curve1[0]["kl"]) == float(curve2[0]["kl"]) == 0.0
 
     moved = _max_diff(one, start)
     assert moved > 1e-4, "the update moved nothing: the test would pass vacuously"
