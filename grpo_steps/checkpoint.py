@@ -79,7 +79,9 @@ def input_files(cfg: Config) -> list[Path]:
 
 
 def training_key(cfg: Config) -> str:
-    """Hash of the training settings and of the input files' content: the checkpoint folder's name."""
+    """Hash of the training settings, of the input files' content and of the grpo stage's code (its record's
+    `code`): the checkpoint folder's name. Changed code starts a new run: a checkpoint of the old code is never
+    taken for this code's result (as `dvc repro` and the flow's cache rerun the stage)."""
     tree = cfg.as_dict()
     for section in _NOT_TRAINING_SECTIONS:
         tree.pop(section, None)
@@ -88,7 +90,23 @@ def training_key(cfg: Config) -> str:
     h = hashlib.sha256(json.dumps(tree, sort_keys=True).encode())
     for f in input_files(cfg):
         h.update(f"\n{f.as_posix()}:{file_sha256(f)}".encode())
+    for name, f in _stage_code():
+        h.update(f"\n{name}:{file_sha256(f)}".encode())
     return h.hexdigest()[:16]
+
+
+_SOURCE_ROOT = Path(__file__).resolve().parents[1]  # where the stage records' `code` paths start
+
+
+def _stage_code() -> list[tuple[str, Path]]:
+    """(name, path) of the Python files of the grpo stage's code, in a stable order."""
+    from grpo_steps.stages import STAGE_SPECS  # deferred: the stage records import this module
+
+    files: list[Path] = []
+    for rel in STAGE_SPECS["grpo"].code:
+        p = _SOURCE_ROOT / rel
+        files += sorted(p.rglob("*.py")) if p.is_dir() else [p] if p.is_file() else []
+    return [(f.relative_to(_SOURCE_ROOT).as_posix(), f) for f in files]
 
 
 # ------------------------------------------------------------------------------------------------- RNG

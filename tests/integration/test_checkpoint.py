@@ -204,6 +204,23 @@ def test_checkpoints_of_other_params_are_never_used(ready, caplog):
     assert training_key(config(ready, "grpo.steps=2", "grpo.checkpoint_every=7")) == training_key(cfg_a)
 
 
+def test_a_checkpoint_of_other_code_is_never_taken_for_this_codes_run(ready, tmp_path, monkeypatch):
+    """The grpo stage's code is part of the key: after a change to it (as `dvc repro` reruns the stage) a
+    finished checkpoint of the old code is not "resumed" at its last step and passed off as the new result."""
+    import grpo_steps.checkpoint as checkpoint
+
+    cfg = config(ready, "grpo.steps=2")
+    code = checkpoint._stage_code()
+    names = [name for name, _ in code]
+    assert "grpo_steps/grpo/sampling.py" in names and "grpo_steps/train_grpo.py" in names
+    before = checkpoint.training_key(cfg)
+    edited = tmp_path / "sampling.py"  # the same file, one line added
+    edited.write_text(dict(code)["grpo_steps/grpo/sampling.py"].read_text() + "# changed\n")
+    monkeypatch.setattr(checkpoint, "_stage_code",
+                        lambda: [(n, edited if n == "grpo_steps/grpo/sampling.py" else p) for n, p in code])
+    assert checkpoint.training_key(cfg) != before
+
+
 def test_checkpoint_every_zero_saves_only_at_the_end_and_resumes_as_done(ready):
     from tests.support.stages import train_grpo
 
