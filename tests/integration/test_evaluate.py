@@ -112,3 +112,22 @@ def test_format_comparison_lists_every_policy():
     text = format_comparison(result)
     assert "champion" in text.splitlines()[1] and "0.4000" in text and "grpo - champion v7" in text
     assert Champion().model is None
+
+
+@pytest.mark.parametrize("backend", ["compact", "hf"])
+def test_evaluation_decodes_as_the_training_rollouts_do(project, monkeypatch, backend):
+    """Greedy accuracy and pass@k sample through grpo.generation_backend, as the grpo stage's rollouts and its
+    evaluation during training do (one decoder, one set of processors)."""
+    import grpo_steps.evaluate as stage
+    from grpo_steps.grpo import sampling
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("backend"))
+        return sampling.sample_in_batches(*args, **kwargs)
+
+    monkeypatch.setattr(stage, "sample_in_batches", spy)
+    cfg = load_tiny(project, f"grpo.generation_backend={backend}", "evaluate.compare_champion=false")
+    evaluate(cfg)
+    assert seen and set(seen) == {backend}
