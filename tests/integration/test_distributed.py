@@ -95,6 +95,8 @@ def test_two_processes_run_the_one_process_grpo_stage(inputs, tmp_path, variant)
             a, b = float(r1[k]), float(r2[k])
             tol = 1e-6 if k in ("reward", "reward_std", "completions/mean_length", "frac_reward_zero_std",
                                 "eval/accuracy") else 1e-4 * max(abs(a), 1e-2)
+            if bf16 and k == "grad_norm":  # bf16 gradients through another float path (measured: 1.3e-4 rel.)
+                tol = 1e-3 * abs(a)
             assert abs(a - b) <= tol, f"step {r1['step']} {k}: 1 process {a}, 2 processes {b}"
 
     if "grpo.beta=0.0" not in VARIANTS[variant]:  # identical weights at step 1, one precision path: KL exactly 0
