@@ -116,7 +116,8 @@ def _reward_init_model(cfg: Config) -> list[Path]:
 
 
 # the model keys sft and train_reward read: all but the LoRA adapter, which only grpo trains
-_MODEL = tuple(f"model.{k}" for k in ModelConfig.model_fields if k != "lora")
+# the model as sft and train_reward build it (LoRA and sharding are the grpo stage's)
+_MODEL = tuple(f"model.{k}" for k in ModelConfig.model_fields if k not in ("lora", "sharding"))
 # the trainers' max_length
 _TRAIN_LENGTHS = ("validate.max_prompt_tokens", "validate.max_answer_tokens", "validate.max_completion_tokens")
 _RENDER = ("data.system_prompt", "data.chat_template")  # how prompts are rendered (grpo_steps/prompts.py)
@@ -163,7 +164,7 @@ STAGE_LIST: tuple[Stage, ...] = (
               "grpo_steps/policy_pairs.py", "grpo_steps/grpo"),
         # with reward_model.pairs: policy, pairs are the starting policy's samples, judged as evaluate judges
         params=("seed", *_MODEL, "reward_model", *_TRAIN_LENGTHS, *_RENDER, "grpo.max_completion_length",
-                "grpo.reward_functions", "evaluate.accuracy"),
+                "grpo.generation_backend", "grpo.reward_functions", "evaluate.accuracy"),
         deps=lambda cfg: list(dict.fromkeys([*_reward_pairs(cfg), cfg.paths.tokenizer(), *_reward_init_model(cfg)])),
         outputs=(Out("reward_model"), Out("reward_report", kind="metrics")),
         retries=1, log_prints=False,
@@ -176,7 +177,7 @@ STAGE_LIST: tuple[Stage, ...] = (
         code=("grpo_steps/grpo", "grpo_steps/train_grpo.py", "grpo_steps/checkpoint.py", "grpo_steps/modeling.py",
               "grpo_steps/prompts.py", "grpo_steps/training_eval.py", "grpo_steps/judge.py"),
         params=("seed", "grpo", "model.trust_remote_code", "model.precision", "model.activation_checkpointing",
-                "model.dtype", "model.lora", "evaluate.accuracy",
+                "model.dtype", "model.lora", "model.sharding", "evaluate.accuracy",
                 "reward_model.trust_remote_code", *_RENDER),
         # the eval split for the held-out accuracy during training (grpo.eval_every)
         deps=lambda cfg: [*_v("train", "eval")(cfg), cfg.paths.sft_policy(), cfg.paths.reward_model()],
@@ -193,8 +194,8 @@ STAGE_LIST: tuple[Stage, ...] = (
         code=("grpo_steps/evaluate.py", "grpo_steps/grpo", "grpo_steps/modeling.py", "grpo_steps/prompts.py",
               "grpo_steps/judge.py"),
         # The registry's champion is evaluated too: which registry (tracking) and model name matter.
-        params=("seed", "evaluate", "grpo.max_completion_length", "grpo.reward_functions", "model.trust_remote_code",
-                "model.dtype",
+        params=("seed", "evaluate", "grpo.max_completion_length", "grpo.generation_backend", "grpo.reward_functions",
+                "model.trust_remote_code", "model.dtype",
                 "reward_model.trust_remote_code", "registry.model_name", "tracking.tracking_uri", *_RENDER),
         deps=lambda cfg: [*_v("test")(cfg), cfg.paths.sft_policy(), cfg.paths.grpo_policy(),
                           cfg.paths.reward_model(), cfg.paths.grpo_curve()],
