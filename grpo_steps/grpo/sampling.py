@@ -274,12 +274,10 @@ def sample_groups(
 
 def sample_in_batches(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], n: int,
                       max_new_tokens: int, greedy: bool, batch: int = 256, backend: str = "compact",
-                      seed: int | None = None, lockstep: bool = False) -> list[Rollout]:
+                      lockstep: bool = False) -> list[Rollout]:
     """`sample_groups` over `prompts` in chunks of about `batch` rows (n completions each, temperature 1), decoded
-    as the training rollouts are (`backend`). With `seed`, prompt j's k-th sample draws from stream j * n + k of
-    that seed, whatever the chunking."""
+    as the training rollouts are (`backend`)."""
     per = max(1, batch // n)
     return [sample_groups(model, tokenizer, prompts[i : i + per], n, max_new_tokens, 1.0, do_sample=not greedy,
-                          backend=backend, streams=None if seed is None else RowStreams(stream_key(seed), i * n),
-                          lockstep=lockstep)
+                          backend=backend, lockstep=lockstep)
             for i in range(0, len(prompts), per)]
