@@ -168,15 +168,6 @@ def _step_of(path: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _gather_objects(trainer: GRPOTrainer, obj: Any) -> list[Any]:
-    acc = trainer.accelerator
-    if acc.num_processes == 1:
-        return [obj]
-    from accelerate.utils import gather_object
-
-    return gather_object([obj])
-
-
 class CheckpointStore:
     """The checkpoints of one training setup: `<root>/<key>/step-XXXXXX/`."""
 
@@ -290,13 +281,13 @@ class CheckpointStore:
             raise NonFiniteLossError(f"the policy has NaN/inf weights after step {step}: no checkpoint written, "
                                      "nothing saved (lower grpo.learning_rate or grpo.max_grad_norm)")
         mine = rng_state()
-        states = _gather_objects(trainer, mine)
+        states = trainer.gather_objects(mine)
         target = self.dir / f"step-{step:06d}"
         shards = None
         if trainer.fsdp2:  # every process writes its own shards, into a hidden folder the main one names
             self.dir.mkdir(parents=True, exist_ok=True)
-            shards = Path(_gather_objects(trainer, tempfile.mkdtemp(prefix=f".{target.name}.", dir=self.dir)
-                                          if acc.is_main_process else None)[0])
+            shards = Path(trainer.gather_objects(tempfile.mkdtemp(prefix=f".{target.name}.", dir=self.dir)
+                                                 if acc.is_main_process else None)[0])
             save_sharded(trainer.model, trainer.optimizer, str(shards))
         if not acc.is_main_process:
             return None

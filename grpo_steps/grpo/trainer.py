@@ -348,14 +348,20 @@ class GRPOTrainer:
                                               rollout.completions, columns)
         return self._gathered(rollout, rewards, per_func, lengths)
 
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every process's `obj`, in process order (a collective; `[obj]` with one process)."""
+        if self.accelerator.num_processes == 1:
+            return [obj]
+        from accelerate.utils import gather_object
+
+        return gather_object([obj])
+
     def _gathered(self, rollout: Rollout, *tensors: torch.Tensor) -> tuple:
         """Every process's rows concatenated in process order (as they are with one process)."""
         acc = self.accelerator
         if acc.num_processes == 1:
             return (rollout, *tensors)
-        from accelerate.utils import gather_object
-
-        parts = gather_object([(rollout.to("cpu"), *(t.cpu() for t in tensors))])
+        parts = self.gather_objects((rollout.to("cpu"), *(t.cpu() for t in tensors)))
         whole = concat_rollouts([p[0] for p in parts], self.tokenizer.pad_token_id).to(acc.device)
         return (whole, *(torch.cat([p[i + 1] for p in parts]) for i in range(len(tensors))))
 
