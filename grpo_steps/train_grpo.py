@@ -27,10 +27,11 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from pydantic import ValidationError
 from tqdm.auto import tqdm
 
 from grpo_steps.checkpoint import CheckpointStore, checkpoints_root, restore, set_rng_state, training_key
-from grpo_steps.config import Config, ConfigError, RewardFunctionConfig
+from grpo_steps.config import Config, ConfigError, ModelConfig, RewardFunctionConfig
 from grpo_steps.grpo.reward_model import RewardModelFunction
 from grpo_steps.grpo.rewards import RewardFunction, function_name, resolve_reward_function
 from grpo_steps.grpo.sharding import full_state_dict
@@ -153,13 +154,15 @@ def launch_sharding(cfg: Config) -> Config:
         raise ConfigError(f"the grpo stage shards with FSDP2 only; this launch asks for FSDP version {version} "
                           "(fsdp_config.fsdp_version in the accelerate config): use infra/accelerate/fsdp.yaml as "
                           "shipped (version 2), or a DDP config with --set model.sharding=fsdp2")
-    if cfg.model.lora is not None:
-        raise ConfigError("an FSDP launch shards the policy (model.sharding: fsdp2), which model.lora does not "
-                          "support: launch a LoRA run with a DDP config (infra/accelerate/ddp_multi_gpu.yaml)")
+    try:  # the model section's own rules for fsdp2 (not with lora, nor fp16)
+        model = ModelConfig.model_validate({**cfg.model.model_dump(), "sharding": "fsdp2"})
+    except ValidationError as e:
+        raise ConfigError(f"an FSDP launch shards the policy (model.sharding: fsdp2): {e.errors()[0]['msg']}; "
+                          "launch with a DDP config (infra/accelerate/ddp_multi_gpu.yaml) instead") from None
     os.environ["ACCELERATE_USE_FSDP"] = "false"  # this process's Accelerator: DDP's; the loop shards itself
     log.info("accelerate's FSDP launch: the grpo stage shards the policy and the reference itself "
              "(model.sharding: fsdp2)")
-    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"sharding": "fsdp2"})})
+    return cfg.model_copy(update={"model": model})
 
 
 def refuse_sharded(acc: Accelerator) -> None:

@@ -173,7 +173,7 @@ def test_an_accelerator_of_accelerates_fsdp_is_refused():
 def test_an_fsdp_launch_shards_the_policy_in_the_loop(monkeypatch):
     """`accelerate launch --config_file infra/accelerate/fsdp.yaml` (FSDP2) sets ACCELERATE_USE_FSDP and
     FSDP_VERSION for its processes: the grpo stage takes it as model.sharding fsdp2 and builds its Accelerator as
-    a DDP launch's; version 1, and LoRA, are refused before any model loads."""
+    a DDP launch's; version 1, LoRA and fp16 are refused before any model loads."""
     from grpo_steps.config import ConfigError, load_config
     from grpo_steps.train_grpo import launch_sharding
 
@@ -186,6 +186,8 @@ def test_an_fsdp_launch_shards_the_policy_in_the_loop(monkeypatch):
     monkeypatch.setenv("FSDP_VERSION", "2")
     with pytest.raises(ConfigError, match="model.lora"):
         launch_sharding(load_config(None, ["model.lora={r: 4, alpha: 8}"]))
+    with pytest.raises(ConfigError, match="fp16"):  # the model section's rules, as for --set model.sharding=fsdp2
+        launch_sharding(load_config(None, ["model.precision=fp16"]))
     assert launch_sharding(cfg).model.sharding == "fsdp2"
     import os
 
