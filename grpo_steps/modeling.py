@@ -58,9 +58,15 @@ def trainer_precision(cfg: ModelConfig) -> dict[str, bool]:
 
 def trl_args(seed: int, cfg: ModelConfig) -> dict[str, object]:
     """What every TRL config of ours sets alike: logging to MLflow every 10 steps, no trainer checkpoints (the
-    stage writes its output itself), the seed, the device, and precision and checkpointing made explicit."""
+    stage writes its output itself), the seed, the device, and precision and checkpointing made explicit.
+
+    Every optimizer step takes a full global batch (`dataloader_drop_last`): an epoch's last, partial batch would
+    be one step of fewer rows on one process but, on N, padded by accelerate with rows from the epoch's start
+    (every process must take as many batches), so the run would differ from its one-process twin there. Each
+    epoch is reshuffled, so the rows left out change from epoch to epoch."""
     return {"logging_steps": 10, "save_strategy": "no", "report_to": ["mlflow"], "seed": seed,
-            "use_cpu": not torch.cuda.is_available(), "dataloader_num_workers": 0, **trainer_precision(cfg)}
+            "use_cpu": not torch.cuda.is_available(), "dataloader_num_workers": 0, "dataloader_drop_last": True,
+            **trainer_precision(cfg)}
 
 
 def trl_warmup(ratio: float) -> float:
