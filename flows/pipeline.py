@@ -130,6 +130,7 @@ def grpo_pipeline(
         error = e
         raise
     finally:
+        _release_nodes(cfg)
         _publish_summary(cfg, run_id, records, status, error, time.perf_counter() - t0)
 
     ev, reg = results["evaluate"], results["register"]
@@ -142,6 +143,18 @@ def grpo_pipeline(
                 reg["model_name"], reg["version"], reg["alias"],
                 ", ".join(n for n, s in status.items() if s == "cached") or "none")
     return results
+
+
+def _release_nodes(cfg: Config) -> None:
+    """A multi-node run ends its other nodes' `grpo node` (infra/README.md, section 7)."""
+    if cfg.launch.nodes == 1:
+        return
+    from grpo_steps.launch import release_followers  # deferred: torch
+
+    try:
+        release_followers(cfg)
+    except Exception as e:  # noqa: BLE001 - the nodes then leave after launch.join_timeout_s
+        get_run_logger().warning("could not release the other nodes (they leave after launch.join_timeout_s): %s", e)
 
 
 def _finish_parent_run(run_id: str, status: dict[str, str], results: dict[str, Any]) -> None:

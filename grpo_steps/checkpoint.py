@@ -54,7 +54,7 @@ MODEL = "model"
 SHARDS = "shards"  # a sharded (model.sharding: fsdp2) checkpoint's weights and optimizer state
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 # Sections and settings that do not change what training computes: changing them keeps the checkpoints.
-_NOT_TRAINING_SECTIONS = ("evaluate", "registry", "tracking")
+_NOT_TRAINING_SECTIONS = ("evaluate", "registry", "tracking", "launch")  # launch: resumed on any layout
 _NOT_TRAINING_GRPO = ("checkpoint_every", "keep_checkpoints", "eval_every", "eval_prompts", "select_best")
 
 

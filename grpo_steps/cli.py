@@ -4,13 +4,16 @@
     grpo grpo --set grpo.beta=0   # one stage, with an override of params.yaml
     grpo serve --dry-run          # the flow on a cron schedule (default 02:00 UTC), served by this process
     grpo status                   # which stages `grpo run` would skip for these params
+    grpo node                     # on each other node of a multi-node run: join its training stages
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
 import textwrap
 
@@ -54,6 +57,15 @@ def _parser() -> argparse.ArgumentParser:
                    description="For each stage: up to date (a cached run with the same params, inputs and code, "
                    "its outputs unchanged on disk), will run (and why), or always runs (register). Like "
                    "`dvc status`, for the Prefect flow's cache. Reads only; writes nothing.")
+    node = sub.add_parser(
+        "node", parents=[common], help="on the other nodes of a multi-node run: join its training stages",
+        description="Join, as one node, every training stage (sft, train_reward, grpo) that the run led from "
+        "another node launches, with this node's launch.processes_per_node processes, until that run releases "
+        "it. Every node uses the same launch settings (launch.nodes, launch.rdzv_endpoint, launch.rdzv_id) and "
+        "the same project directory (a shared volume). See infra/README.md, section 7.")
+    node.add_argument("--release", action="store_true",
+                      help="from the leading node: release the nodes waiting in `grpo node` (the flow does this "
+                      "at its end; after `dvc repro` or stage commands, run it yourself)")
     dvc = sub.add_parser("dvc-yaml", parents=[common],
                          help="write dvc.yaml from the stage records (grpo_steps/stages.py)",
                          description="Generate dvc.yaml from the stage records, for the default `paths`.")
@@ -87,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     # Without PREFECT_API_URL, `grpo run` starts Prefect's local server for the run; a busy 2-core machine
     # needs longer than Prefect's default 20 s for its first start (database migrations).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    # A stop signal unwinds like Ctrl-C: a launched stage stops its ranks, Prefect marks the run, servers stop.
+    with contextlib.suppress(ValueError):  # not from a thread other than the main one (tests calling main())
+        signal.signal(signal.SIGTERM, _exit_on_signal)
     if args.command == "dvc-yaml":
         current = dvc_yaml.write(args.path, check=args.check)
         if args.check and not current:
@@ -102,6 +117,13 @@ def main(argv: list[str] | None = None) -> int:
             grpo_pipeline(params_path=args.params, overrides=args.overrides, refresh_cache=args.refresh_cache)
         elif args.command == "serve":
             return _serve(args)
+        elif args.command == "node":
+            from grpo_steps import launch  # deferred: torch
+
+            if args.release:
+                launch.release_followers(cfg)
+            else:
+                return launch.follow(cfg)
         elif args.command == "status":
             from flows.status import format_status, stage_status  # deferred: Prefect
 
@@ -112,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"grpo {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
@@ -547,6 +549,44 @@ class TrackingConfig(_Section):
     system_metrics_interval_s: float = Field(5.0, gt=0, description="seconds between system-metric samples")
 
 
+class LaunchConfig(_Section):
+    """How many processes the training stages (sft, train_reward, grpo) run on: torch's launcher (torchrun, c10d
+    rendezvous) starts them as a child job of the stage when more than one is asked for; the other stages, and
+    one process, run in the stage's own process. A platform setting, like `paths`: it moves the computation, not
+    its result (the same weights within float tolerance on any layout), so it is in no stage's cache key.
+    Each key may also come from the environment, `GRPO_LAUNCH_<KEY>` (e.g. GRPO_LAUNCH_NODES=2), which wins:
+    how a Kubernetes job tells every pod the same layout (infra/README.md)."""
+
+    processes_per_node: Literal["auto"] | int = Field(
+        "auto", description="processes on each node: auto = one per visible GPU (CUDA_VISIBLE_DEVICES), 1 on a "
+        "machine without one; or a number (gloo processes on CPU)",
+    )
+    nodes: int = Field(1, ge=1, description="nodes in each training stage's job; each node runs `grpo node` (or "
+                       "the same stage command) and they meet at rdzv_endpoint")
+    rdzv_endpoint: str | None = Field(
+        None, description="host:port where the nodes rendezvous (node 0's address); unset: a private rendezvous "
+        "on this machine (one node only)",
+    )
+    rdzv_backend: Literal["c10d"] = Field("c10d", description="torch elastic's rendezvous backend")
+    rdzv_id: str = Field("grpo-pipeline", description="the job id every node of one run shares (a Kubernetes "
+                         "job's name): nodes with another id never meet")
+    join_timeout_s: int = Field(1800, ge=10, description="how long a node waits at the rendezvous for the others "
+                                "(and `grpo node` for the next stage) before it gives up")
+    shutdown_timeout_s: int = Field(30, ge=1, description="after a stop signal, seconds each rank has to exit "
+                                    "before it is killed")
+
+    @model_validator(mode="after")
+    def _rendezvous_named(self) -> LaunchConfig:
+        if isinstance(self.processes_per_node, int) and self.processes_per_node < 1:
+            raise ValueError(f"launch.processes_per_node must be auto or >= 1 (got {self.processes_per_node})")
+        if self.nodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(f"launch.nodes is {self.nodes}: set launch.rdzv_endpoint to host:port of node 0, "
+                             "where the nodes meet")
+        if self.rdzv_endpoint and not re.fullmatch(r"[^\s:]+:\d{1,5}", self.rdzv_endpoint):
+            raise ValueError(f"launch.rdzv_endpoint must be host:port (got {self.rdzv_endpoint!r})")
+        return self
+
+
 class Config(_Section):
     seed: int = 0
     paths: PathsConfig = Field(default_factory=PathsConfig)
@@ -560,6 +600,7 @@ class Config(_Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     registry: RegisterConfig = Field(default_factory=RegisterConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -625,6 +666,16 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+LAUNCH_ENV_PREFIX = "GRPO_LAUNCH_"
+
+
+def launch_from_environment() -> dict[str, Any]:
+    """`launch` keys set by GRPO_LAUNCH_<KEY> variables (values parsed as YAML), as an override tree."""
+    found = {name: yaml.safe_load(os.environ[LAUNCH_ENV_PREFIX + name.upper()])
+             for name in LaunchConfig.model_fields if os.environ.get(LAUNCH_ENV_PREFIX + name.upper(), "").strip()}
+    return {"launch": found} if found else {}
+
+
 def load_config(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Config:
     """Read params.yaml (or the defaults when path is None), apply `a.b=c` overrides, validate everything."""
     raw: dict[str, Any] = {}
@@ -642,6 +693,7 @@ def load_config(path: str | Path | None = "params.yaml", overrides: list[str] | 
             raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
     if overrides:
         raw = _merge(raw, parse_overrides(overrides))
+    raw = _merge(raw, launch_from_environment())
     try:
         return Config.model_validate(raw)
     except ValidationError as e:

@@ -9,7 +9,8 @@ Everything else derives from these records:
 
 A stage reads only the params keys its record declares (tests/integration/test_stage_contracts.py records every key a
 stage reads and fails on an undeclared one); `paths` (where things live) and `tracking` (the MLflow wrapper
-around every stage) are the platform's, not a stage's.
+around every stage) and `launch` (how many processes the training stages run on: it moves the computation,
+not its result) are the platform's, not a stage's.
 
 Stage functions are named by import path, so importing this module (for `grpo --help`) does not import
 torch, transformers or mlflow.
@@ -57,6 +58,8 @@ class Stage:
     # print() into Prefect's logs. Off for stages that run TRL trainers: `datasets` fingerprints map functions
     # with dill, which disassembles them through print(), and Prefect would log that bytecode line by line.
     log_prints: bool = True
+    # trains: runs on `launch`'s processes and nodes, as a torchrun child job when that is more than one
+    launched: bool = False
     notes: dict[str, str] = field(default_factory=dict)  # dvc.yaml comments for deps or params entries
 
     def function(self) -> Callable[[Config], StageResult]:
@@ -67,12 +70,24 @@ class Stage:
                  publish: Callable[[list[Report]], None] | None = None) -> Any:
         """Run the stage inside its MLflow run (a child of `parent_run_id` when given), record its result and
         hand its reports to `publish`; returns the stage's value, raises the error its outcome carries."""
+        if self.launched:
+            from grpo_steps import launch  # deferred: torch
+
+            if launch.wants_child_job(cfg):
+                value, reports = launch.run_job(cfg, self.name, parent_run_id)
+                if publish is not None and reports:
+                    publish(reports)
+                self._keep_persistent_outs(cfg)
+                return value
         from grpo_steps.tracking import tracked  # deferred: mlflow
 
         result = tracked(cfg, self.name, self.function(), self.params, parent_run_id, publish)
+        self._keep_persistent_outs(cfg)
+        return result.value
+
+    def _keep_persistent_outs(self, cfg: Config) -> None:
         for folder in self.persistent_outs(cfg):  # DVC fails on a missing out, even an empty persistent one
             folder.mkdir(parents=True, exist_ok=True)
-        return result.value
 
     def outs(self, cfg: Config) -> list[Path]:
         """Outputs that are the stage's result: every one exists after a successful run."""
@@ -154,7 +169,7 @@ STAGE_LIST: tuple[Stage, ...] = (
         params=("seed", *_MODEL, "sft", *_TRAIN_LENGTHS, *_RENDER),
         deps=lambda cfg: [*_v("train")(cfg), cfg.paths.tokenizer(), *_local_model(cfg.model.pretrained)],
         outputs=(Out("sft_policy"),),
-        retries=1, log_prints=False,
+        retries=1, log_prints=False, launched=True,
     ),
     Stage(
         "train_reward", "grpo_steps.train_reward:train_reward",
@@ -167,7 +182,7 @@ STAGE_LIST: tuple[Stage, ...] = (
                 "grpo.generation_backend", "grpo.reward_functions", "evaluate.accuracy"),
         deps=lambda cfg: list(dict.fromkeys([*_reward_pairs(cfg), cfg.paths.tokenizer(), *_reward_init_model(cfg)])),
         outputs=(Out("reward_model"), Out("reward_report", kind="metrics")),
-        retries=1, log_prints=False,
+        retries=1, log_prints=False, launched=True,
         notes={"models/sft": "the reward model starts from the starting policy (reward_model.init: policy)"},
     ),
     Stage(
@@ -185,7 +200,7 @@ STAGE_LIST: tuple[Stage, ...] = (
               Out("grpo_checkpoints", persist=True,
                   note="resumable checkpoints (grpo_steps/checkpoint.py), kept so a retried stage resumes"),
               Out("grpo_curve", kind="plots", plot={"x": "step", "y": "reward"})),
-        retries=1, log_prints=False,  # a retry resumes from the stage's checkpoints
+        retries=1, log_prints=False, launched=True,  # a retry resumes from the stage's checkpoints
     ),
     Stage(
         "evaluate", "grpo_steps.evaluate:evaluate",
@@ -223,8 +238,9 @@ STAGE_LIST: tuple[Stage, ...] = (
 STAGE_SPECS: dict[str, Stage] = {s.name: s for s in STAGE_LIST}
 # name -> (function, help): what the CLI and the flow call, looked up at run time.
 STAGES: dict[str, tuple[Callable[[Config], Any], str]] = {s.name: (s, s.help) for s in STAGE_LIST}
-# Sections every stage may read without declaring them: where files live, and the tracking wrapper's settings.
-PLATFORM_SECTIONS = ("paths", "tracking")
+# Sections every stage may read without declaring them: where files live, the tracking wrapper's settings, and the
+# processes the training stages run on.
+PLATFORM_SECTIONS = ("paths", "tracking", "launch")
 
 
 def run_stage(name: str, cfg: Config, **kwargs: Any) -> Any:

@@ -1,0 +1,138 @@
+"""One rank of a training stage's torchrun job (grpo_steps/launch.py starts the job; its docstring has the whole
+picture): `python -m grpo_steps.launch_rank JOB_DIR`.
+
+The rank takes the job (stage, config, the flow's MLflow run) from the lowest rank whose node holds one, runs the
+stage through its record (rank 0 tracks it and writes `result.json`), prefixes its output with its rank, and records
+its error for the parent to report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from grpo_steps.config import Config
+from grpo_steps.errors import USER_ERRORS
+from grpo_steps.launch import JOB_FILE, RELEASE, RELEASED_FILE, RESULT_FILE, STARTED_FILE, LaunchError, die_with_parent
+from grpo_steps.results import Report
+from grpo_steps.stages import STAGE_SPECS
+
+
+class _RankPrefixed:
+    """A text stream that starts every line (and every progress bar redraw) with the rank."""
+
+    def __init__(self, stream: Any, prefix: str):
+        self._stream, self._prefix, self._line_start = stream, prefix, True
+
+    def write(self, text: str) -> int:
+        out = []
+        for piece in re.split(r"([\r\n])", text):
+            if not piece:
+                continue
+            if piece in ("\r", "\n"):
+                out.append(piece)
+                self._line_start = True
+                continue
+            if self._line_start:
+                out.append(self._prefix)
+                self._line_start = False
+            out.append(piece)
+        self._stream.write("".join(out))
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _exchange_job(local: dict[str, Any] | None, rank: int, world_size: int, timeout_s: int) -> dict[str, Any]:
+    """Every rank gets the job of the lowest rank that holds one, through the launcher's store."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    store = dist.PrefixStore(f"grpo-job/{os.environ.get('TORCHELASTIC_RUN_ID', '')}",
+                             dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                           is_master=False, timeout=timedelta(seconds=timeout_s)))
+    store.set(f"job/{rank}", json.dumps(local) if local is not None else "")
+    for r in range(world_size):
+        blob = store.get(f"job/{r}").decode()
+        if blob:
+            return json.loads(blob)
+    raise LaunchError("no node of this job holds a job: every node ran `grpo node`; start the run (or the stage) "
+                      "on one of them")
+
+
+def _record_error(dirs: list[Path], e: BaseException, rank: int, world_size: int, exit_code: int) -> None:
+    err = {"rank": rank, "world_size": world_size, "node": int(os.environ.get("GROUP_RANK", "0")),
+           "host": socket.gethostname(), "exit_code": exit_code, "user_error": isinstance(e, USER_ERRORS),
+           "type": f"{type(e).__module__}.{type(e).__qualname__}", "message": str(e),
+           "traceback": "".join(traceback.format_exception(e))[-4000:], "time": time.time()}
+    for d in dirs:
+        with contextlib.suppress(OSError):
+            (d / f"error-rank{rank}.json").write_text(json.dumps(err), encoding="utf-8")
+
+
+def _write_result(job_dir: Path, value: Any, reports: list[Report]) -> None:
+    tmp = job_dir / (RESULT_FILE + ".tmp")
+    payload = {"value": value, "reports": [dataclasses.asdict(r) for r in reports]}
+    tmp.write_text(json.dumps(payload, default=str), encoding="utf-8")
+    tmp.replace(job_dir / RESULT_FILE)
+
+
+def rank_main(argv: list[str]) -> int:
+    """One rank of a launched job (see the module docstring)."""
+    die_with_parent(signal.SIGKILL)  # the launcher gone (even killed), this rank goes too
+    if os.getppid() == 1:
+        return 143
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    sys.stdout = _RankPrefixed(sys.stdout, f"[rank {rank}] ")
+    sys.stderr = _RankPrefixed(sys.stderr, f"[rank {rank}] ")
+    if rank != 0:
+        os.environ["TQDM_DISABLE"] = "1"  # one progress bar: rank 0's
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    local_dir = Path(argv[0])
+    local = json.loads((local_dir / JOB_FILE).read_text(encoding="utf-8")) if (local_dir / JOB_FILE).is_file() else None
+    dirs = [local_dir]
+    try:
+        job = _exchange_job(local, rank, world_size, timeout_s=int(os.environ["GRPO_JOB_TIMEOUT_S"]))
+        job_dir = Path(job["job_dir"])
+        dirs = list(dict.fromkeys([local_dir, job_dir]))
+        if job["stage"] == RELEASE:
+            (local_dir / RELEASED_FILE).touch()
+            return 0
+        (local_dir / STARTED_FILE).touch()
+        os.chdir(job["cwd"])
+        return _run_rank(job, rank, job_dir)
+    except BaseException as e:
+        code = 2 if isinstance(e, USER_ERRORS) else 1
+        _record_error(dirs, e, rank, world_size, code)
+        if code == 2:
+            print(f"grpo: error: {e}", file=sys.stderr)
+            return code
+        raise
+
+
+def _run_rank(job: dict[str, Any], rank: int, job_dir: Path) -> int:
+    cfg = Config.model_validate(job["config"])
+    reports: list[Report] = []
+    value = STAGE_SPECS[job["stage"]](cfg, parent_run_id=job["parent_run_id"], publish=reports.extend)
+    if rank == 0:
+        _write_result(job_dir, value, reports)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(rank_main(sys.argv[1:]))
