@@ -1,6 +1,6 @@
 """What a run on several processes costs and computes, against one process: the grpo stage launched as users
-launch it (`grpo grpo`; `accelerate launch --config_file infra/accelerate/cpu_2proc.yaml -m grpo_steps.cli grpo`,
-DDP over gloo; the same with `model.sharding=fsdp2`), from the same inputs, each in a directory of its own.
+launch it (`grpo grpo`; `grpo grpo --set launch.processes_per_node=2`, a torchrun child job, DDP over gloo; the
+same with `model.sharding=fsdp2`), from the same inputs, each in a directory of its own.
 
 Prints one row per layout: wall time of the stage (process start included), mean step time, and the largest
 weight difference to the one-process run next to the largest weight change of that run.
@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CPU_2PROC = ROOT / "infra" / "accelerate" / "cpu_2proc.yaml"
 # no GPU, unbuffered; threads per process are set per run (`env`)
 ENV = {"CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 LAYOUTS = {"1 process": (1, []), "2 processes, DDP": (2, []), "2 processes, FSDP2": (2, ["model.sharding=fsdp2"])}
@@ -71,14 +70,12 @@ def install(inputs: Path, workdir: Path) -> None:
 
 
 def command(workdir: Path, processes: int, overrides: list[str], stage: str = "grpo") -> list[str]:
-    """`grpo <stage>` as a user launches it: directly, or under accelerate's launcher with the shipped CPU
-    config."""
-    settings = [x for o in overrides + [f"tracking.tracking_uri=sqlite:///{workdir}/mlflow.db"] for x in ("--set", o)]
-    stage = ["-m", "grpo_steps.cli", stage, "--params", "params.yaml", *settings]
-    if processes == 1:
-        return [sys.executable, *stage]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC), "--num_processes",
-            str(processes), "--main_process_port", "0", *stage]
+    """`grpo <stage>` as a user runs it, on `processes` processes (launch.processes_per_node: torch's launcher
+    starts them when more than one)."""
+    settings = [*overrides, f"tracking.tracking_uri=sqlite:///{workdir}/mlflow.db",
+                f"launch.processes_per_node={processes}"]
+    return [sys.executable, "-m", "grpo_steps.cli", stage, "--params", "params.yaml",
+            *[x for o in settings for x in ("--set", o)]]
 
 
 def env(threads: int = 1) -> dict[str, str]:

@@ -1,5 +1,5 @@
 """One computation at any scale: the grpo stage as users launch it, `grpo grpo` on 1 process against
-`accelerate launch --config_file infra/accelerate/cpu_2proc.yaml -m grpo_steps.cli grpo` on 2 (CPU, gloo), from
+`grpo grpo --set launch.processes_per_node=2` on 2 (a torchrun child job of the stage, CPU, gloo), from
 the same inputs, gives the same samples, rewards and logged metrics and the same weights up to float summation
 order.
 
@@ -126,12 +126,12 @@ def sharded_reference(inputs, tmp_path_factory):
     return weights, curve
 
 
-def _killed_at_first_checkpoint(inputs: Path, work: Path) -> None:
-    """The sharded run on 2 processes, killed without warning (the launcher and both ranks: torch's launcher
-    starts each in a session of its own) as soon as its first checkpoint is on disk."""
+def _killed_at_first_checkpoint(inputs: Path, work: Path, n: int = 2, extra: list[str] = SHARDED) -> None:
+    """A run on `n` processes (the sharded one by default), killed without warning (the stage, its launcher and
+    the ranks) as soon as its first checkpoint is on disk."""
     processes.install(inputs, work)
     with (work / "victim.log").open("w") as log:
-        victim = subprocess.Popen(processes.command(work, 2, SHORT + SHARDED), cwd=work, env=processes.env(),
+        victim = subprocess.Popen(processes.command(work, n, SHORT + extra), cwd=work, env=processes.env(),
                                   stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     try:
@@ -146,7 +146,8 @@ def _killed_at_first_checkpoint(inputs: Path, work: Path) -> None:
         psutil.wait_procs(family, timeout=60)
         victim.wait(timeout=60)
     assert not (work / "models" / "grpo").exists(), "killed mid-run: no final policy may exist yet"
-    assert list((work / "models" / "grpo_checkpoints").glob("*/step-000002/shards/.metadata"))
+    if "model.sharding=fsdp2" in extra:
+        assert list((work / "models" / "grpo_checkpoints").glob("*/step-000002/shards/.metadata"))
 
 
 def test_a_sharded_run_killed_mid_way_resumes_to_the_uninterrupted_weights(inputs, sharded_reference, tmp_path):
@@ -177,3 +178,92 @@ def test_a_sharded_checkpoint_resumes_on_another_number_of_processes(inputs, sha
     start = load_file(str(inputs / "models" / "sft" / "model.safetensors"))
     moved, diff = _max_diff(reference, start), _max_diff(resumed, reference)
     assert diff <= min(0.02 * moved, 1e-5), f"resumed on 1 process: {diff:.3g} off (moved {moved:.3g})"
+
+
+REPLICATED = ["grpo.eval_every=0", "grpo.steps=8"]
+
+
+@pytest.fixture(scope="module")
+def replicated_reference(inputs, tmp_path_factory):
+    """An uninterrupted run on 1 process: its weights."""
+    weights, _, _ = _grpo(inputs, tmp_path_factory.mktemp("replicated") / "reference", 1, REPLICATED)
+    return weights
+
+
+@pytest.mark.parametrize("written, resumed_on", [(2, 1), (1, 2)], ids=["2-then-1", "1-then-2"])
+def test_a_checkpoint_resumes_on_another_number_of_processes(inputs, replicated_reference, tmp_path, written,
+                                                             resumed_on):
+    """Replicated (DDP) checkpoints hold the whole model: written on 2 processes and resumed on 1, or written on 1
+    and resumed on 2, the run ends where the uninterrupted one-process run ends (the layout test's bound)."""
+    work = tmp_path / "killed"
+    _killed_at_first_checkpoint(inputs, work, written, REPLICATED)
+    resumed, curve, out = _grpo(inputs, work, resumed_on, REPLICATED, fresh=False)
+    assert re.search(r"resuming GRPO from checkpoint \S+ at step [246] of 8", out), out[-3000:]
+    assert f"was written by {written} process" in out and f"this run has {resumed_on}" in out
+    assert len(curve) == 8
+    start = load_file(str(inputs / "models" / "sft" / "model.safetensors"))
+    moved, diff = _max_diff(replicated_reference, start), _max_diff(resumed, replicated_reference)
+    print(f"written on {written}, resumed on {resumed_on}: {diff:.3g} from the uninterrupted run (moved {moved:.3g})")
+    assert diff <= min(0.02 * moved, 1e-5), f"{diff:.3g} off (moved {moved:.3g})"
+
+
+def test_two_nodes_on_one_machine_train_the_one_process_weights(inputs, tmp_path):
+    """Two nodes x 1 process through c10d on localhost: the stage on one node (`grpo grpo` with launch.nodes=2),
+    `grpo node` on the other, then `grpo node --release`; the same weights as 1 process within the layout bound."""
+    from infra.local_stack import free_port
+
+    one, _, _ = _grpo(inputs, tmp_path / "one", 1, [])
+    work = tmp_path / "two-nodes"
+    processes.install(inputs, work)
+    launch = ["launch.processes_per_node=1", "launch.nodes=2", f"launch.rdzv_endpoint=localhost:{free_port()}",
+              f"launch.rdzv_id=test-{work.name}", "launch.join_timeout_s=120"]
+    env = processes.env()
+    follower_cmd = processes.command(work, 1, SHORT + launch, stage="node")
+    with (work / "node.log").open("w") as log:
+        follower = subprocess.Popen(follower_cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        leader = subprocess.run(processes.command(work, 1, SHORT + launch), cwd=work, env=env, capture_output=True,
+                                text=True, timeout=600)
+        out = leader.stdout + leader.stderr
+        assert leader.returncode == 0, out[-5000:] + (work / "node.log").read_text()[-3000:]
+        assert "stage grpo: 2 processes (1 per node x 2 nodes) under torch's launcher" in out
+        assert follower.poll() is None, "the other node leaves only when released"
+        release = subprocess.run([*processes.command(work, 1, SHORT + launch, stage="node"), "--release"], cwd=work,
+                                 env=env, capture_output=True, text=True, timeout=300)
+        assert release.returncode == 0, release.stdout[-3000:] + release.stderr[-3000:]
+        assert follower.wait(timeout=120) == 0
+    finally:
+        if follower.poll() is None:
+            for p in [psutil.Process(follower.pid), *psutil.Process(follower.pid).children(recursive=True)]:
+                p.kill()
+    node_log = (work / "node.log").read_text()
+    # the other node ran one of the two ranks (which one, the rendezvous decides), then was released
+    assert re.search(r"\[rank [01]\] ", node_log) and "released by the run's leader" in node_log
+    two = load_file(str(work / "models" / "grpo" / "model.safetensors"))
+    start = load_file(str(inputs / "models" / "sft" / "model.safetensors"))
+    moved, diff = _max_diff(one, start), _max_diff(one, two)
+    print(f"2 nodes x 1 process against 1 process: {diff:.3g} (moved {moved:.3g})")
+    assert diff <= min(0.02 * moved, 1e-5), f"{diff:.3g} off (moved {moved:.3g})"
+
+
+@pytest.mark.parametrize("fault, code, message", [
+    ("crash_on_rank_1", 1, r"stage grpo failed on rank 1 of 2 \(node 0, \S+, exit code 1\): "
+     r"builtins.ZeroDivisionError: rank 1 divided by zero while scoring"),
+    ("bad_data_on_rank_1", 2, r"grpo grpo: error: stage grpo failed on rank 1 of 2 \(node 0, \S+, exit code 2\): "
+     r"rank 1 found a reward it cannot read"),
+])
+def test_a_failure_on_any_rank_fails_the_stage_with_that_ranks_error(inputs, tmp_path, fault, code, message):
+    """Rank 1 raises while rank 0 waits for it in a collective: the launcher stops rank 0 at once, and the stage
+    fails with rank 1's error and exit code (a user error stays one: exit code 2, no retry)."""
+    work = tmp_path / fault
+    processes.install(inputs, work)
+    t0 = time.monotonic()
+    proc = subprocess.run(processes.command(work, 2, SHORT + [
+        f"grpo.reward_functions=[{{name: 'tests.support.rank_faults:{fault}', weight: 1.0}}]"]), cwd=work,
+        env=processes.env(), capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == code, out[-4000:]
+    assert re.search(message, out), out[-4000:]
+    assert time.monotonic() - t0 < 120, "rank 0 waited for its peer until a timeout"
+    assert not (work / "models" / "grpo").exists()
+    assert not list((work / "models" / ".launch").glob("*")), "the job's files are cleaned up"
