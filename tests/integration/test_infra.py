@@ -37,8 +37,10 @@ DOCKER = INFRA / "docker"
 COMPOSE = DOCKER / "docker-compose.yaml"
 ENV_EXAMPLE = DOCKER / ".env.example"
 
-DEPLOYMENTS = {"nightly-retrain", "on-demand", "gpu-retrain"}
-PROCESS_POOL, K8S_POOL = "grpo-process", "grpo-k8s-gpu"
+DEPLOYMENTS = {"nightly-retrain", "on-demand", "gpu-retrain", "gpu-retrain-multinode"}
+PROCESS_POOL, K8S_POOL, K8S_MULTI_POOL = "grpo-process", "grpo-k8s-gpu", "grpo-k8s-gpu-multinode"
+K8S_MULTI_TEMPLATE = INFRA / "k8s" / "multi-node-job-template.json"
+KUBERNETES_VERSION = "1.33"  # the oldest release where an Indexed Job's successPolicy is stable
 
 
 def _rel(p: Path) -> str:
@@ -105,6 +107,7 @@ def test_deployment_names_and_pools(deployments):
     assert deployments["nightly-retrain"]["work_pool"]["name"] == PROCESS_POOL
     assert deployments["on-demand"]["work_pool"]["name"] == PROCESS_POOL
     assert deployments["gpu-retrain"]["work_pool"]["name"] == K8S_POOL
+    assert deployments["gpu-retrain-multinode"]["work_pool"]["name"] == K8S_MULTI_POOL
 
 
 def _flow_function(path: Path, name: str) -> ast.FunctionDef | ast.AsyncFunctionDef | None:
@@ -177,6 +180,7 @@ def test_nightly_schedule_is_a_valid_utc_cron(deployments):
 def test_only_the_nightly_deployment_is_scheduled(deployments):
     assert not deployments["on-demand"].get("schedules")
     assert not deployments["gpu-retrain"].get("schedules")
+    assert not deployments["gpu-retrain-multinode"].get("schedules")
 
 
 def _pull_steps(prefect_doc, dep) -> list[dict[str, Any]]:
@@ -214,8 +218,9 @@ def test_pull_step_keeps_env_placeholder_at_deploy_time_and_resolves_on_the_work
     assert Path(out["directory"]).resolve() == tmp_path.resolve()
 
 
-def test_gpu_deployment_pulls_into_the_image_project_dir(prefect_doc, deployments):
-    (step,) = _pull_steps(prefect_doc, deployments["gpu-retrain"])
+@pytest.mark.parametrize("name", ["gpu-retrain", "gpu-retrain-multinode"])
+def test_gpu_deployment_pulls_into_the_image_project_dir(prefect_doc, deployments, name):
+    (step,) = _pull_steps(prefect_doc, deployments[name])
     directory = step["prefect.deployments.steps.set_working_directory"]["directory"]
     dockerfile = (DOCKER / "Dockerfile.gpu").read_text()
     assert re.search(rf"^WORKDIR {re.escape(directory)}$", dockerfile, re.M)
@@ -339,6 +344,134 @@ def test_gpu_deployment_job_variables_validate_and_render(k8s_template, deployme
     assert _container(more["job_manifest"])["resources"]["limits"]["nvidia.com/gpu"] == 4
     with pytest.raises(Exception, match="gpu_count|-1"):
         validate({"gpu_count": -1}, k8s_template["variables"], raise_on_error=True, ignore_required=True)
+
+
+# ------------------------------------------------------------------ k8s multi-node template (Indexed Job)
+
+
+@pytest.fixture(scope="module")
+def k8s_multi_template() -> dict[str, Any]:
+    return json.loads(K8S_MULTI_TEMPLATE.read_text())
+
+
+def test_multi_node_template_is_current_with_the_base_template():
+    from infra import k8s_multi_node
+
+    assert k8s_multi_node.main(["--check"]) == 0, "run python -m infra.k8s_multi_node"
+
+
+def test_multi_node_template_passes_prefect_server_validation(k8s_multi_template):
+    from prefect.server.schemas.actions import validate_base_job_template
+    from prefect.utilities.schema_tools import validate
+
+    validate_base_job_template(k8s_multi_template)
+    variables = k8s_multi_template["variables"]
+    jsonschema.Draft202012Validator.check_schema(variables)
+    defaults = {k: p["default"] for k, p in variables["properties"].items() if "default" in p}
+    validate(defaults, variables, raise_on_error=True, preprocess=False, ignore_required=True)
+    with pytest.raises(Exception, match="nodes|0"):
+        validate({"nodes": 0}, variables, raise_on_error=True, ignore_required=True)
+
+
+def _as_the_worker_submits(rendered: dict[str, Any], command: str) -> dict[str, Any]:
+    """What the Kubernetes worker does to the rendered manifest before it creates the Job: the flow-run command
+    as the container's args, the `env` variable's entries before the template's, a name for the Job."""
+    import shlex
+
+    job = copy.deepcopy(rendered["job_manifest"])
+    container = _container(job)
+    container["args"] = shlex.split(command)
+    own = container.get("env")  # the template's list, or the `{{ env }}` placeholder the worker replaces
+    container["env"] = [*({"name": k, "value": v} for k, v in rendered["env"].items()),
+                        *(own if isinstance(own, list) else [])]
+    job["metadata"]["name"] = job["metadata"].pop("generateName") + "x7k2p"
+    job["metadata"]["labels"] = {k: str(v) for k, v in (job["metadata"].get("labels") or {}).items()}
+    return job
+
+
+def test_multi_node_job_renders_to_a_valid_indexed_job_with_its_rendezvous(k8s_multi_template, deployments,
+                                                                           monkeypatch):
+    """Rendered with the deployment's job variables (as the worker renders them), the manifest is a valid batch/v1
+    Job by the Kubernetes object schema: one pod per node, gpu_count GPUs each, pod 0 reachable through the
+    headless Service, the shared volume on every pod."""
+    import kubernetes_validate
+    from prefect.utilities.schema_tools import validate
+    from prefect.utilities.templating import apply_values
+
+    monkeypatch.setenv("GRPO_IMAGE", "registry.example.com/grpo-pipeline:test")
+    dep = deployments["gpu-retrain-multinode"]
+    job_vars = apply_values(dep["work_pool"]["job_variables"], os.environ, remove_notset=False)
+    validate(job_vars, k8s_multi_template["variables"], raise_on_error=True, preprocess=True, ignore_required=True)
+    job = _as_the_worker_submits(_render(k8s_multi_template, {**job_vars, "nodes": 3}),
+                                 "prefect flow-run execute")
+    kubernetes_validate.validate(job, KUBERNETES_VERSION, strict=True)
+
+    spec = job["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 3, 3)
+    assert spec["successPolicy"] == {"rules": [{"succeededIndexes": "0"}]} and spec["backoffLimit"] == 0
+    pod = spec["template"]["spec"]
+    assert pod["subdomain"] == "grpo-nodes"
+    container = _container(job)
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == job_vars["gpu_count"] == 8
+    assert container["command"] == ["/bin/sh", "infra/k8s/node-entrypoint.sh", "--nodes=3", "--rdzv-port=29400",
+                                    "--"]
+    assert container["args"] == ["prefect", "flow-run", "execute"]
+    assert {"name": "shared", "mountPath": "/shared"} in container["volumeMounts"]
+    assert {"name": "shared", "persistentVolumeClaim": {"claimName": "grpo-shared"}} in pod["volumes"]
+
+    service = _load_yaml(INFRA / "k8s" / "rendezvous-service.yaml")
+    kubernetes_validate.validate(service, KUBERNETES_VERSION, strict=True)
+    assert service["spec"]["clusterIP"] == "None" and service["metadata"]["name"] == pod["subdomain"]
+    assert service["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
+    assert service["spec"]["ports"][0]["targetPort"] == container["ports"][0]["name"]
+    # the deployment keeps the project's data, models and reports on the shared volume
+    from grpo_steps.config import load_config
+
+    cfg = load_config(ROOT / "params.yaml", dep["parameters"]["overrides"])
+    assert all(p.startswith("/shared/") for p in (cfg.paths.data_dir, cfg.paths.models_dir, cfg.paths.reports_dir))
+
+
+def test_one_node_job_renders_to_a_valid_kubernetes_job(k8s_template, deployments, monkeypatch):
+    import kubernetes_validate
+    from prefect.utilities.templating import apply_values
+
+    monkeypatch.setenv("GRPO_IMAGE", "registry.example.com/grpo-pipeline:test")
+    job_vars = apply_values(deployments["gpu-retrain"]["work_pool"]["job_variables"], os.environ, remove_notset=False)
+    job = _as_the_worker_submits(_render(k8s_template, job_vars), "prefect flow-run execute")
+    kubernetes_validate.validate(job, KUBERNETES_VERSION, strict=True)
+
+
+def _entrypoint(tmp_path: Path, index: str, *args: str) -> subprocess.CompletedProcess:
+    """infra/k8s/node-entrypoint.sh as a pod runs it, with `grpo` on PATH recording how it was called."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "grpo").write_text("#!/bin/sh\necho \"grpo $*\"; env | grep ^GRPO_LAUNCH_ | sort\n")
+    (bin_dir / "grpo").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "JOB_NAME": "grpo-pipeline-x7k2p", "JOB_COMPLETION_INDEX": index}
+    return subprocess.run(["/bin/sh", str(INFRA / "k8s" / "node-entrypoint.sh"), *args], env=env,
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_node_entrypoint_runs_the_flow_on_pod_0_and_grpo_node_on_the_others(tmp_path, monkeypatch):
+    launch = ["--nodes=3", "--rdzv-port=29400", "--"]
+    lead = _entrypoint(tmp_path, "0", *launch, "sh", "-c", "echo flow-run; env | grep ^GRPO_LAUNCH_ | sort")
+    other = _entrypoint(tmp_path, "2", *launch, "prefect", "flow-run", "execute")
+    assert lead.returncode == other.returncode == 0, lead.stderr + other.stderr
+    layout = ["GRPO_LAUNCH_NODES=3", "GRPO_LAUNCH_RDZV_ENDPOINT=grpo-pipeline-x7k2p-0.grpo-nodes:29400",
+              "GRPO_LAUNCH_RDZV_ID=grpo-pipeline-x7k2p"]
+    assert lead.stdout.split() == ["flow-run", *layout]
+    assert other.stdout.splitlines() == ["grpo node", *layout]
+    assert _entrypoint(tmp_path, "1", "--", "true").returncode != 0  # no layout given: refused
+
+    # what every pod's `grpo` then reads: the launch section from those variables
+    from grpo_steps.config import load_config
+
+    for line in layout:
+        key, value = line.split("=", 1)
+        monkeypatch.setenv(key, value)
+    cfg = load_config(ROOT / "params.yaml")
+    assert (cfg.launch.nodes, cfg.launch.rdzv_endpoint, cfg.launch.rdzv_id) == (
+        3, "grpo-pipeline-x7k2p-0.grpo-nodes:29400", "grpo-pipeline-x7k2p")
 
 
 # ------------------------------------------------------------------------------------- accelerate
