@@ -14,7 +14,7 @@ export DO_NOT_TRACK := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup system-deps pipeline test test-fast test-stack stack lint mlflow-ui clean
+.PHONY: setup system-deps pipeline test test-fast test-stack stack lint mlflow-ui clean gpu-check
 
 # What the browser and production-stack tests need from the distribution (Debian/Ubuntu names): headless
 # Chromium and its driver, the PostgreSQL server. Installed when missing and run as root (CI); otherwise
@@ -59,6 +59,12 @@ stack: setup system-deps
 
 test-stack: setup system-deps
 	$(BIN)/python -m pytest -q -ra tests/integration/test_production_stack.py
+
+# On one CUDA GPU, offline, under 10 minutes: the gpu-marked tests, a shortened pipeline on every GPU, the memory
+# table at the 0.5B shape (ours and TRL's), as one table. Without CUDA it says so and exits 0. Installs nothing: it
+# uses .venv when there is one, else the python3 on PATH (a GPU machine's own torch, no network needed).
+gpu-check:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) bench/gpu_check.py --out reports/gpu_check.json
 
 mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000

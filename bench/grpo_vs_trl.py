@@ -221,6 +221,9 @@ def _total_steps(s: dict[str, Any]) -> int:
     return s["warmup_steps"] + s["steps"]
 
 
+LORA = {"r": 16, "alpha": 32}  # --lora-bf16: both sides' adapter (all linear layers) on a bf16 base
+
+
 def build_ours(s: dict[str, Any], model_dir: Path):
     """(our GRPOTrainer, its PromptSampler) for the settings `s`, on the saved model."""
     from accelerate import Accelerator
@@ -231,7 +234,12 @@ def build_ours(s: dict[str, Any], model_dir: Path):
 
     rows = _prompt_rows(s["seed"])
     tok = load_tokenizer(model_dir)
-    model = load_policy(model_dir)
+    model = load_policy(model_dir, dtype="bfloat16" if s.get("lora_bf16") else "float32")
+    if s.get("lora_bf16"):
+        from grpo_steps.config import LoraConfig
+        from grpo_steps.modeling import apply_lora
+
+        model = apply_lora(model, LoraConfig(**LORA))
     cfg = GRPOConfig(
         steps=_total_steps(s), prompts_per_step=s["prompts_per_step"], num_generations=s["num_generations"],
         micro_batch_size=_micro(s), mu=1,
@@ -318,14 +326,22 @@ def build_trl(s: dict[str, Any], model_dir: Path, output_dir: str, counts: list[
     rows = _prompt_rows(s["seed"])
     tok = load_tokenizer(model_dir)
     # Loaded by path, so `config._name_or_path` is this directory: with beta > 0 TRL builds its reference from it.
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), use_safetensors=True, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), use_safetensors=True,
+                                                 dtype=torch.bfloat16 if s.get("lora_bf16") else torch.float32)
+    peft_config = None
+    if s.get("lora_bf16"):  # the same adapter as ours; TRL's reference is then the base with the adapter off
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], target_modules="all-linear",
+                                 task_type="CAUSAL_LM", bias="none")
     args = trl_config(s, output_dir)
     seed_everything(s["seed"])
     trainer = GRPOTrainer(model=model, reward_funcs=_counting(reward_function(s), counts), args=args,
-                          train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=callbacks)
+                          train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=callbacks,
+                          peft_config=peft_config)
     rows = s["prompts_per_step"] * s["num_generations"]
     assert not trainer.args.gradient_checkpointing and trainer.args.steps_per_generation * _micro(s) == rows
-    assert (trainer.ref_model is not None) == (s["beta"] != 0.0)
+    assert (trainer.ref_model is not None) == (s["beta"] != 0.0 and not s.get("lora_bf16"))
     return trainer
 
 
@@ -507,6 +523,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="ours: grpo.share_prompt off (every row's prompt computed in every pass, as TRL does)")
     p.add_argument("--no-merge-rows", dest="merge_identical_rows", action="store_false",
                    help="ours: grpo.merge_identical_rows off (identical completions each computed, as TRL does)")
+    p.add_argument("--lora-bf16", action="store_true",
+                   help="both sides train a LoRA adapter (r=16, all linear layers) on bf16 weights (default: fp32, "
+                   "every weight)")
     p.add_argument("--trl-optim", default="adamw_torch",
                    help="TRL's `optim`; adamw_torch matches ours, TRL's default is adamw_torch_fused")
     p.add_argument("--out", type=Path, default=None,
@@ -546,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
         "logprob_chunk_size": args.logprob_chunk_size, "trl_optim": args.trl_optim, "threads": args.threads,
         "generation_backend": args.generation_backend, "reward": args.reward,
         "share_prompt": args.share_prompt, "micro_batch_size": args.micro_batch_size,
-        "merge_identical_rows": args.merge_identical_rows,
+        "merge_identical_rows": args.merge_identical_rows, "lora_bf16": args.lora_bf16,
     }
     load_before = _load()
     results: dict[str, list[dict[str, Any]]] = {impl: [] for impl in IMPLEMENTATIONS}
@@ -570,7 +589,8 @@ def main(argv: list[str] | None = None) -> int:
         f"length {args.completion_length}, torch threads per run {args.threads or 'default'}, beta {args.beta}, "
         f"loss {args.loss_type}, lr {args.lr}, ours logprob_chunk_size {args.logprob_chunk_size}, ours generation "
         f"backend {args.generation_backend}, ours share_prompt {args.share_prompt}, merge rows "
-        f"{args.merge_identical_rows}, micro-batch "
+        f"{args.merge_identical_rows}, {'LoRA r=16 on bf16 weights' if args.lora_bf16 else 'fp32, every weight'}, "
+        f"micro-batch "
         f"{args.micro_batch_size or 'P x G'}, reward {args.reward}, TRL optim "
         f"{args.trl_optim}, temperature "
         f"{args.temperature}, seed {args.seed}; {args.warmup_steps} warm-up + {args.steps} timed steps, "
