@@ -130,7 +130,7 @@ def grpo_pipeline(
         error = e
         raise
     finally:
-        _release_nodes(cfg)
+        _release_nodes(cfg, error)
         _publish_summary(cfg, run_id, records, status, error, time.perf_counter() - t0)
 
     ev, reg = results["evaluate"], results["register"]
@@ -145,9 +145,10 @@ def grpo_pipeline(
     return results
 
 
-def _release_nodes(cfg: Config) -> None:
-    """A multi-node run ends its other nodes' `grpo node` (infra/README.md, section 7)."""
-    if cfg.launch.nodes == 1:
+def _release_nodes(cfg: Config, error: BaseException | None) -> None:
+    """A multi-node run ends its other nodes' `grpo node` (infra/README.md, section 7); not while it is being
+    stopped (a signal, a cancellation: the nodes' own stop, or the Job's end, ends them)."""
+    if cfg.launch.nodes == 1 or (error is not None and not isinstance(error, Exception)):
         return
     from grpo_steps.launch import release_followers  # deferred: torch
 

@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
         "another node launches, with this node's launch.processes_per_node processes, until that run releases "
         "it. Every node uses the same launch settings (launch.nodes, launch.rdzv_endpoint, launch.rdzv_id) and "
         "the same project directory (a shared volume). See infra/README.md, section 7.")
+    node.add_argument("--idle-timeout", type=float, default=None, metavar="SECONDS",
+                      help="give up after this long without a stage to join (default: wait until released or "
+                      "stopped; a Kubernetes Job ends its pods when pod 0 ends)")
     node.add_argument("--release", action="store_true",
                       help="from the leading node: release the nodes waiting in `grpo node` (the flow does this "
                       "at its end; after `dvc repro` or stage commands, run it yourself)")
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.release:
                 launch.release_followers(cfg)
             else:
-                return launch.follow(cfg)
+                return launch.follow(cfg, args.idle_timeout)
         elif args.command == "status":
             from flows.status import format_status, stage_status  # deferred: Prefect
 

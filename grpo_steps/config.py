@@ -570,8 +570,8 @@ class LaunchConfig(_Section):
     rdzv_backend: Literal["c10d"] = Field("c10d", description="torch elastic's rendezvous backend")
     rdzv_id: str = Field("grpo-pipeline", description="the job id every node of one run shares (a Kubernetes "
                          "job's name): nodes with another id never meet")
-    join_timeout_s: int = Field(1800, ge=10, description="how long a node waits at the rendezvous for the others "
-                                "(and `grpo node` for the next stage) before it gives up")
+    join_timeout_s: int = Field(1800, ge=10, description="how long each stage's job waits at the rendezvous for "
+                                "its nodes (and its ranks for the job) before it fails")
     shutdown_timeout_s: int = Field(30, ge=1, description="after a stop signal, seconds each rank has to exit "
                                     "before it is killed")
 
@@ -670,9 +670,13 @@ LAUNCH_ENV_PREFIX = "GRPO_LAUNCH_"
 
 
 def launch_from_environment() -> dict[str, Any]:
-    """`launch` keys set by GRPO_LAUNCH_<KEY> variables (values parsed as YAML), as an override tree."""
-    found = {name: yaml.safe_load(os.environ[LAUNCH_ENV_PREFIX + name.upper()])
-             for name in LaunchConfig.model_fields if os.environ.get(LAUNCH_ENV_PREFIX + name.upper(), "").strip()}
+    """`launch` keys set by GRPO_LAUNCH_<KEY> variables, as an override tree: numbers parsed as YAML, text
+    settings taken as they are (a job named `no` stays a name)."""
+    found: dict[str, Any] = {}
+    for name, field in LaunchConfig.model_fields.items():
+        raw = os.environ.get(LAUNCH_ENV_PREFIX + name.upper(), "").strip()
+        if raw:
+            found[name] = raw if field.annotation in (str, str | None) else yaml.safe_load(raw)
     return {"launch": found} if found else {}
 
 

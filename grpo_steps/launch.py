@@ -22,6 +22,7 @@ partner, grpo_steps/launch_rank.py:
 * Several nodes: each other node runs `grpo node`, which joins every training stage's job of the run until the
   run releases it (`grpo node --release`, or the flow's end); or every node runs the same `grpo <stage>`.
   Node roles come from the rendezvous; global rank 0 writes the outputs, so nodes share the project directory.
+  A failing rank tells the others through the store, and every rank on every node stops within a second.
 """
 
 from __future__ import annotations
@@ -42,13 +43,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from grpo_steps.config import Config
+from grpo_steps.config import Config, ConfigError
 from grpo_steps.errors import UserError
 from grpo_steps.results import Report
 
 log = logging.getLogger(__name__)
 
 JOB_FILE, RESULT_FILE, RELEASED_FILE, STARTED_FILE = "job.json", "result.json", "released", "started"
+OTHER_JOB_FILE = "ran-another-nodes-job"  # this node's ranks ran the job another node handed out
+RELEASE_TIMEOUT_S = 120  # how long a release waits for the other nodes (idle in `grpo node`, they rejoin in seconds)
 RELEASE = "release"  # the job that ends the followers' `grpo node`
 _PR_SET_PDEATHSIG = 1
 
@@ -115,12 +118,24 @@ def _job_env(cfg: Config, lay: Layout) -> dict[str, str]:
     return env
 
 
+def _prctl() -> Callable[..., int] | None:
+    """libc's prctl, looked up once at import: after a fork in a threaded process (the flow's), loading a
+    library could deadlock on a lock another thread held."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _prctl()
+
+
 def die_with_parent(sig: int) -> None:
     """Linux: `sig` to this process when the thread that started it exits (prctl PR_SET_PDEATHSIG)."""
-    if not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
 
 
 def _launcher_preexec(parent: int) -> Callable[[], None]:
@@ -148,14 +163,20 @@ def run_job(cfg: Config, stage: str, parent_run_id: str | None = None, job_dir: 
     (job_dir / JOB_FILE).write_text(json.dumps(spec), encoding="utf-8")
     log.info("stage %s: %d processes (%d per node x %d nodes) under torch's launcher", stage, lay.world_size,
              lay.processes_per_node, lay.nodes)
-    returncode = _run_launcher(cfg, job_dir, lay)
     try:
+        returncode = _run_launcher(cfg, job_dir, lay)
         if returncode != 0:
-            raise job_error(stage, job_dir, returncode)
+            raise job_error(stage, job_dir, returncode, lay.world_size)
         result_file = job_dir / RESULT_FILE
-        if not result_file.is_file():  # another node's global rank 0 ran the stage (every node ran the command)
-            log.info("stage %s: finished; global rank 0 ran on another node and recorded the result", stage)
+        if stage == RELEASE:  # nothing to return: the nodes have left
             return None, []
+        if not result_file.is_file():
+            if (job_dir / OTHER_JOB_FILE).is_file():  # every node ran the command: another node's job was run
+                log.info("stage %s: finished; the job of another node ran, and its rank 0 recorded the result",
+                         stage)
+                return None, []
+            raise LaunchError(f"stage {stage}: every rank exited 0 but rank 0 wrote no result to {result_file} "
+                              "(on several nodes, is the project directory shared?)")
         result = json.loads(result_file.read_text(encoding="utf-8"))
         return result["value"], [Report(**r) for r in result["reports"]]
     finally:
@@ -184,12 +205,13 @@ def _remove(job_dir: Path) -> None:
     shutil.rmtree(job_dir, ignore_errors=True)
 
 
-def job_error(stage: str, job_dir: Path, returncode: int) -> Exception:
-    """The first rank's error (by time) as the stage's error; a UserError stays one."""
+def job_error(stage: str, job_dir: Path, returncode: int, world_size: int) -> Exception:
+    """The first rank's error (by time) as the stage's error, naming the ranks that recorded none (killed by a
+    signal: their peers' errors may be knock-on ones); a UserError stays one."""
     errors = []
-    for f in job_dir.glob("error-rank*.json"):
+    for rank in range(world_size):  # by name: a listing of a shared folder may lag behind other nodes' writes
         with contextlib.suppress(OSError, ValueError):
-            errors.append(json.loads(f.read_text(encoding="utf-8")))
+            errors.append(json.loads((job_dir / f"error-rank{rank}.json").read_text(encoding="utf-8")))
     if not errors:
         return LaunchError(f"stage {stage}: torch's launcher exited with code {returncode} and no rank recorded "
                            "an error (a rank killed by a signal, out of memory, or a failed rendezvous); its log "
@@ -197,23 +219,34 @@ def job_error(stage: str, job_dir: Path, returncode: int) -> Exception:
     first = min(errors, key=lambda e: e["time"])
     where = (f"stage {stage} failed on rank {first['rank']} of {first['world_size']} (node {first['node']}, "
              f"{first['host']}, exit code {first['exit_code']})")
+    silent = sorted(set(range(world_size)) - {e["rank"] for e in errors})
+    note = (f" [rank(s) {', '.join(map(str, silent))} recorded no error: stopped by the launcher after this one, "
+            "or killed by a signal such as the out-of-memory killer, and then this error may follow from theirs]"
+            if silent else "")
     if first["user_error"]:
-        return LaunchUserError(f"{where}: {first['message']}")
-    return LaunchError(f"{where}: {first['type']}: {first['message']}\n{first['traceback']}")
+        return LaunchUserError(f"{where}: {first['message']}{note}")
+    return LaunchError(f"{where}: {first['type']}: {first['message']}{note}\n{first['traceback']}")
 
 
 def release_followers(cfg: Config) -> None:
-    """End the `grpo node` followers of a multi-node run: a job that every rank leaves at once."""
+    """End the `grpo node` followers of a multi-node run: a job that every rank leaves at once. Waits at most
+    RELEASE_TIMEOUT_S for the other nodes (a node that is gone has nothing to release)."""
     if cfg.launch.nodes > 1 and not inside_job():
-        run_job(cfg, RELEASE)
+        timeout = min(cfg.launch.join_timeout_s, RELEASE_TIMEOUT_S)
+        run_job(cfg.model_copy(update={"launch": cfg.launch.model_copy(update={"join_timeout_s": timeout})}),
+                RELEASE)
 
 
 # ----------------------------------------------------------------------------------------------- followers
 
 
-def follow(cfg: Config) -> int:
+def follow(cfg: Config, idle_timeout_s: float | None = None) -> int:
     """`grpo node`: join every training stage's job of the run led from another node, until it releases this
-    node; gives up after `launch.join_timeout_s` without a job."""
+    node or the node is stopped (a Kubernetes Job ends its pods when pod 0 ends). With `idle_timeout_s`, gives up
+    after that long without a job: a leader can spend hours between training stages (data, evaluation)."""
+    if cfg.launch.nodes < 2:
+        raise ConfigError(f"grpo node joins a run of several nodes: launch.nodes is {cfg.launch.nodes}; set it (and "
+                          "launch.rdzv_endpoint) as the leading node has them")
     root = job_root(cfg)
     idle_since = time.monotonic()
     while True:
@@ -227,10 +260,11 @@ def follow(cfg: Config) -> int:
             if (job_dir / STARTED_FILE).exists():
                 idle_since = time.monotonic()
                 if returncode != 0:  # the leader sees it too, and decides (a retry joins again)
-                    log.warning("%s", job_error("(joined)", job_dir, returncode))
-            elif time.monotonic() - idle_since > cfg.launch.join_timeout_s:
-                raise LaunchError(f"no job from the run's leader at {cfg.launch.rdzv_endpoint} within "
-                                  f"launch.join_timeout_s={cfg.launch.join_timeout_s}")
+                    log.warning("%s", job_error("(joined)", job_dir, returncode, layout(cfg).world_size))
+            elif idle_timeout_s is not None and time.monotonic() - idle_since > idle_timeout_s:
+                raise LaunchUserError(f"no job from the run's leader at {cfg.launch.rdzv_endpoint} within "
+                                      f"{idle_timeout_s:.0f} s (--idle-timeout): is the run started, with the same "
+                                      "launch settings?")
             else:
                 time.sleep(2)  # the leader's launcher is not up yet: try again
         finally:

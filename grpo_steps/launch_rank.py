@@ -19,12 +19,22 @@ import socket
 import sys
 import time
 import traceback
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from grpo_steps.config import Config
 from grpo_steps.errors import USER_ERRORS
-from grpo_steps.launch import JOB_FILE, RELEASE, RELEASED_FILE, RESULT_FILE, STARTED_FILE, LaunchError, die_with_parent
+from grpo_steps.launch import (
+    JOB_FILE,
+    OTHER_JOB_FILE,
+    RELEASE,
+    RELEASED_FILE,
+    RESULT_FILE,
+    STARTED_FILE,
+    LaunchError,
+    die_with_parent,
+)
 from grpo_steps.results import Report
 from grpo_steps.stages import STAGE_SPECS
 
@@ -55,15 +65,20 @@ class _RankPrefixed:
         return getattr(self._stream, name)
 
 
-def _exchange_job(local: dict[str, Any] | None, rank: int, world_size: int, timeout_s: int) -> dict[str, Any]:
-    """Every rank gets the job of the lowest rank that holds one, through the launcher's store."""
-    from datetime import timedelta
-
+def _job_store(timeout_s: int) -> Any:
+    """The launcher's store (torch elastic hosts one per job and hands its address to the ranks), under a prefix
+    of this job's run and restart."""
     import torch.distributed as dist
 
-    store = dist.PrefixStore(f"grpo-job/{os.environ.get('TORCHELASTIC_RUN_ID', '')}",
-                             dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                                           is_master=False, timeout=timedelta(seconds=timeout_s)))
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        raise LaunchError("the ranks need the store of torch's launcher: unset TORCH_DISABLE_SHARE_RDZV_TCP_STORE")
+    prefix = f"grpo-job/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}"
+    return dist.PrefixStore(prefix, dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                                   is_master=False, timeout=timedelta(seconds=timeout_s)))
+
+
+def _exchange_job(store: Any, local: dict[str, Any] | None, rank: int, world_size: int) -> dict[str, Any]:
+    """Every rank gets the job of the lowest rank that holds one."""
     store.set(f"job/{rank}", json.dumps(local) if local is not None else "")
     for r in range(world_size):
         blob = store.get(f"job/{r}").decode()
@@ -71,6 +86,32 @@ def _exchange_job(local: dict[str, Any] | None, rank: int, world_size: int, time
             return json.loads(blob)
     raise LaunchError("no node of this job holds a job: every node ran `grpo node`; start the run (or the stage) "
                       "on one of them")
+
+
+FAILED_KEY, DONE_KEY = "failed", "done"
+
+
+def _stop_when_a_peer_fails(rank: int, timeout_s: int) -> None:
+    """A daemon thread that ends this rank as soon as another rank has failed. On one node the launcher stops
+    the ranks itself; on several, the other nodes' ranks would wait in a collective until its timeout. The thread
+    has a store connection of its own (a client is not shared between threads)."""
+    import threading
+
+    def watch() -> None:
+        try:
+            store = _job_store(timeout_s)
+            while True:
+                time.sleep(1.0)
+                if store.check([FAILED_KEY]):
+                    failed = store.get(FAILED_KEY).decode()
+                    if failed != str(rank):
+                        print(f"rank {failed} failed: rank {rank} stops", file=sys.stderr, flush=True)
+                        os._exit(143)
+                    return
+        except Exception:  # noqa: BLE001 - the store is gone: the job is ending, and the launcher decides
+            return
+
+    threading.Thread(target=watch, name="grpo-peer-failure", daemon=True).start()
 
 
 def _record_error(dirs: list[Path], e: BaseException, rank: int, world_size: int, exit_code: int) -> None:
@@ -105,32 +146,44 @@ def rank_main(argv: list[str]) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     local_dir = Path(argv[0])
     local = json.loads((local_dir / JOB_FILE).read_text(encoding="utf-8")) if (local_dir / JOB_FILE).is_file() else None
-    dirs = [local_dir]
+    dirs, store = [local_dir], None
     try:
-        job = _exchange_job(local, rank, world_size, timeout_s=int(os.environ["GRPO_JOB_TIMEOUT_S"]))
+        store = _job_store(timeout_s=int(os.environ["GRPO_JOB_TIMEOUT_S"]))
+        job = _exchange_job(store, local, rank, world_size)
         job_dir = Path(job["job_dir"])
         dirs = list(dict.fromkeys([local_dir, job_dir]))
+        if local is not None and job_dir != local_dir:  # this node's parent will find no result.json: say why
+            (local_dir / OTHER_JOB_FILE).touch()
         if job["stage"] == RELEASE:
             (local_dir / RELEASED_FILE).touch()
             return 0
         (local_dir / STARTED_FILE).touch()
         os.chdir(job["cwd"])
-        return _run_rank(job, rank, job_dir)
+        _stop_when_a_peer_fails(rank, int(os.environ["GRPO_JOB_TIMEOUT_S"]))
+        return _run_rank(job, rank, job_dir, store)
     except BaseException as e:
         code = 2 if isinstance(e, USER_ERRORS) else 1
         _record_error(dirs, e, rank, world_size, code)
+        if store is not None:
+            with contextlib.suppress(Exception):
+                store.set(FAILED_KEY, str(rank))
         if code == 2:
             print(f"grpo: error: {e}", file=sys.stderr)
             return code
         raise
 
 
-def _run_rank(job: dict[str, Any], rank: int, job_dir: Path) -> int:
+def _run_rank(job: dict[str, Any], rank: int, job_dir: Path, store: Any) -> int:
+    """The stage through its record; rank 0 writes the result, and no rank exits before it has (the launcher
+    of a node without rank 0 would otherwise report success before the result exists)."""
     cfg = Config.model_validate(job["config"])
     reports: list[Report] = []
     value = STAGE_SPECS[job["stage"]](cfg, parent_run_id=job["parent_run_id"], publish=reports.extend)
     if rank == 0:
         _write_result(job_dir, value, reports)
+        store.set(DONE_KEY, "1")
+    else:  # rank 0 may still be saving a large model: wait long (its failure or death ends the wait anyway)
+        store.wait([DONE_KEY], timedelta(hours=24))
     return 0
 
 

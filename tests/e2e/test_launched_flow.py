@@ -86,6 +86,12 @@ def test_the_flow_trains_on_two_processes_and_ends_with_the_one_process_weights(
     reg = json.loads((two / "reports" / "registration.json").read_text())
     assert str(client.get_model_version_by_alias(reg["model_name"], "champion").version) == str(reg["version"])
 
+    # Prefect's cache treats launched stages as in-process ones: a rerun with nothing changed skips them all
+    # (launch is in no cache key: the rerun on 1 process takes the 2-process results)
+    again = _flow(two, "launch.processes_per_node=1")
+    assert "cached stages: prepare, validate, sft, train_reward, grpo, evaluate" in again
+    assert "under torch's launcher" not in again
+
     sft = _weights(one, "sft")
     moved = _max_diff(_weights(one, "grpo"), sft)
     diff = _max_diff(_weights(one, "grpo"), _weights(two, "grpo"))
@@ -129,6 +135,7 @@ def test_killing_the_flow_mid_stage_leaves_no_process_behind(tmp_path, sig):
         assert not [f"{p.pid} {' '.join(p.cmdline())}" for p in alive if p.is_running()], "left behind"
         if sig == signal.SIGTERM:
             assert flow.returncode != 0
+            assert not list((tmp_path / "models" / ".launch").glob("*")), "the job's files are cleaned up"
     finally:
         for p in [root, *root.children(recursive=True)] if flow.poll() is None else []:
             p.kill()

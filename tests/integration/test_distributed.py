@@ -207,16 +207,54 @@ def test_a_checkpoint_resumes_on_another_number_of_processes(inputs, replicated_
     assert diff <= min(0.02 * moved, 1e-5), f"{diff:.3g} off (moved {moved:.3g})"
 
 
+def _two_node_launch(work: Path) -> list[str]:
+    from infra.local_stack import free_port
+
+    return ["launch.processes_per_node=1", "launch.nodes=2", f"launch.rdzv_endpoint=localhost:{free_port()}",
+            f"launch.rdzv_id=test-{work.name}", "launch.join_timeout_s=120"]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        for p in family:
+            p.kill()
+        psutil.wait_procs(family, timeout=30)
+
+
+def test_a_failure_on_another_node_fails_the_stage_at_once(inputs, tmp_path):
+    """2 nodes x 1 process, rank 1 raises: wherever it runs, the other node's rank (waiting for it in a collective)
+    stops within seconds (the failing rank tells the others through the launcher's store), and the stage on the
+    leading node fails with rank 1's error."""
+    work = tmp_path / "two-nodes-fault"
+    processes.install(inputs, work)
+    settings = SHORT + _two_node_launch(work) + [
+        "grpo.reward_functions=[{name: 'tests.support.rank_faults:crash_on_rank_1', weight: 1.0}]"]
+    env = processes.env()
+    with (work / "node.log").open("w") as log:
+        follower = subprocess.Popen(processes.command(work, 1, settings, stage="node"), cwd=work, env=env, stdout=log,
+                                    stderr=subprocess.STDOUT)
+    try:
+        t0 = time.monotonic()
+        leader = subprocess.run(processes.command(work, 1, settings), cwd=work, env=env, capture_output=True,
+                                text=True, timeout=300)
+        elapsed = time.monotonic() - t0
+    finally:
+        _stop(follower)
+    out = leader.stdout + leader.stderr
+    assert leader.returncode == 1, out[-4000:] + (work / "node.log").read_text()[-3000:]
+    assert re.search(r"stage grpo failed on rank 1 of 2 \(node \d, \S+, exit code 1\): builtins.ZeroDivisionError: "
+                     r"rank 1 divided by zero while scoring", out), out[-4000:]
+    assert elapsed < 120, f"the stage took {elapsed:.0f} s to fail: a rank waited for its failed peer"
+
+
 def test_two_nodes_on_one_machine_train_the_one_process_weights(inputs, tmp_path):
     """Two nodes x 1 process through c10d on localhost: the stage on one node (`grpo grpo` with launch.nodes=2),
     `grpo node` on the other, then `grpo node --release`; the same weights as 1 process within the layout bound."""
-    from infra.local_stack import free_port
-
     one, _, _ = _grpo(inputs, tmp_path / "one", 1, [])
     work = tmp_path / "two-nodes"
     processes.install(inputs, work)
-    launch = ["launch.processes_per_node=1", "launch.nodes=2", f"launch.rdzv_endpoint=localhost:{free_port()}",
-              f"launch.rdzv_id=test-{work.name}", "launch.join_timeout_s=120"]
+    launch = _two_node_launch(work)
     env = processes.env()
     follower_cmd = processes.command(work, 1, SHORT + launch, stage="node")
     with (work / "node.log").open("w") as log:
@@ -233,9 +271,7 @@ def test_two_nodes_on_one_machine_train_the_one_process_weights(inputs, tmp_path
         assert release.returncode == 0, release.stdout[-3000:] + release.stderr[-3000:]
         assert follower.wait(timeout=120) == 0
     finally:
-        if follower.poll() is None:
-            for p in [psutil.Process(follower.pid), *psutil.Process(follower.pid).children(recursive=True)]:
-                p.kill()
+        _stop(follower)
     node_log = (work / "node.log").read_text()
     # the other node ran one of the two ranks (which one, the rendezvous decides), then was released
     assert re.search(r"\[rank [01]\] ", node_log) and "released by the run's leader" in node_log

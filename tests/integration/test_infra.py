@@ -459,7 +459,8 @@ def test_node_entrypoint_runs_the_flow_on_pod_0_and_grpo_node_on_the_others(tmp_
     assert lead.returncode == other.returncode == 0, lead.stderr + other.stderr
     layout = ["GRPO_LAUNCH_NODES=3", "GRPO_LAUNCH_RDZV_ENDPOINT=grpo-pipeline-x7k2p-0.grpo-nodes:29400",
               "GRPO_LAUNCH_RDZV_ID=grpo-pipeline-x7k2p"]
-    assert lead.stdout.split() == ["flow-run", *layout]
+    # pod 0 hosts the rendezvous (localhost: its launcher binds the store whether or not its name resolves yet)
+    assert lead.stdout.split() == ["flow-run", layout[0], "GRPO_LAUNCH_RDZV_ENDPOINT=localhost:29400", layout[2]]
     assert other.stdout.splitlines() == ["grpo node", *layout]
     assert _entrypoint(tmp_path, "1", "--", "true").returncode != 0  # no layout given: refused
 

@@ -56,9 +56,15 @@ def test_every_launch_key_can_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("GRPO_LAUNCH_NODES", "3")
     monkeypatch.setenv("GRPO_LAUNCH_RDZV_ENDPOINT", "grpo-0.grpo-nodes:29400")
     monkeypatch.setenv("GRPO_LAUNCH_PROCESSES_PER_NODE", "8")
+    monkeypatch.setenv("GRPO_LAUNCH_RDZV_ID", "no")  # text stays text (YAML would read a boolean)
     cfg = _cfg("launch.nodes=2")  # the environment wins over params and --set (a Kubernetes pod's layout)
-    assert (cfg.launch.nodes, cfg.launch.rdzv_endpoint, cfg.launch.processes_per_node) == (
-        3, "grpo-0.grpo-nodes:29400", 8)
+    assert (cfg.launch.nodes, cfg.launch.rdzv_endpoint, cfg.launch.processes_per_node, cfg.launch.rdzv_id) == (
+        3, "grpo-0.grpo-nodes:29400", 8, "no")
+
+
+def test_grpo_node_refuses_a_one_node_layout():
+    with pytest.raises(ConfigError, match="launch.nodes is 1"):
+        launch.follow(_cfg())
 
 
 def test_rank_prefix_starts_every_line_and_every_progress_redraw():
@@ -79,12 +85,14 @@ def _error(tmp_path, rank, t, user_error, exit_code):
 def test_the_first_failing_rank_is_the_stage_error_and_a_user_error_stays_one(tmp_path):
     _error(tmp_path, 0, 2.0, False, 1)  # rank 0 failed later, in a collective its peer had left
     _error(tmp_path, 1, 1.0, False, 1)
-    err = launch.job_error("grpo", tmp_path, 1)
+    err = launch.job_error("grpo", tmp_path, 1, world_size=2)
     assert isinstance(err, launch.LaunchError)
     assert str(err).startswith("stage grpo failed on rank 1 of 2 (node 0, h, exit code 1): builtins.ValueError: "
-                               "bad thing on 1")
+                               "bad thing on 1\nTraceback")  # every rank recorded its error: no note
     _error(tmp_path, 1, 0.5, True, 2)
-    assert isinstance(launch.job_error("grpo", tmp_path, 2), launch.LaunchUserError)  # not retried, CLI exit 2
+    assert isinstance(launch.job_error("grpo", tmp_path, 2, world_size=2), launch.LaunchUserError)  # no retry
+    # rank 2 of 3 recorded nothing (killed by a signal?): the stage's error says so
+    assert "[rank(s) 2 recorded no error" in str(launch.job_error("grpo", tmp_path, 1, world_size=3))
     empty = tmp_path / "none"
     empty.mkdir()
-    assert "no rank recorded an error" in str(launch.job_error("sft", empty, -9))
+    assert "no rank recorded an error" in str(launch.job_error("sft", empty, -9, world_size=2))
