@@ -19,6 +19,7 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -91,17 +92,21 @@ def _exchange_job(store: Any, local: dict[str, Any] | None, rank: int, world_siz
 FAILED_KEY, DONE_KEY = "failed", "done"
 
 
-def _stop_when_a_peer_fails(rank: int, timeout_s: int) -> None:
-    """A daemon thread that ends this rank as soon as another rank has failed. On one node the launcher stops
-    the ranks itself; on several, the other nodes' ranks would wait in a collective until its timeout. The thread
-    has a store connection of its own (a client is not shared between threads)."""
+@contextlib.contextmanager
+def _stop_when_a_peer_fails(rank: int, timeout_s: int) -> Iterator[None]:
+    """While the stage runs, a thread that ends this rank as soon as another rank has failed. On one node the
+    launcher stops the ranks itself; on several, the other nodes' ranks would wait in a collective until its
+    timeout. The thread has a store connection of its own (a client is not shared between threads), and it is
+    stopped and joined before the rank exits: a thread still inside the store's C++ code while the interpreter
+    finalizes aborts the process."""
     import threading
+
+    stop = threading.Event()
 
     def watch() -> None:
         try:
             store = _job_store(timeout_s)
-            while True:
-                time.sleep(1.0)
+            while not stop.wait(1.0):
                 if store.check([FAILED_KEY]):
                     failed = store.get(FAILED_KEY).decode()
                     if failed != str(rank):
@@ -111,7 +116,13 @@ def _stop_when_a_peer_fails(rank: int, timeout_s: int) -> None:
         except Exception:  # noqa: BLE001 - the store is gone: the job is ending, and the launcher decides
             return
 
-    threading.Thread(target=watch, name="grpo-peer-failure", daemon=True).start()
+    thread = threading.Thread(target=watch, name="grpo-peer-failure", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
 
 
 def _record_error(dirs: list[Path], e: BaseException, rank: int, world_size: int, exit_code: int) -> None:
@@ -159,8 +170,8 @@ def rank_main(argv: list[str]) -> int:
             return 0
         (local_dir / STARTED_FILE).touch()
         os.chdir(job["cwd"])
-        _stop_when_a_peer_fails(rank, int(os.environ["GRPO_JOB_TIMEOUT_S"]))
-        return _run_rank(job, rank, job_dir, store)
+        with _stop_when_a_peer_fails(rank, int(os.environ["GRPO_JOB_TIMEOUT_S"])):
+            return _run_rank(job, rank, job_dir, store)
     except BaseException as e:
         code = 2 if isinstance(e, USER_ERRORS) else 1
         _record_error(dirs, e, rank, world_size, code)
