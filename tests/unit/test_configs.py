@@ -31,7 +31,35 @@ def test_config_validates_and_has_every_key_dvc_reads(path: Path):
     raw = yaml.safe_load(path.read_text())
     missing = sorted({k for s in STAGE_LIST for k in s.params if not _has(raw, k)})
     assert not missing, f"{path.name} lacks params keys dvc.yaml declares: {missing}"
-    assert cfg.as_dict() == load_config(path).as_dict()
+    # every value the file states is the value the stages get: none dropped, renamed or changed by validation
+    changed = _differences(raw, cfg.as_dict())
+    assert not changed, f"{path.name}: settings whose validated value differs from the file's: {changed}"
+
+
+def _differences(stated, held, where: str = "") -> list[str]:
+    """Dotted keys whose value in the file (`stated`) is not the validated config's (`held`); entries the file
+    leaves out (defaults filled in) are not differences."""
+    if isinstance(stated, dict):
+        if not isinstance(held, dict):
+            return [where]
+        keys = {k: f"{where}.{k}".lstrip(".") for k in stated}
+        return [d for k, v in stated.items() for d in (_differences(v, held[k], keys[k]) if k in held else [keys[k]])]
+    if isinstance(stated, list):
+        if not isinstance(held, list) or len(held) != len(stated):
+            return [where]
+        return [d for i, (a, b) in enumerate(zip(stated, held, strict=True))
+                for d in _differences(a, b, f"{where}[{i}]")]
+    return [] if stated == held else [f"{where}: {stated!r} -> {held!r}"]
+
+
+def test_a_changed_value_is_reported_by_its_key():
+    """The check above can fail: a value the config does not hold as stated is named."""
+    assert _differences({"grpo": {"beta": 0.02, "steps": 5}}, {"grpo": {"beta": 0.02, "steps": 6, "mu": 1}}) == [
+        "grpo.steps: 5 -> 6"]
+    assert _differences({"grpo": {"reward_functions": [{"name": "a"}]}},
+                        {"grpo": {"reward_functions": [{"name": "b", "weight": 1.0}]}}) == [
+        "grpo.reward_functions[0].name: 'a' -> 'b'"]
+    assert _differences({"gone": 1}, {}) == ["gone"]
 
 
 def test_the_gsm8k_config_is_the_real_path():
