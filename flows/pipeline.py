@@ -154,8 +154,9 @@ def _release_nodes(cfg: Config, error: BaseException | None) -> None:
 
     try:
         release_followers(cfg)
-    except Exception as e:  # noqa: BLE001 - the nodes then leave after launch.join_timeout_s
-        get_run_logger().warning("could not release the other nodes (they leave after launch.join_timeout_s): %s", e)
+    except Exception as e:  # noqa: BLE001 - a release that fails must not hide the run's own outcome
+        get_run_logger().warning("could not release the other nodes (each `grpo node` waits until it is stopped, "
+                                 "or until its Kubernetes Job ends): %s", e)
 
 
 def _finish_parent_run(run_id: str, status: dict[str, str], results: dict[str, Any]) -> None:

@@ -3,8 +3,7 @@
 `launch` in params.yaml says how many processes (`grpo_steps/config.py`'s LaunchConfig). With one, a stage runs
 in its own process, as always. With more, a training stage (its record says `launched`) starts torch's launcher,
 `python -m torch.distributed.run` (torch elastic, c10d rendezvous), as a child job, and each rank runs this
-module's
-partner, grpo_steps/launch_rank.py:
+module's partner, grpo_steps/launch_rank.py:
 
     parent (the CLI, the flow's task, dvc repro)           ranks (python -m grpo_steps.launch_rank JOB_DIR)
     writes JOB_DIR/job.json: stage, config, parent run  ->  meet in the launcher's store; the lowest rank whose
@@ -33,6 +32,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -45,6 +45,7 @@ from typing import Any
 
 from grpo_steps.config import Config, ConfigError
 from grpo_steps.errors import UserError
+from grpo_steps.io import read_json
 from grpo_steps.results import Report
 
 log = logging.getLogger(__name__)
@@ -151,13 +152,18 @@ def job_root(cfg: Config) -> Path:
     return Path(cfg.paths.models_dir).resolve() / ".launch"
 
 
-def run_job(cfg: Config, stage: str, parent_run_id: str | None = None, job_dir: Path | None = None
-            ) -> tuple[Any, list[Report]]:
+def _new_job_dir(cfg: Config, name: str) -> Path:
+    """A fresh folder of one job on this node: `name`, the host, this process and a random tag."""
+    job_dir = job_root(cfg) / f"{name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    job_dir.mkdir(parents=True, exist_ok=True)
+    return job_dir
+
+
+def run_job(cfg: Config, stage: str, parent_run_id: str | None = None) -> tuple[Any, list[Report]]:
     """Run `stage` as a torchrun job with `cfg.launch`'s layout; (rank 0's value, its reports), or the first
     failing rank's error. A stop signal or an exception here stops the job's every rank before it is raised."""
     lay = layout(cfg)
-    job_dir = job_dir or job_root(cfg) / f"{stage}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    job_dir.mkdir(parents=True, exist_ok=True)
+    job_dir = _new_job_dir(cfg, stage)
     spec = {"stage": stage, "config": cfg.as_dict(), "parent_run_id": parent_run_id, "cwd": os.getcwd(),
             "job_dir": str(job_dir)}
     (job_dir / JOB_FILE).write_text(json.dumps(spec), encoding="utf-8")
@@ -167,9 +173,9 @@ def run_job(cfg: Config, stage: str, parent_run_id: str | None = None, job_dir: 
         returncode = _run_launcher(cfg, job_dir, lay)
         if returncode != 0:
             raise job_error(stage, job_dir, returncode, lay.world_size)
-        result_file = job_dir / RESULT_FILE
         if stage == RELEASE:  # nothing to return: the nodes have left
             return None, []
+        result_file = job_dir / RESULT_FILE
         if not result_file.is_file():
             if (job_dir / OTHER_JOB_FILE).is_file():  # every node ran the command: another node's job was run
                 log.info("stage %s: finished; the job of another node ran, and its rank 0 recorded the result",
@@ -177,10 +183,10 @@ def run_job(cfg: Config, stage: str, parent_run_id: str | None = None, job_dir: 
                 return None, []
             raise LaunchError(f"stage {stage}: every rank exited 0 but rank 0 wrote no result to {result_file} "
                               "(on several nodes, is the project directory shared?)")
-        result = json.loads(result_file.read_text(encoding="utf-8"))
+        result = read_json(result_file)
         return result["value"], [Report(**r) for r in result["reports"]]
     finally:
-        _remove(job_dir)
+        shutil.rmtree(job_dir, ignore_errors=True)
 
 
 def _run_launcher(cfg: Config, job_dir: Path, lay: Layout) -> int:
@@ -197,12 +203,6 @@ def _run_launcher(cfg: Config, job_dir: Path, lay: Layout) -> int:
                 proc.kill()
                 proc.wait()
         raise
-
-
-def _remove(job_dir: Path) -> None:
-    import shutil
-
-    shutil.rmtree(job_dir, ignore_errors=True)
 
 
 def job_error(stage: str, job_dir: Path, returncode: int, world_size: int) -> Exception:
@@ -247,20 +247,19 @@ def follow(cfg: Config, idle_timeout_s: float | None = None) -> int:
     if cfg.launch.nodes < 2:
         raise ConfigError(f"grpo node joins a run of several nodes: launch.nodes is {cfg.launch.nodes}; set it (and "
                           "launch.rdzv_endpoint) as the leading node has them")
-    root = job_root(cfg)
+    lay = layout(cfg)
     idle_since = time.monotonic()
     while True:
-        job_dir = root / f"node-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        job_dir.mkdir(parents=True, exist_ok=True)
+        job_dir = _new_job_dir(cfg, "node")
         try:
-            returncode = _run_launcher(cfg, job_dir, layout(cfg))
+            returncode = _run_launcher(cfg, job_dir, lay)
             if (job_dir / RELEASED_FILE).exists():
                 log.info("released by the run's leader: done")
                 return 0
             if (job_dir / STARTED_FILE).exists():
                 idle_since = time.monotonic()
                 if returncode != 0:  # the leader sees it too, and decides (a retry joins again)
-                    log.warning("%s", job_error("(joined)", job_dir, returncode, layout(cfg).world_size))
+                    log.warning("%s", job_error("(joined)", job_dir, returncode, lay.world_size))
             elif idle_timeout_s is not None and time.monotonic() - idle_since > idle_timeout_s:
                 raise LaunchUserError(f"no job from the run's leader at {cfg.launch.rdzv_endpoint} within "
                                       f"{idle_timeout_s:.0f} s (--idle-timeout): is the run started, with the same "
@@ -268,4 +267,4 @@ def follow(cfg: Config, idle_timeout_s: float | None = None) -> int:
             else:
                 time.sleep(2)  # the leader's launcher is not up yet: try again
         finally:
-            _remove(job_dir)
+            shutil.rmtree(job_dir, ignore_errors=True)

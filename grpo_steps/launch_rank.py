@@ -26,6 +26,7 @@ from typing import Any
 
 from grpo_steps.config import Config
 from grpo_steps.errors import USER_ERRORS
+from grpo_steps.io import atomic_path
 from grpo_steps.launch import (
     JOB_FILE,
     OTHER_JOB_FILE,
@@ -136,10 +137,9 @@ def _record_error(dirs: list[Path], e: BaseException, rank: int, world_size: int
 
 
 def _write_result(job_dir: Path, value: Any, reports: list[Report]) -> None:
-    tmp = job_dir / (RESULT_FILE + ".tmp")
     payload = {"value": value, "reports": [dataclasses.asdict(r) for r in reports]}
-    tmp.write_text(json.dumps(payload, default=str), encoding="utf-8")
-    tmp.replace(job_dir / RESULT_FILE)
+    with atomic_path(job_dir / RESULT_FILE) as tmp:
+        tmp.write_text(json.dumps(payload, default=str), encoding="utf-8")
 
 
 def rank_main(argv: list[str]) -> int:
@@ -157,9 +157,9 @@ def rank_main(argv: list[str]) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     local_dir = Path(argv[0])
     local = json.loads((local_dir / JOB_FILE).read_text(encoding="utf-8")) if (local_dir / JOB_FILE).is_file() else None
-    dirs, store = [local_dir], None
+    dirs, store, timeout_s = [local_dir], None, int(os.environ["GRPO_JOB_TIMEOUT_S"])
     try:
-        store = _job_store(timeout_s=int(os.environ["GRPO_JOB_TIMEOUT_S"]))
+        store = _job_store(timeout_s)
         job = _exchange_job(store, local, rank, world_size)
         job_dir = Path(job["job_dir"])
         dirs = list(dict.fromkeys([local_dir, job_dir]))
@@ -170,7 +170,7 @@ def rank_main(argv: list[str]) -> int:
             return 0
         (local_dir / STARTED_FILE).touch()
         os.chdir(job["cwd"])
-        with _stop_when_a_peer_fails(rank, int(os.environ["GRPO_JOB_TIMEOUT_S"])):
+        with _stop_when_a_peer_fails(rank, timeout_s):
             return _run_rank(job, rank, job_dir, store)
     except BaseException as e:
         code = 2 if isinstance(e, USER_ERRORS) else 1

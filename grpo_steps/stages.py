@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from grpo_steps import launch
 from grpo_steps.config import Config, ModelConfig, pick
 from grpo_steps.results import Report, StageResult
 
@@ -70,24 +71,17 @@ class Stage:
                  publish: Callable[[list[Report]], None] | None = None) -> Any:
         """Run the stage inside its MLflow run (a child of `parent_run_id` when given), record its result and
         hand its reports to `publish`; returns the stage's value, raises the error its outcome carries."""
-        if self.launched:
-            from grpo_steps import launch  # deferred: torch
+        if self.launched and launch.wants_child_job(cfg):
+            value, reports = launch.run_job(cfg, self.name, parent_run_id)  # its rank 0 is tracked
+            if publish is not None and reports:
+                publish(reports)
+        else:
+            from grpo_steps.tracking import tracked  # deferred: mlflow
 
-            if launch.wants_child_job(cfg):
-                value, reports = launch.run_job(cfg, self.name, parent_run_id)
-                if publish is not None and reports:
-                    publish(reports)
-                self._keep_persistent_outs(cfg)
-                return value
-        from grpo_steps.tracking import tracked  # deferred: mlflow
-
-        result = tracked(cfg, self.name, self.function(), self.params, parent_run_id, publish)
-        self._keep_persistent_outs(cfg)
-        return result.value
-
-    def _keep_persistent_outs(self, cfg: Config) -> None:
+            value = tracked(cfg, self.name, self.function(), self.params, parent_run_id, publish).value
         for folder in self.persistent_outs(cfg):  # DVC fails on a missing out, even an empty persistent one
             folder.mkdir(parents=True, exist_ok=True)
+        return value
 
     def outs(self, cfg: Config) -> list[Path]:
         """Outputs that are the stage's result: every one exists after a successful run."""

@@ -28,6 +28,7 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from tests.conftest import ROOT, TINY
+from tests.support.process_tree import kill_tree
 
 pytestmark = pytest.mark.slow
 
@@ -137,8 +138,8 @@ def test_killing_the_flow_mid_stage_leaves_no_process_behind(tmp_path, sig):
             assert flow.returncode != 0
             assert not list((tmp_path / "models" / ".launch").glob("*")), "the job's files are cleaned up"
     finally:
-        for p in [root, *root.children(recursive=True)] if flow.poll() is None else []:
-            p.kill()
+        if flow.poll() is None:
+            kill_tree(flow.pid)
         for p in psutil.process_iter():  # a SIGKILLed flow cannot stop Prefect's own server: clean up after it
             try:
                 if p.environ().get("PREFECT_HOME", "").startswith(str(tmp_path)):

@@ -33,12 +33,12 @@ import subprocess
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from bench import processes
+from tests.support.process_tree import kill_tree
 
 pytestmark = pytest.mark.slow
 
@@ -140,10 +140,7 @@ def _killed_at_first_checkpoint(inputs: Path, work: Path, n: int = 2, extra: lis
             assert time.monotonic() < deadline, "no checkpoint within 300 s"
             time.sleep(0.05)
     finally:
-        family = [victim_proc := psutil.Process(victim.pid), *victim_proc.children(recursive=True)]
-        for p in family:
-            p.kill()
-        psutil.wait_procs(family, timeout=60)
+        kill_tree(victim.pid)
         victim.wait(timeout=60)
     assert not (work / "models" / "grpo").exists(), "killed mid-run: no final policy may exist yet"
     if "model.sharding=fsdp2" in extra:
@@ -214,14 +211,6 @@ def _two_node_launch(work: Path) -> list[str]:
             f"launch.rdzv_id=test-{work.name}", "launch.join_timeout_s=120"]
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-        for p in family:
-            p.kill()
-        psutil.wait_procs(family, timeout=30)
-
-
 def test_a_failure_on_another_node_fails_the_stage_at_once(inputs, tmp_path):
     """2 nodes x 1 process, rank 1 raises: wherever it runs, the other node's rank (waiting for it in a collective)
     stops within seconds (the failing rank tells the others through the launcher's store), and the stage on the
@@ -240,7 +229,7 @@ def test_a_failure_on_another_node_fails_the_stage_at_once(inputs, tmp_path):
                                 text=True, timeout=300)
         elapsed = time.monotonic() - t0
     finally:
-        _stop(follower)
+        kill_tree(follower.pid)
     out = leader.stdout + leader.stderr
     assert leader.returncode == 1, out[-4000:] + (work / "node.log").read_text()[-3000:]
     assert re.search(r"stage grpo failed on rank 1 of 2 \(node \d, \S+, exit code 1\): builtins.ZeroDivisionError: "
@@ -271,7 +260,7 @@ def test_two_nodes_on_one_machine_train_the_one_process_weights(inputs, tmp_path
         assert release.returncode == 0, release.stdout[-3000:] + release.stderr[-3000:]
         assert follower.wait(timeout=120) == 0
     finally:
-        _stop(follower)
+        kill_tree(follower.pid)
     node_log = (work / "node.log").read_text()
     # the other node ran one of the two ranks (which one, the rendezvous decides), then was released
     assert re.search(r"\[rank [01]\] ", node_log) and "released by the run's leader" in node_log
