@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from transformers import (
 
 from grpo_steps.config import Config, ConfigError, LoraConfig, ModelConfig
 from grpo_steps.grpo.trainer import is_adapter
+from grpo_steps.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +109,30 @@ def accelerator_device() -> torch.device:
     from accelerate import PartialState  # the process-wide state: the stage's Accelerator shares it
 
     return PartialState(cpu=not torch.cuda.is_available()).device
+
+
+def written_once(write: Callable[[], None]) -> None:
+    """Run `write` in the main process only; every process returns once it is done.
+
+    Under torchrun every process holds the same trained weights. Two writers would each rename their own folder
+    into place, and the last rename would win: transformers 5 writes the weights on rank 0 only
+    (`should_save_on_this_rank`), so rank 1's folder would hold a tokenizer and no model. One process alone is
+    the main process, so this is a plain call there."""
+    from accelerate import PartialState  # the process-wide state: the stage's Accelerator shares it
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if state.is_main_process:
+        write()
+    state.wait_for_everyone()
+
+
+def save_pretrained(path: str | Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                    state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """`model` (safetensors; `state_dict` in place of its own when given, e.g. gathered from shards) and its
+    tokenizer at `path`, replacing what was there in one rename."""
+    with atomic_path(path) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
+        tokenizer.save_pretrained(str(tmp))
 
 
 def place(model: PreTrainedModel, device: torch.device | str | None = None) -> PreTrainedModel:

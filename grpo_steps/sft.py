@@ -9,15 +9,24 @@ and EOS after the prompt the policy will see.
 from __future__ import annotations
 
 import logging
-import shutil
+import tempfile
 
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from grpo_steps.config import Config
 from grpo_steps.grpo.tokens import prompt_completion_ids
-from grpo_steps.io import atomic_path, read_jsonl
-from grpo_steps.modeling import begin_stage, build_policy, policy_tokenizer, split_trl_batch, trl_args, trl_warmup
+from grpo_steps.io import read_jsonl
+from grpo_steps.modeling import (
+    begin_stage,
+    build_policy,
+    policy_tokenizer,
+    save_pretrained,
+    split_trl_batch,
+    trl_args,
+    trl_warmup,
+    written_once,
+)
 from grpo_steps.prompts import render
 from grpo_steps.results import StageResult
 
@@ -47,16 +56,17 @@ def sft(cfg: Config) -> StageResult:
     tok = policy_tokenizer(cfg)
     policy = build_policy(cfg.model, tok)
     out = cfg.paths.sft_policy()
-    with atomic_path(out) as tmp:  # TRL logs its curve on the stage's MLflow run (report_to)
-        if not cold_start_runs(cfg):
-            log.info("sft.enabled=%s with model.pretrained=%s: no cold start, the pretrained policy is the "
-                     "starting policy", cfg.sft.enabled, cfg.model.pretrained)
-            metrics = {"skipped": 1.0}
-        else:
-            rows = read_jsonl(cfg.paths.validated_file("train"))
-            sc = cfg.sft
+    if not cold_start_runs(cfg):
+        log.info("sft.enabled=%s with model.pretrained=%s: no cold start, the pretrained policy is the "
+                 "starting policy", cfg.sft.enabled, cfg.model.pretrained)
+        metrics = {"skipped": 1.0}
+    else:
+        rows = read_jsonl(cfg.paths.validated_file("train"))
+        sc = cfg.sft
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}-trainer.", dir=out.parent) as scratch:
             args = SFTConfig(
-                output_dir=str(tmp / "_trainer"),
+                output_dir=scratch,  # TRL logs its curve on the stage's MLflow run (report_to), saves nothing
                 max_steps=sc.max_steps,
                 per_device_train_batch_size=sc.batch_size,  # the global batch: split over the processes below
                 learning_rate=sc.learning_rate,
@@ -72,10 +82,8 @@ def sft(cfg: Config) -> StageResult:
             trainer = SFTTrainer(model=policy, args=args, train_dataset=demonstrations_dataset(cfg, tok, rows),
                                  processing_class=tok)
             result = trainer.train()
-            policy = trainer.model
-            metrics = {"train_loss": float(result.training_loss)}
-            shutil.rmtree(tmp / "_trainer", ignore_errors=True)
-        policy.save_pretrained(str(tmp), safe_serialization=True)
-        tok.save_pretrained(str(tmp))
+        policy = trainer.model
+        metrics = {"train_loss": float(result.training_loss)}
+    written_once(lambda: save_pretrained(out, policy, tok))  # one writer under torchrun
     log.info("starting policy saved to %s (%s)", out, metrics)
     return StageResult(metrics, metrics={f"sft/{k}": v for k, v in metrics.items()})

@@ -46,6 +46,7 @@ from grpo_steps.modeling import (
     load_tokenizer,
     merged,
     place,
+    save_pretrained,
     seed_everything,
 )
 from grpo_steps.prompts import render_all
@@ -289,11 +290,8 @@ def _train(cfg: Config, acc: Accelerator, progress: bool) -> StageResult:
         tags["selected_step"] = str(best.step)
     whole = full_state_dict(trainer.model) if trainer.sharded else None  # a collective: every process
     if main:
-        out = cfg.paths.grpo_policy()
-        with atomic_path(out) as tmp:
-            # with LoRA, the adapter merged in: evaluate, register and mlflow.transformers load a plain model
-            merged(trainer.unwrapped).save_pretrained(str(tmp), safe_serialization=True, state_dict=whole)
-            tok.save_pretrained(str(tmp))
+        # with LoRA, the adapter merged in: evaluate, register and mlflow.transformers load a plain model
+        save_pretrained(cfg.paths.grpo_policy(), merged(trainer.unwrapped), tok, state_dict=whole)
         _write_curve(cfg.paths.grpo_curve(), history)
     acc.wait_for_everyone()
     log.info("GRPO done: %s", summary)

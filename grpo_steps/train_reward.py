@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import (
@@ -35,7 +35,7 @@ from trl import RewardConfig, RewardTrainer
 from grpo_steps.config import Config, ConfigError
 from grpo_steps.errors import UserError
 from grpo_steps.grpo.reward_model import RewardModelFunction, bradley_terry_loss, encode_pairs, sequence_logps
-from grpo_steps.io import DataFileError, atomic_path, read_jsonl, write_json
+from grpo_steps.io import DataFileError, read_jsonl, write_json
 from grpo_steps.judge import accuracy_judge
 from grpo_steps.modeling import (
     accelerate_precision,
@@ -48,10 +48,12 @@ from grpo_steps.modeling import (
     place,
     policy_tokenizer,
     require_safetensors,
+    save_pretrained,
     split_trl_batch,
     torch_dtype,
     trl_args,
     trl_warmup,
+    written_once,
 )
 from grpo_steps.policy_pairs import sample_pairs
 from grpo_steps.prompts import render
@@ -319,13 +321,12 @@ def train_reward(cfg: Config) -> StageResult:
         "head": rc.head,
         "pairs": rc.pairs,
     }
-    state = PartialState(cpu=not torch.cuda.is_available())  # set up by the training: its processes
-    if state.is_main_process:  # one writer under `accelerate launch`
-        with atomic_path(cfg.paths.reward_model()) as tmp:
-            model.save_pretrained(str(tmp), safe_serialization=True)
-            tok.save_pretrained(str(tmp))
-            write_json(cfg.paths.reward_report(), metrics)
-    state.wait_for_everyone()  # the outputs exist when any process returns
+
+    def write() -> None:
+        save_pretrained(cfg.paths.reward_model(), model, tok)
+        write_json(cfg.paths.reward_report(), metrics)
+
+    written_once(write)  # one writer under torchrun; the outputs exist when any process returns
     log.info("reward model: held-out pairwise accuracy %.3f (gate %.3f); by kind of rejected answer: %s", acc,
              rc.min_pairwise_accuracy,
              ", ".join(f"{k} {v['pairwise_accuracy']:.3f} (n={v['n']})" for k, v in report["by_kind"].items()) or "-")
