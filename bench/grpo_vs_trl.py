@@ -26,8 +26,8 @@ Same for both (one settings dict, passed to both children):
   * the model: built once by the parent from the preset's config with seeded random weights, saved with
     `save_pretrained` to a temporary directory and loaded from there by both children (identical weights, fp32);
     the tokenizer likewise (the project's character tokenizer, padded with inert extra tokens to `--vocab-size`);
-  * the data: the task's arithmetic prompts (`grpo_steps.task.make_splits`, seeded), reward `exact_match` (TRL calls
-    the same function, wrapped only to count completion tokens from the `completion_ids` TRL passes it);
+  * the data: the task's arithmetic prompts (`grpo_steps.data.task.make_splits`, seeded), reward `exact_match` (TRL
+    calls the same function, wrapped only to count completion tokens from the `completion_ids` TRL passes it);
   * prompts per step P and group size G: one generation batch of P x G rows per optimizer step, one micro-batch
     (ours: `micro_batch_size = P*G`, `mu = 1`; TRL: `per_device_train_batch_size = P*G`, `num_generations = G`,
     `gradient_accumulation_steps = 1`, so `steps_per_generation = 1`, and `num_iterations = 1`), or micro-batches
@@ -115,7 +115,7 @@ def bench_tokenizer(vocab_size: int | None = None):
     The extra tokens are never produced when encoding (every character is its own token) but decode, so a model
     with a large vocabulary can sample them and the completion still decodes to text.
     """
-    from grpo_steps.tokenizer import build_tokenizer
+    from grpo_steps.data.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
     if vocab_size is None or vocab_size == len(tok):
@@ -144,8 +144,8 @@ def build_model(preset: str, tokenizer, max_length: int):
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from grpo_steps.config import ModelConfig
-    from grpo_steps.modeling import build_policy
+    from grpo_steps.platform.config import ModelConfig
+    from grpo_steps.platform.modeling import build_policy
 
     positions = max(64, 1 << math.ceil(math.log2(max_length)))
     if preset == "tiny":  # the pipeline's default policy (params.yaml `model`)
@@ -164,7 +164,7 @@ def build_model(preset: str, tokenizer, max_length: int):
 
 
 def prepare_model_dir(args, directory: Path) -> dict[str, Any]:
-    from grpo_steps.modeling import seed_everything
+    from grpo_steps.platform.modeling import seed_everything
 
     tok = bench_tokenizer(args.vocab_size if args.vocab_size is not None
                           else (QWEN25_05B["vocab_size"] if args.model_preset == "qwen2.5-0.5b" else None))
@@ -195,7 +195,7 @@ def _peak_rss() -> int:
 
 
 def _prompt_rows(seed: int) -> list[dict[str, str]]:
-    from grpo_steps.task import make_splits
+    from grpo_steps.data.task import make_splits
 
     problems = make_splits(seed, {"train": N_PROMPTS}, MAX_OPERAND, OPERATIONS)["train"]
     return [{"prompt": p.prompt, "answer": p.answer} for p in problems]
@@ -228,16 +228,16 @@ def build_ours(s: dict[str, Any], model_dir: Path):
     """(our GRPOTrainer, its PromptSampler) for the settings `s`, on the saved model."""
     from accelerate import Accelerator
 
-    from grpo_steps.config import GRPOConfig
     from grpo_steps.grpo.trainer import GRPOTrainer, PromptSampler
-    from grpo_steps.modeling import load_policy, load_tokenizer, seed_everything
+    from grpo_steps.platform.config import GRPOConfig
+    from grpo_steps.platform.modeling import load_policy, load_tokenizer, seed_everything
 
     rows = _prompt_rows(s["seed"])
     tok = load_tokenizer(model_dir)
     model = load_policy(model_dir, dtype="bfloat16" if s.get("lora_bf16") else "float32")
     if s.get("lora_bf16"):
-        from grpo_steps.config import LoraConfig
-        from grpo_steps.modeling import apply_lora
+        from grpo_steps.platform.config import LoraConfig
+        from grpo_steps.platform.modeling import apply_lora
 
         model = apply_lora(model, LoraConfig(**LORA))
     cfg = GRPOConfig(
@@ -321,7 +321,7 @@ def build_trl(s: dict[str, Any], model_dir: Path, output_dir: str, counts: list[
     from transformers import AutoModelForCausalLM
     from trl import GRPOTrainer
 
-    from grpo_steps.modeling import load_tokenizer, seed_everything
+    from grpo_steps.platform.modeling import load_tokenizer, seed_everything
 
     rows = _prompt_rows(s["seed"])
     tok = load_tokenizer(model_dir)

@@ -49,7 +49,7 @@ def run_one(seed: int, threads: int, setups: list[str], overrides: list[str], wo
     import torch
 
     torch.set_num_threads(threads)
-    from grpo_steps.config import load_config
+    from grpo_steps.platform.config import load_config
     from grpo_steps.stages import STAGES
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -60,7 +60,7 @@ def run_one(seed: int, threads: int, setups: list[str], overrides: list[str], wo
     cfg = load_config("params.yaml", base)
     t0 = time.perf_counter()
     for name in SHARED:
-        STAGES[name][0](cfg)
+        STAGES[name](cfg)
     shared_s = time.perf_counter() - t0
     rm = json.loads(Path(cfg.paths.reports() / "reward_model.json").read_text())
     rows = []
@@ -68,7 +68,7 @@ def run_one(seed: int, threads: int, setups: list[str], overrides: list[str], wo
         t1 = time.perf_counter()
         scfg = load_config("params.yaml", base + SETUPS[setup])
         for name in ("grpo", "evaluate"):
-            STAGES[name][0](scfg)
+            STAGES[name](scfg)
         m = json.loads(Path(scfg.paths.reports() / "metrics.json").read_text())
         rows.append({
             "seed": seed, "threads": threads, "float_path": float_path, "setup": setup,

@@ -70,9 +70,9 @@ def child(variant: str, preset: str, device: str, prompts: int, generations: int
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from grpo_steps.config import GRPOConfig, LoraConfig
     from grpo_steps.grpo.trainer import GRPOTrainer
-    from grpo_steps.modeling import apply_lora, seed_everything
+    from grpo_steps.platform.config import GRPOConfig, LoraConfig
+    from grpo_steps.platform.modeling import apply_lora, seed_everything
 
     dtype, lora, chunk, checkpointing = VARIANTS[variant]
     shape = QWEN25_05B if preset == "qwen2.5-0.5b" else MICRO

@@ -59,12 +59,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
-from grpo_steps.config import ModelConfig
+from grpo_steps.data.tokenizer import SPECIAL_TOKENS, build_tokenizer
 from grpo_steps.grpo.advantages import group_advantages
 from grpo_steps.grpo.logprobs import completion_logps
 from grpo_steps.grpo.loss import Normalizers, policy_loss
-from grpo_steps.modeling import build_policy
-from grpo_steps.tokenizer import SPECIAL_TOKENS, build_tokenizer
+from grpo_steps.platform.config import ModelConfig
+from grpo_steps.platform.modeling import build_policy
 
 TOL = 1e-5
 NUM_GENERATIONS = 4

@@ -37,8 +37,8 @@ def build_inputs(base: Path, overrides: list[str], reward_model: bool = True) ->
     docstring)."""
     import torch
 
-    from grpo_steps.config import load_config
-    from grpo_steps.modeling import build_policy, load_tokenizer
+    from grpo_steps.platform.config import load_config
+    from grpo_steps.platform.modeling import build_policy, load_tokenizer
     from grpo_steps.stages import run_stage
 
     shutil.copy(ROOT / "params.yaml", base / "params.yaml")

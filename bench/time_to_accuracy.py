@@ -18,7 +18,7 @@ Each trainer then runs in its own subprocess, with the same torch thread count (
     reward scaling and weights, temperature, learning rate, constant schedule, AdamW, gradient clipping, seed),
     bf16 off, TRL's gradient checkpointing as model.activation_checkpointing, `use_bias_correction_kl=False`
     (the plain k3 penalty, as ours), bookkeeping off. A callback evaluates it with the same evaluator object
-    (grpo_steps/training_eval.py: greedy decoding, the judge the evaluate stage uses) every `--eval-every` steps.
+    (grpo_steps/stages/training_eval.py: greedy decoding, the judge the evaluate stage uses) every `--eval-every` steps.
 Settings TRL has no equivalent for (grpo.dynamic_sampling, grpo.skip_zero_advantage) apply to ours only.
 
 Time: training only, on both sides: the sum of step times (ours: each step's `step_time`, sampling to optimizer
@@ -60,7 +60,7 @@ def _overrides(args) -> list[str]:
 
 
 def _config(args, workdir: Path):
-    from grpo_steps.config import load_config
+    from grpo_steps.platform.config import load_config
 
     return load_config(str(workdir / "params.yaml"), [*_overrides(args),
                                                       f"tracking.tracking_uri=sqlite:///{workdir}/mlflow.db"])
@@ -93,7 +93,7 @@ def set_up(args, workdir: Path) -> None:
 def run_ours(cfg) -> dict[str, Any]:
     import csv
 
-    from grpo_steps.train_grpo import train_grpo
+    from grpo_steps.stages.grpo import train_grpo
 
     result = train_grpo(cfg, progress=False)
     curve = list(csv.DictReader(cfg.paths.grpo_curve().open()))
@@ -124,9 +124,9 @@ def run_trl(cfg, out_dir: str) -> dict[str, Any]:
     from trl import GRPOConfig, GRPOTrainer
 
     from grpo_steps.grpo.rewards import function_name
-    from grpo_steps.modeling import load_tokenizer, seed_everything
-    from grpo_steps.train_grpo import build_reward_functions, reward_model_of, training_rows
-    from grpo_steps.training_eval import TrainingEval
+    from grpo_steps.platform.modeling import load_tokenizer, seed_everything
+    from grpo_steps.stages.grpo import build_reward_functions, reward_model_of, training_rows
+    from grpo_steps.stages.training_eval import TrainingEval
 
     g = cfg.grpo
     tok = load_tokenizer(cfg.paths.sft_policy())

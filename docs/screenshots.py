@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from grpo_steps.tracking import HEADLINE_METRICS, ui_run_link, ui_runs_link  # noqa: E402
+from grpo_steps.platform.tracking import HEADLINE_METRICS, ui_run_link, ui_runs_link  # noqa: E402
 from tests.support.browser import browser, click, close_mlflow_assistant, wait_text  # noqa: E402
 from tests.support.project import mlflow_server  # noqa: E402
 

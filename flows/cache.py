@@ -1,6 +1,6 @@
 """Cross-run caching of the pipeline's Prefect tasks: a stage whose inputs did not change is skipped.
 
-A stage's cache key hashes what DVC would compare for it (grpo_steps.stages.STAGE_SPECS, the same
+A stage's cache key hashes what DVC would compare for it (grpo_steps.stages.STAGES, the same
 deps/params/outs as dvc.yaml):
 
 * the stage name and CACHE_VERSION,
@@ -23,13 +23,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from grpo_steps.config import Config
-from grpo_steps.lineage import file_md5 as lineage_file_md5
-from grpo_steps.stages import STAGE_SPECS, param_values
+from grpo_steps.platform.config import Config
+from grpo_steps.platform.lineage import file_md5 as lineage_file_md5
+from grpo_steps.platform.stage import param_values
+from grpo_steps.stages import STAGES
 
 # Bump to invalidate every cached stage result (e.g. when the record format below changes).
 CACHE_VERSION = 1
-# The repository root: source files in STAGE_SPECS are relative to it; data paths are relative to the cwd.
+# The repository root: source files in STAGES are relative to it; data paths are relative to the cwd.
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Where Prefect persists stage results (the cache records), relative to the project directory. Under
 # .prefect/, which git ignores; GRPO_PREFECT_RESULTS overrides it.
@@ -72,7 +73,7 @@ def path_md5(path: str | Path) -> str | None:
 
 def cache_payload(stage: str, cfg: Config, root: Path = PROJECT_ROOT) -> dict[str, Any]:
     """Everything a stage's cache key depends on, as a JSON-able dict (logged when debugging a miss)."""
-    spec = STAGE_SPECS[stage]
+    spec = STAGES[stage]
     return {
         "stage": stage,
         "cache_version": CACHE_VERSION,
@@ -101,7 +102,7 @@ def cache_key_fn(stage: str):
 def output_manifest(stage: str, cfg: Config) -> dict[str, str | None]:
     """md5 of each output of the stage as it is on disk now (None: missing). Persistent outputs (checkpoints)
     are left out: they are resumption state, not the stage's result."""
-    return {str(p): path_md5(p) for p in STAGE_SPECS[stage].outs(cfg)}
+    return {str(p): path_md5(p) for p in STAGES[stage].outs(cfg)}
 
 
 def stale_outputs(manifest: dict[str, str | None]) -> list[str]:

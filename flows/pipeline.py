@@ -24,11 +24,11 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.cache import cache_key_fn, output_manifest, results_dir, stale_outputs
 from flows.report import publish_reports, summary_markdown
-from grpo_steps.config import Config, load_config
 from grpo_steps.errors import USER_ERRORS
-from grpo_steps.secrets import redact_url
-from grpo_steps.stages import STAGE_SPECS, STAGES
-from grpo_steps.tracking import LOCAL_UI, headline_metrics, pipeline_run, tracking_uri, ui_runs_link
+from grpo_steps.platform.config import Config, load_config
+from grpo_steps.platform.secrets import redact_url
+from grpo_steps.platform.tracking import LOCAL_UI, headline_metrics, pipeline_run, tracking_uri, ui_runs_link
+from grpo_steps.stages import STAGES
 
 SUMMARY_ARTIFACT_KEY = "grpo-pipeline-summary"
 
@@ -49,7 +49,7 @@ RETRY_DELAY_S = 30
 
 def _stage_task(name: str):
     """The Prefect task of one stage: retries, caching and print capture as its record says."""
-    spec = STAGE_SPECS[name]
+    spec = STAGES[name]
     description, retries, cached, log_prints = spec.help, spec.retries, spec.cached, spec.log_prints
     caching: dict[str, Any] = (
         {"cache_key_fn": cache_key_fn(name), "persist_result": True} if cached else {"cache_policy": NO_CACHE}
@@ -62,7 +62,7 @@ def _stage_task(name: str):
         logger.info("stage %s: started", name)
         t0 = time.perf_counter()
         # looked up at run time; its MLflow run is a child of the pipeline's, its reports Prefect artifacts
-        result = STAGES[name][0](cfg, parent_run_id=parent_run_id, publish=publish_reports)
+        result = STAGES[name](cfg, parent_run_id=parent_run_id, publish=publish_reports)
         outputs = output_manifest(name, cfg)
         missing = [p for p, md5 in outputs.items() if md5 is None]
         if missing:
@@ -108,7 +108,7 @@ def grpo_pipeline(
     """
     logger = get_run_logger()
     cfg = load_config(params_path, overrides or [])
-    from grpo_steps.lineage import prefect_flow_run_id  # deferred: mlflow
+    from grpo_steps.platform.lineage import prefect_flow_run_id  # deferred: mlflow
 
     storage = results_dir()
     results: dict[str, Any] = {}
@@ -135,7 +135,7 @@ def grpo_pipeline(
 
     ev, reg = results["evaluate"], results["register"]
     if status["evaluate"] == "cached":  # the stage printed it in an earlier run: show it for this one too
-        from grpo_steps.evaluate import format_comparison  # deferred: torch, transformers
+        from grpo_steps.stages.evaluate import format_comparison  # deferred: torch, transformers
 
         logger.info("%s", format_comparison(ev))
     logger.info("held-out accuracy: start %.4f -> grpo %.4f (%+.4f); registered %s v%s as %s; cached stages: %s",
@@ -150,7 +150,7 @@ def _release_nodes(cfg: Config, error: BaseException | None) -> None:
     stopped (a signal, a cancellation: the nodes' own stop, or the Job's end, ends them)."""
     if cfg.launch.nodes == 1 or (error is not None and not isinstance(error, Exception)):
         return
-    from grpo_steps.launch import release_followers  # deferred: torch
+    from grpo_steps.platform.launch import release_followers  # deferred: torch
 
     try:
         release_followers(cfg)

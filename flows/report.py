@@ -1,6 +1,6 @@
 """What a pipeline run shows in the Prefect UI: the stages' reports and the run's markdown summary.
 
-`publish_reports` turns the reports a stage returns (grpo_steps/results.py; e.g. validate's data-validation
+`publish_reports` turns the reports a stage returns (grpo_steps/platform/results.py; e.g. validate's data-validation
 report and failure table) into Prefect artifacts; the tracking wrapper calls it for every stage of a flow.
 The summary, published by flows/pipeline.py:
 
@@ -16,9 +16,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from grpo_steps.config import Config
-from grpo_steps.results import Report
-from grpo_steps.tracking import LOCAL_UI, ui_run_link
+from grpo_steps.platform.config import Config
+from grpo_steps.platform.results import Report
+from grpo_steps.platform.tracking import LOCAL_UI, ui_run_link
 
 log = logging.getLogger(__name__)
 

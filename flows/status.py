@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from flows.cache import results_dir, stage_cache_key, stale_outputs
-from grpo_steps.config import Config
-from grpo_steps.stages import STAGE_LIST
+from grpo_steps.platform.config import Config
+from grpo_steps.stages import STAGES
 
 
 def _cached_record(key: str) -> dict[str, Any] | None:
@@ -32,7 +32,7 @@ def _cached_record(key: str) -> dict[str, Any] | None:
 def stage_status(cfg: Config) -> list[dict[str, str]]:
     """One row per stage, in run order: name, state (`up to date`, `will run`, `always runs`), and why."""
     rows, upstream = [], None
-    for spec in STAGE_LIST:
+    for spec in STAGES.values():
         if not spec.cached:
             rows.append({"stage": spec.name, "state": "always runs", "why": "a side effect, never cached"})
             continue

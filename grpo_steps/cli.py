@@ -19,10 +19,10 @@ import textwrap
 
 from flows import serve
 from flows.serve import DEFAULT_CRON, DEFAULT_NAME, DEFAULT_TIMEZONE
-from grpo_steps import dvc_yaml
-from grpo_steps.config import load_config
 from grpo_steps.errors import USER_ERRORS
-from grpo_steps.stages import STAGE_SPECS, STAGES
+from grpo_steps.platform import dvc_yaml
+from grpo_steps.platform.config import load_config
+from grpo_steps.stages import STAGES
 
 log = logging.getLogger("grpo")
 
@@ -70,20 +70,20 @@ def _parser() -> argparse.ArgumentParser:
                       help="from the leading node: release the nodes waiting in `grpo node` (the flow does this "
                       "at its end; after `dvc repro` or stage commands, run it yourself)")
     dvc = sub.add_parser("dvc-yaml", parents=[common],
-                         help="write dvc.yaml from the stage records (grpo_steps/stages.py)",
+                         help="write dvc.yaml from the stage records (grpo_steps/stages/__init__.py)",
                          description="Generate dvc.yaml from the stage records, for the default `paths`.")
     dvc.add_argument("--check", action="store_true", help="only check: exit 1 when dvc.yaml is out of date")
     dvc.add_argument("--path", default="dvc.yaml", help="file to write or check (default: %(default)s)")
     defaults = load_config(None)
-    for name, (_, help_text) in STAGES.items():
-        sub.add_parser(name, parents=[common], help=help_text, description=_stage_description(name, defaults),
+    for name, stage in STAGES.items():
+        sub.add_parser(name, parents=[common], help=stage.help, description=_stage_description(name, defaults),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     return p
 
 
 def _stage_description(name: str, cfg) -> str:
     """A stage's help, then what its record says it reads and writes (for the default `paths`)."""
-    spec = STAGE_SPECS[name]
+    spec = STAGES[name]
     reads = [str(p) for p in spec.deps(cfg)] or ["its params only (or your data files, data.source: files)"]
     writes = [str(o.path(cfg)) + (" (kept between runs)" if o.persist else "") for o in spec.outputs]
     lines = [("", spec.help), ("reads:  ", ", ".join(reads)), ("writes: ", ", ".join(writes)),
@@ -106,9 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.suppress(ValueError):  # not from a thread other than the main one (tests calling main())
         signal.signal(signal.SIGTERM, _exit_on_signal)
     if args.command == "dvc-yaml":
-        current = dvc_yaml.write(args.path, check=args.check)
+        current = dvc_yaml.write(STAGES.values(), args.path, check=args.check)
         if args.check and not current:
-            print(f"{args.path} is out of date with grpo_steps/stages.py: run `grpo dvc-yaml`", file=sys.stderr)
+            print(f"{args.path} is out of date with the stage records (grpo_steps/stages/__init__.py): run "
+                  "`grpo dvc-yaml`", file=sys.stderr)
             return 1
         print(f"{args.path} {'is up to date' if current else 'written'}")
         return 0
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "serve":
             return _serve(args)
         elif args.command == "node":
-            from grpo_steps import launch  # deferred: torch
+            from grpo_steps.platform import launch  # deferred: torch
 
             if args.release:
                 launch.release_followers(cfg)
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(format_status(stage_status(cfg)))
         else:
-            STAGES[args.command][0](cfg)
+            STAGES[args.command](cfg)
     except USER_ERRORS as e:
         print(f"grpo {args.command}: error: {e}", file=sys.stderr)
         return 2

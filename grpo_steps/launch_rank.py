@@ -1,5 +1,5 @@
-"""One rank of a training stage's torchrun job (grpo_steps/launch.py starts the job; its docstring has the whole
-picture): `python -m grpo_steps.launch_rank JOB_DIR`.
+"""One rank of a training stage's torchrun job (grpo_steps/platform/launch.py starts the job; its docstring has the
+whole picture): `python -m grpo_steps.launch_rank JOB_DIR`.
 
 The rank takes the job (stage, config, the flow's MLflow run) from the lowest rank whose node holds one, runs the
 stage through its record (rank 0 tracks it and writes `result.json`), prefixes its output with its rank, and records
@@ -24,10 +24,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from grpo_steps.config import Config
 from grpo_steps.errors import USER_ERRORS
-from grpo_steps.io import atomic_path
-from grpo_steps.launch import (
+from grpo_steps.platform.config import Config
+from grpo_steps.platform.io import atomic_path
+from grpo_steps.platform.launch import (
     JOB_FILE,
     OTHER_JOB_FILE,
     RELEASE,
@@ -37,8 +37,8 @@ from grpo_steps.launch import (
     LaunchError,
     die_with_parent,
 )
-from grpo_steps.results import Report
-from grpo_steps.stages import STAGE_SPECS
+from grpo_steps.platform.results import Report
+from grpo_steps.stages import STAGES
 
 
 class _RankPrefixed:
@@ -189,7 +189,7 @@ def _run_rank(job: dict[str, Any], rank: int, job_dir: Path, store: Any) -> int:
     of a node without rank 0 would otherwise report success before the result exists)."""
     cfg = Config.model_validate(job["config"])
     reports: list[Report] = []
-    value = STAGE_SPECS[job["stage"]](cfg, parent_run_id=job["parent_run_id"], publish=reports.extend)
+    value = STAGES[job["stage"]](cfg, parent_run_id=job["parent_run_id"], publish=reports.extend)
     if rank == 0:
         _write_result(job_dir, value, reports)
         store.set(DONE_KEY, "1")

@@ -47,7 +47,7 @@ def workdir(tmp_path, monkeypatch):
 
 @pytest.fixture
 def tiny_cfg(workdir):
-    from grpo_steps.config import load_config
+    from grpo_steps.platform.config import load_config
 
     return load_config("params.yaml", TINY + [f"tracking.tracking_uri=sqlite:///{workdir}/mlflow.db"])
 

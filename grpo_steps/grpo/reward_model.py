@@ -46,7 +46,7 @@ def encode_pairs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded `prompt + completion + EOS` ids, attention mask and completion mask, all (N, T).
 
-    Prompts are rendered text (grpo_steps/prompts.py); prompt and completion are tokenized apart and joined, as
+    Prompts are rendered text (grpo_steps/data/prompts.py); prompt and completion are tokenized apart and joined, as
     the policy generated them, and the log-likelihood covers exactly the completion's tokens and the EOS.
     """
     rows, starts = [], []

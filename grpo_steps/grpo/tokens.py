@@ -1,5 +1,5 @@
 """Token ids of rendered text: the prompt text already holds every special token the model expects (its
-chat template's, or a BOS put there by grpo_steps/prompts.py), so nothing is added on top, never twice."""
+chat template's, or a BOS put there by grpo_steps/data/prompts.py), so nothing is added on top, never twice."""
 
 from __future__ import annotations
 

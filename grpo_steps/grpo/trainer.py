@@ -14,7 +14,7 @@ that cannot is named in one log line. Policy, old and reference log-probs all go
 same precision and the same path, so at identical weights the KL is exactly 0, in bf16 as in fp32.
 
 `training_state()` / `load_training_state()` carry what a resumed run needs besides the weights and the
-optimizer (step, counters, metrics history); grpo_steps/checkpoint.py writes them to disk.
+optimizer (step, counters, metrics history); grpo_steps/platform/checkpoint.py writes them to disk.
 """
 
 from __future__ import annotations

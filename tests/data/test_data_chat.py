@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from grpo_steps.config import load_config
-from grpo_steps.tokenizer import save_tokenizer
-from grpo_steps.validate import FILES, DataValidationError, check_rows
+from grpo_steps.data.tokenizer import save_tokenizer
+from grpo_steps.platform.config import load_config
+from grpo_steps.stages.validate import FILES, DataValidationError, check_rows
 from tests.support.stages import validate
 
 

@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from grpo_steps.config import ConfigError, load_config
-from grpo_steps.ingest import derive_preferences, gsm8k_answer, load_preferences, load_prompts, split_off
-from grpo_steps.io import DataFileError, read_jsonl
+from grpo_steps.data.files import DataFileError, read_jsonl
+from grpo_steps.data.ingest import derive_preferences, gsm8k_answer, load_preferences, load_prompts, split_off
+from grpo_steps.platform.config import ConfigError, load_config
 from tests.support.stages import prepare
 
 P = load_config(None).paths  # the catalog, default layout (tests run in a project dir)
@@ -192,7 +192,7 @@ def test_custom_column_names_and_ids(workdir, mlflow_uri):
 
 
 def test_synthetic_default_is_unchanged(workdir, mlflow_uri):
-    from grpo_steps.task import demonstrations, make_splits
+    from grpo_steps.data.task import demonstrations, make_splits
 
     cfg = _cfg(mlflow_uri, "task.n_train=50", "task.n_eval=5", "task.n_test=5", "task.n_preference_pairs=20")
     counts = prepare(cfg)

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from grpo_steps.config import load_config
-from grpo_steps.io import DataFileError, read_jsonl
-from grpo_steps.tokenizer import save_tokenizer
-from grpo_steps.validate import FAILURE_COLUMNS, FILES, DataValidationError, check_rows, partition, validate
+from grpo_steps.data.files import DataFileError, read_jsonl
+from grpo_steps.data.tokenizer import save_tokenizer
+from grpo_steps.platform.config import load_config
+from grpo_steps.stages.validate import FAILURE_COLUMNS, FILES, DataValidationError, check_rows, partition, validate
 
 P = load_config(None).paths  # the catalog, default layout (tests run in a project dir)
 

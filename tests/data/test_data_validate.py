@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from grpo_steps.config import load_config
-from grpo_steps.io import read_jsonl
-from grpo_steps.lineage import file_md5
-from grpo_steps.tokenizer import save_tokenizer
-from grpo_steps.validate import FAILURE_COLUMNS, FILES, DataValidationError, check_rows, partition
+from grpo_steps.data.files import read_jsonl
+from grpo_steps.data.tokenizer import save_tokenizer
+from grpo_steps.platform.config import load_config
+from grpo_steps.platform.lineage import file_md5
+from grpo_steps.stages.validate import FAILURE_COLUMNS, FILES, DataValidationError, check_rows, partition
 from tests.support.stages import validate
 
 P = load_config(None).paths  # the catalog, default layout (tests run in a project dir)
@@ -328,7 +328,7 @@ def test_validated_folder_is_swapped_whole(make_cfg):
 
 
 def test_unreadable_prepared_file_is_a_data_file_error(make_cfg):
-    from grpo_steps.io import DataFileError
+    from grpo_steps.data.files import DataFileError
 
     rows = clean_rows()
     write_prepared(rows)

@@ -9,12 +9,12 @@ import copy
 import pytest
 import torch
 
-from grpo_steps.config import ModelConfig
+from grpo_steps.data.tokenizer import build_tokenizer
 from grpo_steps.grpo.logprobs import completion_logps
 from grpo_steps.grpo.reward_model import RewardModelFunction
 from grpo_steps.grpo.sampling import sample_in_batches
-from grpo_steps.modeling import accelerator_device, build_policy, build_reward_backbone, place
-from grpo_steps.tokenizer import build_tokenizer
+from grpo_steps.platform.config import ModelConfig
+from grpo_steps.platform.modeling import accelerator_device, build_policy, build_reward_backbone, place
 from tests.support.placement import devices, spy_on_place
 from tests.support.project import load_tiny
 from tests.support.stages import evaluate, train_grpo, train_reward

@@ -141,14 +141,14 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(ready, caplo
     assert str(corrupt) in caplog.text and "truncated" in caplog.text
     assert_identical(reference, weights(ready / "models" / "grpo"))
     # the corrupt folder was replaced as a whole by a verified one, never patched in place
-    from grpo_steps.checkpoint import CheckpointStore
+    from grpo_steps.platform.checkpoint import CheckpointStore
 
     store = CheckpointStore(newest.parent.parent, newest.parent.name)
     assert store.read(newest).step == 4
 
 
 def test_corrupt_checkpoints_are_named_in_the_error(ready):
-    from grpo_steps.checkpoint import CheckpointError, CheckpointStore
+    from grpo_steps.platform.checkpoint import CheckpointError, CheckpointStore
     from tests.support.stages import train_grpo
 
     train_grpo(config(ready, "grpo.steps=2"), )
@@ -181,8 +181,12 @@ def test_corrupt_checkpoints_are_named_in_the_error(ready):
 
 
 def test_checkpoints_of_other_params_are_never_used(ready, caplog):
-    from grpo_steps.checkpoint import training_key
+    from grpo_steps.platform.checkpoint import training_key as key_of
+    from grpo_steps.stages import STAGES
     from tests.support.stages import train_grpo
+
+    def training_key(cfg):
+        return key_of(cfg, STAGES["grpo"].code_files())
 
     cfg_a = config(ready, "grpo.steps=2")
     train_grpo(cfg_a, )
@@ -204,21 +208,20 @@ def test_checkpoints_of_other_params_are_never_used(ready, caplog):
     assert training_key(config(ready, "grpo.steps=2", "grpo.checkpoint_every=7")) == training_key(cfg_a)
 
 
-def test_a_checkpoint_of_other_code_is_never_taken_for_this_codes_run(ready, tmp_path, monkeypatch):
+def test_a_checkpoint_of_other_code_is_never_taken_for_this_codes_run(ready, tmp_path):
     """The grpo stage's code is part of the key: after a change to it (as `dvc repro` reruns the stage) a
     finished checkpoint of the old code is not "resumed" at its last step and passed off as the new result."""
-    import grpo_steps.checkpoint as checkpoint
+    from grpo_steps.platform.checkpoint import training_key
+    from grpo_steps.stages import STAGES
 
     cfg = config(ready, "grpo.steps=2")
-    code = checkpoint._stage_code()
+    code = STAGES["grpo"].code_files()
     names = [name for name, _ in code]
-    assert "grpo_steps/grpo/sampling.py" in names and "grpo_steps/train_grpo.py" in names
-    before = checkpoint.training_key(cfg)
+    assert "grpo_steps/grpo/sampling.py" in names and "grpo_steps/stages/grpo.py" in names
+    before = training_key(cfg, code)
     edited = tmp_path / "sampling.py"  # the same file, one line added
     edited.write_text(dict(code)["grpo_steps/grpo/sampling.py"].read_text() + "# changed\n")
-    monkeypatch.setattr(checkpoint, "_stage_code",
-                        lambda: [(n, edited if n == "grpo_steps/grpo/sampling.py" else p) for n, p in code])
-    assert checkpoint.training_key(cfg) != before
+    assert training_key(cfg, [(n, edited if n == "grpo_steps/grpo/sampling.py" else p) for n, p in code]) != before
 
 
 def test_checkpoint_every_zero_saves_only_at_the_end_and_resumes_as_done(ready):
@@ -240,12 +243,12 @@ def test_checkpoint_every_zero_saves_only_at_the_end_and_resumes_as_done(ready):
 
 
 def test_no_checkpoint_while_weights_are_not_finite(tmp_path):
-    from grpo_steps.checkpoint import CheckpointStore
-    from grpo_steps.config import GRPOConfig, ModelConfig
+    from grpo_steps.data.tokenizer import build_tokenizer
     from grpo_steps.grpo.rewards import digit_match
     from grpo_steps.grpo.trainer import GRPOTrainer, NonFiniteLossError, PromptSampler
-    from grpo_steps.modeling import build_policy
-    from grpo_steps.tokenizer import build_tokenizer
+    from grpo_steps.platform.checkpoint import CheckpointStore
+    from grpo_steps.platform.config import GRPOConfig, ModelConfig
+    from grpo_steps.platform.modeling import build_policy
 
     tok = build_tokenizer()
     policy = build_policy(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), tok)

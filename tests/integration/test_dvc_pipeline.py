@@ -21,8 +21,9 @@ from typing import Any
 import pytest
 import yaml
 
-from grpo_steps.config import load_config
-from grpo_steps.stages import STAGE_SPECS, param_values
+from grpo_steps.platform.config import load_config
+from grpo_steps.platform.stage import param_values
+from grpo_steps.stages import STAGES
 from tests.conftest import ROOT, TINY
 
 BIN = Path(sys.executable).parent
@@ -32,7 +33,7 @@ PROJECT_FILES = ("grpo_steps", "flows", "dvc.yaml", "params.yaml", "prefect.yaml
                  ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore")
 GIT_ID = {"GIT_AUTHOR_NAME": "grpo-test", "GIT_AUTHOR_EMAIL": "grpo-test@example.invalid",
           "GIT_COMMITTER_NAME": "grpo-test", "GIT_COMMITTER_EMAIL": "grpo-test@example.invalid"}
-ALL_STAGES = list(STAGE_SPECS)
+ALL_STAGES = list(STAGES)
 AFTER_GRPO = ["grpo", "evaluate", "register"]
 
 
@@ -58,7 +59,7 @@ def copy_project(dst: Path, tiny: bool = True) -> Path:
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst / rel)
     if tiny:
-        from grpo_steps.config import _merge, parse_overrides
+        from grpo_steps.platform.config import _merge, parse_overrides
 
         raw = yaml.safe_load((ROOT / "params.yaml").read_text())
         (dst / "params.yaml").write_text(yaml.safe_dump(_merge(raw, parse_overrides(TINY)), sort_keys=False))
@@ -105,11 +106,11 @@ def _entries(items: list[Any]) -> dict[str, dict[str, Any]]:
 
 
 def test_dvc_yaml_agrees_with_the_stage_specs():
-    """dvc.yaml and grpo_steps.stages.STAGE_SPECS (which keys the Prefect cache) say the same."""
+    """dvc.yaml and grpo_steps.stages.STAGES (which keys the Prefect cache) say the same."""
     doc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     cfg = load_config(ROOT / "params.yaml")
     assert list(doc) == ALL_STAGES
-    for name, spec in STAGE_SPECS.items():
+    for name, spec in STAGES.items():
         st = doc[name]
         assert st["cmd"] == f"grpo {name}"
         assert set(st["deps"]) == set(spec.code) | {str(p) for p in spec.deps(cfg)}, name
@@ -120,7 +121,7 @@ def test_dvc_yaml_agrees_with_the_stage_specs():
             assert outs[str(p)].get("persist") is True, f"{p} must survive re-runs (persist: true)"
         for code in spec.code:
             assert (ROOT / code).exists(), f"{name}: source dependency {code} does not exist"
-    for spec in STAGE_SPECS.values():  # every params key exists in params.yaml
+    for spec in STAGES.values():  # every params key exists in params.yaml
         param_values(cfg, spec.params)
     # metrics and plots are cached by DVC (reports/ is git-ignored): metrics diff / plots diff across revisions
     for name in ("validate", "train_reward", "grpo", "evaluate"):
@@ -133,9 +134,9 @@ def test_dvc_yaml_agrees_with_the_stage_specs():
 
 
 def test_committed_dvc_yaml_is_generated_from_the_stage_records():
-    from grpo_steps.dvc_yaml import render
+    from grpo_steps.platform.dvc_yaml import render
 
-    assert (ROOT / "dvc.yaml").read_text() == render(), "dvc.yaml is stale: run `grpo dvc-yaml`"
+    assert (ROOT / "dvc.yaml").read_text() == render(STAGES.values()), "dvc.yaml is stale: run `grpo dvc-yaml`"
 
 
 def test_dvc_yaml_check_command(tmp_path, capsys):
@@ -151,16 +152,16 @@ def test_dvc_yaml_check_command(tmp_path, capsys):
 
 def test_checkpoints_folder_is_left_even_without_checkpoints(workdir, monkeypatch):
     """dvc.yaml's persistent out of the grpo stage always exists after the stage (DVC fails on a missing out)."""
-    import grpo_steps.train_grpo
-    from grpo_steps.results import StageResult
-    from grpo_steps.stages import STAGE_SPECS, STAGES
+    import grpo_steps.stages.grpo
+    from grpo_steps.platform.results import StageResult
+    from grpo_steps.stages import STAGES
 
     cfg = load_config("params.yaml")
-    monkeypatch.setattr(grpo_steps.train_grpo, "train_grpo", lambda cfg: StageResult({"steps": 0}))
-    assert STAGES["grpo"][0](cfg) == {"steps": 0}
-    (declared,) = STAGE_SPECS["grpo"].persistent_outs(cfg)
+    monkeypatch.setattr(grpo_steps.stages.grpo, "train_grpo", lambda cfg: StageResult({"steps": 0}))
+    assert STAGES["grpo"](cfg) == {"steps": 0}
+    (declared,) = STAGES["grpo"].persistent_outs(cfg)
     assert declared.is_dir() and str(declared) == "models/grpo_checkpoints"
-    from grpo_steps.checkpoint import checkpoints_root
+    from grpo_steps.platform.checkpoint import checkpoints_root
 
     assert checkpoints_root(cfg) == declared, "the trainer writes where dvc.yaml looks"
 

@@ -7,7 +7,7 @@ import json
 import pytest
 from mlflow import MlflowClient
 
-from grpo_steps.evaluate import Champion, format_comparison, load_champion
+from grpo_steps.stages.evaluate import Champion, format_comparison, load_champion
 from tests.support.project import load_tiny, perturb_policy, write_metrics
 from tests.support.stages import evaluate, register
 
@@ -80,7 +80,7 @@ def test_evaluate_compares_against_the_registered_champion(project):
 
 def test_champion_lookup_problems_become_notes(project, monkeypatch):
     cfg = load_tiny(project)
-    from grpo_steps.tracking import setup
+    from grpo_steps.platform.tracking import setup
 
     setup(cfg)
     assert "no champion" in load_champion(cfg, project / "scratch").note  # nothing registered yet
@@ -99,7 +99,7 @@ def test_compare_champion_can_be_switched_off(project, monkeypatch):
     def must_not_run(*_a, **_k):
         raise AssertionError("champion looked up although compare_champion is off")
 
-    monkeypatch.setattr("grpo_steps.evaluate.load_champion", must_not_run)
+    monkeypatch.setattr("grpo_steps.stages.evaluate.load_champion", must_not_run)
     result = evaluate(cfg)
     assert result["champion_note"] == "evaluate.compare_champion is off" and "champion" not in result
     assert load_tiny(project).paths.samples().read_text() == ""
@@ -118,7 +118,7 @@ def test_format_comparison_lists_every_policy():
 def test_evaluation_decodes_as_the_training_rollouts_do(project, monkeypatch, backend):
     """Greedy accuracy and pass@k sample through grpo.generation_backend, as the grpo stage's rollouts and its
     evaluation during training do (one decoder, one set of processors)."""
-    import grpo_steps.evaluate as stage
+    import grpo_steps.stages.evaluate as stage
     from grpo_steps.grpo import sampling
 
     seen = []

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from grpo_steps.config import load_config
-from grpo_steps.stages import STAGE_SPECS, STAGES, param_values
+from grpo_steps.platform.config import load_config
+from grpo_steps.platform.stage import param_values
+from grpo_steps.stages import STAGES
+from tests.support.stages import stand_in
 
 # ------------------------------------------------------------------------------------------- cache keys
 
@@ -31,8 +33,8 @@ def _write(p: Path, content: str, inner: str) -> None:
 
 
 def _write_outputs(name, cfg, tag=""):
-    for p in STAGE_SPECS[name].outs(cfg):
-        content = f"{name}:{json.dumps(param_values(cfg, STAGE_SPECS[name].params), sort_keys=True)}{tag}"
+    for p in STAGES[name].outs(cfg):
+        content = f"{name}:{json.dumps(param_values(cfg, STAGES[name].params), sort_keys=True)}{tag}"
         _write(Path(p), content, "part.txt")
 
 
@@ -63,7 +65,7 @@ def test_cache_key_follows_params_inputs_code_and_output_paths(workdir, tmp_path
 
     cfg = load_config("params.yaml")
     root = tmp_path / "src"
-    for c in STAGE_SPECS["grpo"].code:
+    for c in STAGES["grpo"].code:
         _write(root / c, c, "x.py")
     for name in ("prepare", "validate", "sft", "train_reward"):
         _write_outputs(name, cfg)
@@ -80,9 +82,9 @@ def test_cache_key_follows_params_inputs_code_and_output_paths(workdir, tmp_path
     _write_outputs("sft", cfg)
     assert stage_cache_key("grpo", cfg, root) == key
     # a source file
-    (root / "grpo_steps/train_grpo.py").write_text("edited")
+    (root / "grpo_steps/stages/grpo.py").write_text("edited")
     assert stage_cache_key("grpo", cfg, root) != key
-    (root / "grpo_steps/train_grpo.py").write_text("grpo_steps/train_grpo.py")
+    (root / "grpo_steps/stages/grpo.py").write_text("grpo_steps/stages/grpo.py")
     assert stage_cache_key("grpo", cfg, root) == key
     # where the outputs go
     assert stage_cache_key("grpo", load_config("params.yaml", ["paths.reports_dir=elsewhere"]), root) != key
@@ -94,7 +96,7 @@ def test_stale_outputs(workdir):
     cfg = load_config("params.yaml")
     _write_outputs("evaluate", cfg)
     manifest = output_manifest("evaluate", cfg)
-    assert set(manifest) == {str(p) for p in STAGE_SPECS["evaluate"].outs(cfg)}
+    assert set(manifest) == {str(p) for p in STAGES["evaluate"].outs(cfg)}
     assert stale_outputs(manifest) == []
     Path(cfg.paths.reports() / "eval.png").write_text("other")
     (cfg.paths.reports() / "samples.jsonl").unlink()
@@ -138,8 +140,8 @@ def test_user_errors_are_not_retried():
     from prefect.states import Failed
 
     from flows.pipeline import _retry_unless_user_error
-    from grpo_steps.config import ConfigError
-    from grpo_steps.train_reward import RewardGateError
+    from grpo_steps.platform.config import ConfigError
+    from grpo_steps.stages.train_reward import RewardGateError
 
     def failed(exc):
         return Failed(data=exc)
@@ -158,7 +160,7 @@ def _cfg():
 
 def test_summary_markdown_tables_and_gates():
     from flows.report import summary_markdown
-    from grpo_steps.tracking import ui_run_link
+    from grpo_steps.platform.tracking import ui_run_link
 
     ev = {"n_test": 60, "start": {"accuracy": 0.25, "pass_at_4": 0.5}, "grpo": {"accuracy": 0.5, "pass_at_4": 0.75,
           "kl_to_reference": 0.01}, "accuracy_gain": 0.25, "champion": {"accuracy": 0.4}, "champion_version": "3",
@@ -230,8 +232,8 @@ def fake_stages(monkeypatch, workdir):
 
         return run
 
-    for name, (_, desc) in list(STAGES.items()):
-        monkeypatch.setitem(STAGES, name, (fake(name), desc))
+    for name, stage in list(STAGES.items()):
+        monkeypatch.setitem(STAGES, name, stand_in(stage, fake(name)))
     return calls
 
 
@@ -316,11 +318,10 @@ def test_flow_skips_unchanged_stages_and_reruns_what_changed(prefect_api, fake_s
 @pytest.mark.slow  # ~20 s each on 2 cores, plus ~20 s for the harness's server
 def test_flow_retries_a_transient_failure_but_not_a_gate(prefect_api, fake_stages, workdir, monkeypatch):
     from flows import pipeline
-    from grpo_steps.train_reward import RewardGateError
+    from grpo_steps.stages.train_reward import RewardGateError
 
     for name in STAGES:  # no pause between attempts in a test
         monkeypatch.setitem(pipeline.STAGE_TASKS, name, pipeline.STAGE_TASKS[name].with_options(retry_delay_seconds=0))
-    desc = STAGES["sft"][1]
     attempts = []
 
     def flaky_sft(cfg, **_):
@@ -330,7 +331,7 @@ def test_flow_retries_a_transient_failure_but_not_a_gate(prefect_api, fake_stage
         _write_outputs("sft", cfg)
         return {"stage": "sft"}
 
-    monkeypatch.setitem(STAGES, "sft", (flaky_sft, desc))
+    monkeypatch.setitem(STAGES, "sft", stand_in(STAGES["sft"], flaky_sft))
     assert _run_flow(workdir).is_completed()
     assert len(attempts) == 2
 
@@ -339,7 +340,7 @@ def test_flow_retries_a_transient_failure_but_not_a_gate(prefect_api, fake_stage
         raise RewardGateError("held-out pairwise accuracy 0.4 below 0.55")
 
     fake_stages.clear()
-    monkeypatch.setitem(STAGES, "train_reward", (gate, STAGES["train_reward"][1]))
+    monkeypatch.setitem(STAGES, "train_reward", stand_in(STAGES["train_reward"], gate))
     state = _run_flow(workdir, "reward_model.epochs=3")  # a new key, so the stage runs
     assert state.is_failed()
     assert fake_stages == ["train_reward"], "a failed gate is not retried, and nothing after it runs"

@@ -153,12 +153,12 @@ def test_entrypoint_is_a_flow_and_parameters_fit_its_signature(deployments, name
 @pytest.mark.parametrize("name", sorted(DEPLOYMENTS))
 def test_deployment_overrides_are_valid_pipeline_settings(deployments, name):
     """The pipeline's own config loader accepts params_path + overrides (a typo would fail every run)."""
-    from grpo_steps.config import load_config
+    from grpo_steps.platform.config import load_config
 
     params = deployments[name]["parameters"]
     cfg = load_config(ROOT / params["params_path"], params.get("overrides") or [])
     assert cfg.tracking.tracking_uri.startswith(("http://", "https://")), "deployments should log to a server"
-    # grpo_steps.tracking treats a location without '://' as a local path.
+    # grpo_steps.platform.tracking treats a location without '://' as a local path.
     assert "://" in cfg.tracking.artifact_location
 
 
@@ -425,7 +425,7 @@ def test_multi_node_job_renders_to_a_valid_indexed_job_with_its_rendezvous(k8s_m
     assert service["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
     assert service["spec"]["ports"][0]["targetPort"] == container["ports"][0]["name"]
     # the deployment keeps the project's data, models and reports on the shared volume
-    from grpo_steps.config import load_config
+    from grpo_steps.platform.config import load_config
 
     cfg = load_config(ROOT / "params.yaml", dep["parameters"]["overrides"])
     assert all(p.startswith("/shared/") for p in (cfg.paths.data_dir, cfg.paths.models_dir, cfg.paths.reports_dir))
@@ -465,7 +465,7 @@ def test_node_entrypoint_runs_the_flow_on_pod_0_and_grpo_node_on_the_others(tmp_
     assert _entrypoint(tmp_path, "1", "--", "true").returncode != 0  # no layout given: refused
 
     # what every pod's `grpo` then reads: the launch section from those variables
-    from grpo_steps.config import load_config
+    from grpo_steps.platform.config import load_config
 
     for line in layout:
         key, value = line.split("=", 1)
@@ -534,8 +534,8 @@ def test_accelerate_launch_accepts_config(name):
 def test_fsdp_config_is_fsdp2_with_transformer_wrap_and_the_grpo_stage_shards_under_it(monkeypatch):
     from accelerate.utils.launch import prepare_multi_gpu_env
 
-    from grpo_steps.config import load_config
-    from grpo_steps.train_grpo import launch_sharding
+    from grpo_steps.platform.config import load_config
+    from grpo_steps.stages.grpo import launch_sharding
 
     args = _launch_args("fsdp")
     assert args.use_fsdp

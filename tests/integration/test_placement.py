@@ -1,5 +1,5 @@
 """Every model a stage builds or loads for inference goes through the one placement function,
-grpo_steps.modeling.place, onto the accelerator's device: evaluate's policies, reward model and champion; the
+grpo_steps.platform.modeling.place, onto the accelerator's device: evaluate's policies, reward model and champion; the
 starting policy train_reward samples preference pairs from and the reward model it scores the held-out pairs
 with; the reward model the grpo stage scores rollouts with. A spy records the models placed (and places them
 for real); each test names the models its stage must have placed."""
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from grpo_steps.modeling import accelerator_device, load_tokenizer
-from grpo_steps.policy_pairs import NoPairsError
+from grpo_steps.platform.modeling import accelerator_device, load_tokenizer
+from grpo_steps.stages.policy_pairs import NoPairsError
 from tests.support.placement import devices, spy_on_place
 from tests.support.project import load_tiny, perturb_policy, write_metrics
 from tests.support.stages import evaluate, register, train_reward
@@ -73,7 +73,7 @@ def test_policy_pairs_place_the_starting_policy(project, placed):
 
 
 def test_grpo_places_the_reward_model_it_scores_rollouts_with(project, placed):
-    from grpo_steps.train_grpo import build_reward_functions, reward_model_of
+    from grpo_steps.stages.grpo import build_reward_functions, reward_model_of
 
     cfg = load_tiny(project, "grpo.reward_functions=[{name: reward_model, weight: 1.0}, "
                              "{name: digit_match, weight: 0.5}]")

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from grpo_steps.policy_pairs import NoPairsError, pairs_from_samples
+from grpo_steps.stages.policy_pairs import NoPairsError, pairs_from_samples
 from tests.support.project import load_tiny
 from tests.support.stages import train_reward
 
@@ -31,7 +31,7 @@ def test_no_pair_from_a_policy_that_is_never_right_is_named(project):
 
 
 def test_pairs_from_the_policys_own_samples_train_the_reward_model(project, monkeypatch):
-    import grpo_steps.train_reward as stage
+    import grpo_steps.stages.train_reward as stage
 
     def every_other(prompts, completions, answer, **_):  # a judge that finds half the samples right
         return [float(i % 2) for i in range(len(completions))]

@@ -32,8 +32,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from grpo_steps.platform.tracking import EXPERIMENT_KIND_TAG, HEADLINE_METRICS, HEADLINE_VIEW_TAG
 from grpo_steps.stages import STAGES
-from grpo_steps.tracking import EXPERIMENT_KIND_TAG, HEADLINE_METRICS, HEADLINE_VIEW_TAG
 from infra.local_stack import DB_USER, PIPELINE_USER, VIEWER_USER, Stack, StackError, postgres_bindir
 from tests.conftest import ROOT
 from tests.integration.test_dvc_pipeline import BIN, copy_project, tool_env

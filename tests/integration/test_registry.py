@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from mlflow import MlflowClient
 
-from grpo_steps.lineage import file_md5
-from grpo_steps.register import promotion_decision
+from grpo_steps.platform.lineage import file_md5
+from grpo_steps.stages.register import promotion_decision
 from tests.support.project import load_tiny, perturb_policy, write_metrics
 from tests.support.stages import register
 

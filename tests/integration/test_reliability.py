@@ -34,7 +34,7 @@ def _tree_digest(path: Path) -> dict[str, bytes]:
 
 
 def _no_model_loading(monkeypatch):
-    import grpo_steps.train_grpo as tg
+    import grpo_steps.stages.grpo as tg
 
     def boom(*_a, **_k):
         raise AssertionError("a model was loaded before the check failed")
@@ -156,14 +156,14 @@ def test_cli_exit_code_2_on_nonfinite_loss(ready, monkeypatch, capsys):
     ("model.trust_remote_code=sometimes", r"model\.trust_remote_code"),
 ])
 def test_bad_params_are_rejected_naming_the_key(workdir, override, message):
-    from grpo_steps.config import ConfigError, load_config
+    from grpo_steps.platform.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match=message):
         load_config("params.yaml", [override])
 
 
 def test_good_edge_params_load(workdir):
-    from grpo_steps.config import load_config
+    from grpo_steps.platform.config import load_config
 
     cfg = load_config("params.yaml", ["grpo.epsilon_high=0.2", "grpo.checkpoint_every=0",
                                       "grpo.reward_functions=[{name: exact_match, weight: -1.0}]"])
@@ -184,11 +184,11 @@ def test_last_micro_batch_may_be_smaller_and_the_update_is_the_same():
     micro-batch is smaller, and (whole-batch normalisers) the update equals the one-micro-batch update."""
     import copy
 
-    from grpo_steps.config import GRPOConfig, ModelConfig
+    from grpo_steps.data.tokenizer import build_tokenizer
     from grpo_steps.grpo.rewards import digit_match
     from grpo_steps.grpo.trainer import GRPOTrainer
-    from grpo_steps.modeling import build_policy
-    from grpo_steps.tokenizer import build_tokenizer
+    from grpo_steps.platform.config import GRPOConfig, ModelConfig
+    from grpo_steps.platform.modeling import build_policy
 
     tok = build_tokenizer()
     torch.manual_seed(0)
@@ -220,7 +220,7 @@ def test_last_micro_batch_may_be_smaller_and_the_update_is_the_same():
     ("not_an_import_path", "module:function"),
 ])
 def test_unimportable_reward_function_fails_before_any_model_loads(ready, monkeypatch, path, why):
-    from grpo_steps.config import ConfigError
+    from grpo_steps.platform.config import ConfigError
     from tests.support.stages import train_grpo
 
     _no_model_loading(monkeypatch)
@@ -245,7 +245,7 @@ def test_missing_inputs_are_all_named_before_any_work(workdir, monkeypatch):
 
 
 def test_reward_model_is_required_only_when_configured(ready, monkeypatch):
-    from grpo_steps.train_grpo import preflight
+    from grpo_steps.stages.grpo import preflight
 
     preflight(config(ready))  # digit_match + number_format: no reward model needed
     with pytest.raises(FileNotFoundError) as err:
@@ -266,9 +266,9 @@ def test_cli_missing_inputs_exit_2(workdir, capsys):
 
 
 def _pickled_model_dir(path: Path) -> Path:
-    from grpo_steps.config import ModelConfig
-    from grpo_steps.modeling import build_policy
-    from grpo_steps.tokenizer import build_tokenizer
+    from grpo_steps.data.tokenizer import build_tokenizer
+    from grpo_steps.platform.config import ModelConfig
+    from grpo_steps.platform.modeling import build_policy
 
     model = build_policy(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
                          build_tokenizer())
@@ -279,9 +279,9 @@ def _pickled_model_dir(path: Path) -> Path:
 
 
 def test_pickled_weights_are_refused(tmp_path, monkeypatch):
-    from grpo_steps.config import ModelConfig
-    from grpo_steps.modeling import build_policy, load_policy, load_reward_model
-    from grpo_steps.tokenizer import build_tokenizer
+    from grpo_steps.data.tokenizer import build_tokenizer
+    from grpo_steps.platform.config import ModelConfig
+    from grpo_steps.platform.modeling import build_policy, load_policy, load_reward_model
 
     d = _pickled_model_dir(tmp_path / "bin_only")
 
@@ -312,7 +312,7 @@ def test_grpo_stage_refuses_a_pickled_starting_policy(ready, capsys):
 def test_remote_code_does_not_run_unless_enabled(tmp_path):
     from safetensors.torch import save_file
 
-    from grpo_steps.modeling import load_policy
+    from grpo_steps.platform.modeling import load_policy
 
     marker = tmp_path / "remote-code-ran"
     d = tmp_path / "custom"
@@ -332,7 +332,7 @@ def test_remote_code_does_not_run_unless_enabled(tmp_path):
 
 
 def test_redact_secrets_masks_secret_keys_and_url_credentials():
-    from grpo_steps.secrets import redact_secrets, redact_url
+    from grpo_steps.platform.secrets import redact_secrets, redact_url
 
     params = {
         "tracking": {"tracking_uri": "http://user:pass@mlflow.internal:5000/api", "experiment": "x"},
@@ -357,9 +357,9 @@ def test_redact_secrets_masks_secret_keys_and_url_credentials():
 
 
 def test_logged_params_of_a_config_hold_no_credentials(workdir):
-    from grpo_steps.config import load_config
-    from grpo_steps.secrets import redact_secrets
-    from grpo_steps.tracking import flat_params
+    from grpo_steps.platform.config import load_config
+    from grpo_steps.platform.secrets import redact_secrets
+    from grpo_steps.platform.tracking import flat_params
 
     cfg = load_config("params.yaml", ["tracking.tracking_uri=https://alice:s3cr3t@mlflow.example.com"])
     flat = flat_params(redact_secrets(cfg.as_dict()))
@@ -371,7 +371,7 @@ def test_logged_params_of_a_config_hold_no_credentials(workdir):
 
 
 def test_second_run_on_the_same_outputs_fails_fast_naming_the_holder(ready, monkeypatch):
-    from grpo_steps.io import OutputLockedError, exclusive_lock
+    from grpo_steps.platform.io import OutputLockedError, exclusive_lock
     from tests.support.stages import train_grpo
 
     _no_model_loading(monkeypatch)

@@ -13,10 +13,10 @@ import textwrap
 import pytest
 from mlflow import MlflowClient
 
-from grpo_steps import train_reward as stage
-from grpo_steps.config import ConfigError
-from grpo_steps.io import DataFileError
-from grpo_steps.modeling import load_reward_model, load_tokenizer
+from grpo_steps.data.files import DataFileError
+from grpo_steps.platform.config import ConfigError
+from grpo_steps.platform.modeling import load_reward_model, load_tokenizer
+from grpo_steps.stages import train_reward as stage
 from tests.support.project import (
     ROOT,
     load_tiny,
@@ -84,7 +84,7 @@ def test_train_reward_with_margin_and_centering(project, monkeypatch):
 
 
 def test_backbone_from_a_local_folder(project, tmp_path):
-    from grpo_steps.modeling import build_policy
+    from grpo_steps.platform.modeling import build_policy
 
     # a "pretrained" causal LM with its own tokenizer: gets a fresh one-output score head
     base = load_tiny(project)
@@ -119,8 +119,9 @@ FLOW_SCRIPT = textwrap.dedent("""
     import sys
     from pathlib import Path
 
-    import grpo_steps.stages as stages
-    from grpo_steps.train_reward import RewardGateError
+    from grpo_steps.stages import STAGES
+    from tests.support.stages import stand_in
+    from grpo_steps.stages.train_reward import RewardGateError
 
     ran = Path("ran.txt")
 
@@ -137,8 +138,8 @@ FLOW_SCRIPT = textwrap.dedent("""
             return real(cfg, **kw) if name in ("prepare", "validate") else {}
         return run
 
-    for name, (real, description) in list(stages.STAGES.items()):
-        stages.STAGES[name] = (recorded(name, real), description)
+    for name, stage in list(STAGES.items()):
+        STAGES[name] = stand_in(stage, recorded(name, stage))
 
     from grpo_steps.cli import main
 

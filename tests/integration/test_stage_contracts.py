@@ -1,5 +1,5 @@
-"""Each stage reads only the params keys its record declares (grpo_steps/stages.py), so the Prefect cache keys and
-dvc.yaml, both derived from the records, re-run a stage exactly when something it reads changed.
+"""Each stage reads only the params keys its record declares (grpo_steps/stages/__init__.py), so the Prefect cache
+keys and dvc.yaml, both derived from the records, re-run a stage exactly when something it reads changed.
 
 The whole pipeline runs on the tiny budget with a recording view of the configuration: every attribute read
 (methods included, which read through the same view) is noted as a dotted params key.
@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from grpo_steps.stages import PLATFORM_SECTIONS, STAGE_SPECS, STAGES
+from grpo_steps.platform.stage import PLATFORM_SECTIONS
+from grpo_steps.stages import STAGES
 from tests.support.project import load_tiny
 
 # Methods that read the whole configuration on purpose: logging every setting, the lineage hash.
@@ -55,7 +56,7 @@ def _declared(key: str, params: tuple[str, ...]) -> bool:
 
 
 def undeclared(stage: str, reads: set[str]) -> set[str]:
-    return {k for k in reads - {"*"} if not _declared(k, STAGE_SPECS[stage].params)}
+    return {k for k in reads - {"*"} if not _declared(k, STAGES[stage].params)}
 
 
 def test_the_recorder_catches_an_undeclared_read(workdir):
@@ -74,7 +75,7 @@ def test_every_stage_reads_only_its_declared_params(workdir):
     read_by: dict[str, set[str]] = {}
     for name in STAGES:
         read_by[name] = set()
-        STAGES[name][0](Recording(cfg, "", read_by[name]))
+        STAGES[name](Recording(cfg, "", read_by[name]))
     problems = {name: sorted(undeclared(name, reads)) for name, reads in read_by.items() if undeclared(name, reads)}
     assert not problems, f"stages read params keys their record does not declare: {problems}"
     assert "grpo.num_generations" in read_by["grpo"] and "sft.max_steps" in read_by["sft"], "reads are seen"

@@ -13,8 +13,8 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from grpo_steps import tracking
-from grpo_steps.stages import STAGE_SPECS
+from grpo_steps.platform import tracking
+from grpo_steps.stages import STAGES
 from tests.support.project import (
     load_tiny,
     mlflow_server,
@@ -32,7 +32,7 @@ def test_environment_variable_overrides_params(workdir, monkeypatch, caplog):
     assert tracking.tracking_uri(cfg) == cfg.tracking.tracking_uri
     other = f"sqlite:///{workdir}/other.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
-    with caplog.at_level(logging.INFO, logger="grpo_steps.tracking"):
+    with caplog.at_level(logging.INFO, logger="grpo_steps.platform.tracking"):
         assert tracking.tracking_uri(cfg) == other
     assert "MLFLOW_TRACKING_URI" in caplog.text and "overrides" in caplog.text
     tracking._set_tracking_uri(other)
@@ -71,13 +71,13 @@ def test_artifact_locations(workdir):
 def test_parent_run_nests_stage_runs_with_their_own_params_and_system_metrics(workdir):
     cfg = load_tiny(workdir, "tracking.system_metrics=true", "tracking.system_metrics_interval_s=0.2")
     with tracking.pipeline_run(cfg) as parent_id:
-        with tracking.stage_run(cfg, "grpo", parent_id, STAGE_SPECS["grpo"].params) as run:
+        with tracking.stage_run(cfg, "grpo", parent_id, STAGES["grpo"].params) as run:
             mlflow.log_metric("reward", 1.0, step=1)
             grpo_id = run.info.run_id
         other: dict = {}
 
         def in_another_thread():  # as a stage run by a worker thread: no active run there
-            with tracking.stage_run(cfg, "evaluate", parent_id, STAGE_SPECS["evaluate"].params) as r:
+            with tracking.stage_run(cfg, "evaluate", parent_id, STAGES["evaluate"].params) as r:
                 other["id"] = r.info.run_id
 
         t = threading.Thread(target=in_another_thread)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from grpo_steps.config import load_config
+from grpo_steps.platform.config import load_config
 from tests.support.chat_policy import START, build_chat_policy, gsm8k_rows, write_gsm8k
 from tests.support.stages import evaluate, prepare, register, sft, train_grpo, train_reward, validate
 
@@ -42,12 +42,12 @@ def _overrides(workdir: Path, policy: Path, train: Path, *extra: str) -> list[st
 @pytest.fixture
 def rendered(monkeypatch):
     """Every prompt text each stage renders, by stage (the stage modules' own `render` / `render_all`)."""
-    import grpo_steps.evaluate
-    import grpo_steps.sft
-    import grpo_steps.train_grpo
-    import grpo_steps.train_reward
-    import grpo_steps.validate
-    from grpo_steps import prompts
+    import grpo_steps.stages.evaluate
+    import grpo_steps.stages.grpo
+    import grpo_steps.stages.sft
+    import grpo_steps.stages.train_reward
+    import grpo_steps.stages.validate
+    from grpo_steps.data import prompts
 
     seen: dict[str, list[str]] = {}
 
@@ -58,10 +58,10 @@ def rendered(monkeypatch):
             return out
         return wrapped
 
-    for stage, module in (("sft", grpo_steps.sft), ("train_reward", grpo_steps.train_reward)):
+    for stage, module in (("sft", grpo_steps.stages.sft), ("train_reward", grpo_steps.stages.train_reward)):
         monkeypatch.setattr(module, "render", spy(stage, prompts.render))
-    for stage, module in (("validate", grpo_steps.validate), ("grpo", grpo_steps.train_grpo),
-                          ("evaluate", grpo_steps.evaluate)):
+    for stage, module in (("validate", grpo_steps.stages.validate), ("grpo", grpo_steps.stages.grpo),
+                          ("evaluate", grpo_steps.stages.evaluate)):
         monkeypatch.setattr(module, "render_all", spy(stage, prompts.render_all))
     return seen
 

@@ -8,8 +8,8 @@ import json
 import random
 from pathlib import Path
 
-from grpo_steps.tokenizer import CHAT_END as END
-from grpo_steps.tokenizer import CHAT_START as START
+from grpo_steps.data.tokenizer import CHAT_END as END
+from grpo_steps.data.tokenizer import CHAT_START as START
 
 __all__ = ["END", "START", "build_chat_policy", "gsm8k_rows", "write_gsm8k"]
 
@@ -40,7 +40,7 @@ def build_chat_policy(folder: Path, hidden: int = 64, layers: int = 2, seed: int
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from grpo_steps.tokenizer import build_bpe_tokenizer
+    from grpo_steps.data.tokenizer import build_bpe_tokenizer
 
     corpus = [r["question"] + "\n" + r["answer"] for r in gsm8k_rows(400, seed=99)]
     corpus += ["You are a careful math tutor. Show your work, then give the answer after ####."] * 20

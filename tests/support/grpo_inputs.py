@@ -52,7 +52,7 @@ def overrides(workdir: Path, *extra: str) -> list[str]:
 
 
 def config(workdir: Path, *extra: str):
-    from grpo_steps.config import load_config
+    from grpo_steps.platform.config import load_config
 
     return load_config("params.yaml", overrides(workdir, *extra))
 

@@ -1,5 +1,5 @@
-"""A spy on the one placement function, grpo_steps.modeling.place (no tests here): it records every model a stage
-places and places it for real. Shared by tests/integration/test_placement.py (CPU) and tests/gpu (CUDA)."""
+"""A spy on the one placement function, grpo_steps.platform.modeling.place (no tests here): it records every model a
+stage places and places it for real. Shared by tests/integration/test_placement.py (CPU) and tests/gpu (CUDA)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import torch
 
 
 def spy_on_place(monkeypatch: pytest.MonkeyPatch) -> list[torch.nn.Module]:
-    """Patch `place` wherever grpo_steps imported it (and in grpo_steps.modeling, which function-level imports
+    """Patch `place` wherever grpo_steps imported it (and in grpo_steps.platform.modeling, which function-level imports
     read); return the list the spy appends each placed model to, in placement order."""
-    import grpo_steps.evaluate  # noqa: F401 - the modules that import `place`, loaded before patching
-    import grpo_steps.train_grpo  # noqa: F401
-    import grpo_steps.train_reward  # noqa: F401
-    from grpo_steps import modeling
+    import grpo_steps.stages.evaluate  # noqa: F401 - the modules that import `place`, loaded before patching
+    import grpo_steps.stages.grpo  # noqa: F401
+    import grpo_steps.stages.train_reward  # noqa: F401
+    from grpo_steps.platform import modeling
 
     real = modeling.place
     placed: list[torch.nn.Module] = []

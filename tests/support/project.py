@@ -30,13 +30,13 @@ def tiny_overrides(workdir: Path, *extra: str) -> list[str]:
 
 
 def load_tiny(workdir: Path, *extra: str):
-    from grpo_steps.config import load_config
+    from grpo_steps.platform.config import load_config
 
     return load_config(workdir / "params.yaml", tiny_overrides(workdir, *extra))
 
 
 def _build(root: Path) -> None:
-    from grpo_steps.modeling import build_policy, build_reward_backbone, load_tokenizer, seed_everything
+    from grpo_steps.platform.modeling import build_policy, build_reward_backbone, load_tokenizer, seed_everything
     from tests.support.stages import prepare, validate
 
     shutil.copy(ROOT / "params.yaml", root / "params.yaml")
@@ -94,7 +94,7 @@ def perturb_policy(folder: Path, delta: float) -> None:
 
 def write_metrics(cfg, accuracy: float, start_accuracy: float = 0.1, **extra) -> None:
     """A hand-written reports/metrics.json in the evaluate stage's format."""
-    from grpo_steps.io import write_json
+    from grpo_steps.platform.io import write_json
 
     metrics = {
         "n_test": 60,

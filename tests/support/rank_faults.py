@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from grpo_steps.config import ConfigError
+from grpo_steps.platform.config import ConfigError
 
 
 def crash_on_rank_1(prompts: list[str], completions: list[str], **_: Any) -> list[float]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from grpo_steps.config import ModelConfig
+from grpo_steps.data.tokenizer import build_tokenizer
 from grpo_steps.grpo.sampling import Rollout, sample_groups
-from grpo_steps.modeling import build_policy
-from grpo_steps.tokenizer import build_tokenizer
+from grpo_steps.platform.config import ModelConfig
+from grpo_steps.platform.modeling import build_policy
 
 LENGTHS = [2, 3, 4, 5, 6, 1, 2, 3]  # per row, repeated: padding inside the batch, one-token rows among them
 

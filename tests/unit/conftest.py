@@ -7,6 +7,6 @@ import pytest
 def fresh_accelerator_state():
     """No mixed precision left behind by an earlier test's Accelerator (a process-wide singleton that stages
     run in-process leave set): it would put a trainer's model under bf16 autocast."""
-    from grpo_steps.modeling import begin_stage
+    from grpo_steps.platform.modeling import begin_stage
 
     begin_stage(0)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from grpo_steps.cli import main
-from grpo_steps.config import load_config
-from grpo_steps.stages import STAGE_LIST
+from grpo_steps.platform.config import load_config
+from grpo_steps.stages import STAGES
 
 
 def _help(capsys, *argv: str) -> str:
@@ -17,7 +17,7 @@ def _help(capsys, *argv: str) -> str:
     return capsys.readouterr().out
 
 
-@pytest.mark.parametrize("spec", STAGE_LIST, ids=[s.name for s in STAGE_LIST])
+@pytest.mark.parametrize("spec", STAGES.values(), ids=[s.name for s in STAGES.values()])
 def test_each_stage_help_says_what_it_reads_and_writes(capsys, spec):
     text = " ".join(_help(capsys, spec.name).split())  # unwrapped
     cfg = load_config(None)
@@ -29,5 +29,5 @@ def test_each_stage_help_says_what_it_reads_and_writes(capsys, spec):
 
 def test_top_level_help_lists_every_command(capsys):
     text = _help(capsys)
-    for command in ["run", "serve", "status", "dvc-yaml", *(s.name for s in STAGE_LIST)]:
+    for command in ["run", "serve", "status", "dvc-yaml", *(s.name for s in STAGES.values())]:
         assert command in text

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grpo_steps.config import ModelConfig
+from grpo_steps.data.tokenizer import build_tokenizer
 from grpo_steps.grpo.sampling import generate_compact, sample_groups
-from grpo_steps.modeling import build_policy
-from grpo_steps.tokenizer import build_tokenizer
+from grpo_steps.platform.config import ModelConfig
+from grpo_steps.platform.modeling import build_policy
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")  # tests/unit/conftest.py
 

@@ -1,6 +1,6 @@
 import pytest
 
-from grpo_steps.config import ConfigError, load_config
+from grpo_steps.platform.config import ConfigError, load_config
 
 
 def test_defaults_load_and_params_yaml_matches_schema(workdir):

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from grpo_steps.config import load_config
-from grpo_steps.stages import STAGE_LIST
+from grpo_steps.platform.config import load_config
+from grpo_steps.stages import STAGES
 from tests.conftest import ROOT
 
 CONFIGS = [ROOT / "params.yaml", *sorted((ROOT / "configs").glob("*.yaml"))]
@@ -29,7 +29,7 @@ def _has(tree: dict, dotted: str) -> bool:
 def test_config_validates_and_has_every_key_dvc_reads(path: Path):
     cfg = load_config(path)
     raw = yaml.safe_load(path.read_text())
-    missing = sorted({k for s in STAGE_LIST for k in s.params if not _has(raw, k)})
+    missing = sorted({k for s in STAGES.values() for k in s.params if not _has(raw, k)})
     assert not missing, f"{path.name} lacks params keys dvc.yaml declares: {missing}"
     # every value the file states is the value the stages get: none dropped, renamed or changed by validation
     changed = _differences(raw, cfg.as_dict())

@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from grpo_steps.config import GRPOConfig, ModelConfig
+from grpo_steps.data.tokenizer import build_tokenizer
 from grpo_steps.grpo.advantages import groups_with_spread
 from grpo_steps.grpo.sampling import concat_rollouts, sample_groups
 from grpo_steps.grpo.trainer import GRPOTrainer, PromptSampler
-from grpo_steps.modeling import build_policy
-from grpo_steps.tokenizer import build_tokenizer
+from grpo_steps.platform.config import GRPOConfig, ModelConfig
+from grpo_steps.platform.modeling import build_policy
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")  # tests/unit/conftest.py
 

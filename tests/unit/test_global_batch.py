@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from grpo_steps.config import ConfigError
-from grpo_steps.modeling import per_process_batch, split_trl_batch, trl_warmup
+from grpo_steps.platform.config import ConfigError
+from grpo_steps.platform.modeling import per_process_batch, split_trl_batch, trl_warmup
 
 
 def test_a_global_batch_is_split_evenly_or_refused():

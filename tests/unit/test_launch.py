@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from grpo_steps import launch, launch_rank
-from grpo_steps.config import ConfigError, load_config
+from grpo_steps import launch_rank
+from grpo_steps.platform import launch
+from grpo_steps.platform.config import ConfigError, load_config
 
 
 def _cfg(*overrides: str):

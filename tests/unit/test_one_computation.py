@@ -8,12 +8,12 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from grpo_steps.config import GRPOConfig, LoraConfig, ModelConfig
+from grpo_steps.data.tokenizer import build_tokenizer
 from grpo_steps.grpo.rewards import digit_match
 from grpo_steps.grpo.sampling import RowStreams, concat_rollouts, draw, sample_groups
 from grpo_steps.grpo.trainer import GenerationBatch, GRPOTrainer, plan_update
-from grpo_steps.modeling import apply_lora, build_policy
-from grpo_steps.tokenizer import build_tokenizer
+from grpo_steps.platform.config import GRPOConfig, LoraConfig, ModelConfig
+from grpo_steps.platform.modeling import apply_lora, build_policy
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")  # tests/unit/conftest.py
 

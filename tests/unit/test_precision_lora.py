@@ -8,13 +8,13 @@ import copy
 import pytest
 import torch
 
-from grpo_steps.config import GRPOConfig, LoraConfig, ModelConfig, load_config
+from grpo_steps.data.tokenizer import build_tokenizer
 from grpo_steps.grpo.logprobs import completion_logps
 from grpo_steps.grpo.rewards import digit_match
 from grpo_steps.grpo.sampling import sample_groups
 from grpo_steps.grpo.trainer import GRPOTrainer, is_adapter
-from grpo_steps.modeling import apply_lora, build_policy, load_policy, merged
-from grpo_steps.tokenizer import build_tokenizer
+from grpo_steps.platform.config import GRPOConfig, LoraConfig, ModelConfig, load_config
+from grpo_steps.platform.modeling import apply_lora, build_policy, load_policy, merged
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")  # tests/unit/conftest.py
 
@@ -162,8 +162,8 @@ def test_an_accelerator_of_accelerates_fsdp_is_refused():
 
     from accelerate.utils import DistributedType
 
-    from grpo_steps.config import ConfigError
-    from grpo_steps.train_grpo import refuse_sharded
+    from grpo_steps.platform.config import ConfigError
+    from grpo_steps.stages.grpo import refuse_sharded
 
     with pytest.raises(ConfigError, match="fsdp.yaml.*model.sharding=fsdp2"):
         refuse_sharded(SimpleNamespace(distributed_type=DistributedType.FSDP))
@@ -174,8 +174,8 @@ def test_an_fsdp_launch_shards_the_policy_in_the_loop(monkeypatch):
     """`accelerate launch --config_file infra/accelerate/fsdp.yaml` (FSDP2) sets ACCELERATE_USE_FSDP and
     FSDP_VERSION for its processes: the grpo stage takes it as model.sharding fsdp2 and builds its Accelerator as
     a DDP launch's; version 1, LoRA and fp16 are refused before any model loads."""
-    from grpo_steps.config import ConfigError, load_config
-    from grpo_steps.train_grpo import launch_sharding
+    from grpo_steps.platform.config import ConfigError, load_config
+    from grpo_steps.stages.grpo import launch_sharding
 
     cfg = load_config(None)
     assert launch_sharding(cfg) is cfg  # no FSDP launch: as configured
@@ -207,7 +207,7 @@ def test_a_bf16_step_is_the_fp32_step_within_bf16_rounding(seed):
     gradient norm and update direction within bf16's rounding. Measured (seeds 0-2, 1 and 2 threads): log-probs
     differ by at most 2.3e-3 (nonzero: bf16 really ran), the gradient norm by at most 0.32% relative, and the
     updates' cosine is at least 0.956; the bounds are 1e-2, 2% and 0.85."""
-    from grpo_steps.modeling import begin_stage
+    from grpo_steps.platform.modeling import begin_stage
 
     tok = build_tokenizer()
     torch.manual_seed(seed)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from grpo_steps.data.prompts import RenderError, messages, render
+from grpo_steps.data.tokenizer import build_tokenizer
 from grpo_steps.grpo.reward_model import encode_pairs
 from grpo_steps.grpo.tokens import encode, prompt_completion_ids
-from grpo_steps.prompts import RenderError, messages, render
-from grpo_steps.tokenizer import build_tokenizer
 from tests.support.chat_policy import END, START, build_chat_policy
 
 

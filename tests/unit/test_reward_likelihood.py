@@ -12,7 +12,8 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from grpo_steps import train_reward as stage
+from grpo_steps.data.prompts import render
+from grpo_steps.data.task import REJECTED_KINDS, make_preference_pairs, make_splits, sloppy_answer, wrong_answer_of_kind
 from grpo_steps.grpo.reward_model import (
     RewardModelFunction,
     bradley_terry_loss,
@@ -20,9 +21,8 @@ from grpo_steps.grpo.reward_model import (
     is_likelihood_model,
     sequence_logps,
 )
-from grpo_steps.modeling import build_policy, load_reward_model, load_tokenizer
-from grpo_steps.prompts import render
-from grpo_steps.task import REJECTED_KINDS, make_preference_pairs, make_splits, sloppy_answer, wrong_answer_of_kind
+from grpo_steps.platform.modeling import build_policy, load_reward_model, load_tokenizer
+from grpo_steps.stages import train_reward as stage
 from tests.support.grpo_inputs import assert_identical, config, weights
 from tests.support.project import load_tiny
 from tests.support.stages import train_grpo, train_reward
@@ -150,8 +150,8 @@ def test_grpo_update_is_the_same_after_an_in_process_bf16_trainer(ready):
 
 
 def test_trainers_get_the_configured_precision(workdir):
-    from grpo_steps.config import load_config
-    from grpo_steps.modeling import trainer_precision
+    from grpo_steps.platform.config import load_config
+    from grpo_steps.platform.modeling import trainer_precision
 
     cpu = trainer_precision(load_config("params.yaml").model)
     assert cpu == {"bf16": False, "fp16": False, "gradient_checkpointing": False}, "fp32, no checkpointing"
@@ -199,8 +199,8 @@ def test_likelihood_scores_on_a_bpe_tokenizer_with_bos(tmp_path):
 
 
 def test_length_normalized_score_is_the_mean_log_prob_per_completion_token():
-    from grpo_steps.config import load_config
-    from grpo_steps.tokenizer import build_tokenizer
+    from grpo_steps.data.tokenizer import build_tokenizer
+    from grpo_steps.platform.config import load_config
 
     tok = build_tokenizer()
     torch.manual_seed(0)

@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from grpo_steps.config import ModelConfig
+from grpo_steps.data.tokenizer import build_tokenizer
 from grpo_steps.grpo.logprobs import completion_logps
 from grpo_steps.grpo.sampling import mask_after_eos, sample_groups
-from grpo_steps.modeling import build_policy
-from grpo_steps.tokenizer import build_tokenizer
+from grpo_steps.platform.config import ModelConfig
+from grpo_steps.platform.modeling import build_policy
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,13 @@ import copy
 import pytest
 import torch
 
-from grpo_steps.config import GRPOConfig, LoraConfig
 from grpo_steps.grpo.logprobs import can_share_prompt, completion_logps, distinct_prompts, shared_prompt_logps
 from grpo_steps.grpo.reward_model import RewardModelFunction, encode_pairs, sequence_logps
 from grpo_steps.grpo.rewards import digit_match
 from grpo_steps.grpo.sampling import sample_groups
 from grpo_steps.grpo.trainer import GenerationBatch, GRPOTrainer
-from grpo_steps.modeling import apply_lora
+from grpo_steps.platform.config import GRPOConfig, LoraConfig
+from grpo_steps.platform.modeling import apply_lora
 from tests.support.rollouts import varied_length_rollout
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")  # tests/unit/conftest.py

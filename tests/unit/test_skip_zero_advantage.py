@@ -9,9 +9,9 @@ import copy
 import pytest
 import torch
 
-from grpo_steps.config import GRPOConfig
 from grpo_steps.grpo.rewards import digit_match
 from grpo_steps.grpo.trainer import GenerationBatch, GRPOTrainer
+from grpo_steps.platform.config import GRPOConfig
 from tests.support.rollouts import varied_length_rollout
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")  # tests/unit/conftest.py

@@ -1,4 +1,4 @@
-from grpo_steps.task import demonstrations, make_preference_pairs, make_splits, sloppy_answer
+from grpo_steps.data.task import demonstrations, make_preference_pairs, make_splits, sloppy_answer
 
 
 def test_slips_are_the_classic_systematic_errors():
@@ -35,7 +35,7 @@ def test_preference_pairs_prefer_the_right_answer():
 
 
 def test_reasoning_format_works_column_by_column_and_the_slip_drops_every_carry():
-    from grpo_steps.task import question, reasoning_rejected, worked_solution
+    from grpo_steps.data.task import question, reasoning_rejected, worked_solution
 
     assert question("37+48=") == "What is 37 + 48?"
     assert worked_solution("37+48=", "85") == "7 + 8 = 15, 3 + 4 + 1 = 8. #### 85"
@@ -54,8 +54,8 @@ def test_reasoning_format_works_column_by_column_and_the_slip_drops_every_carry(
 
 
 def test_bpe_tokenizer_reads_numbers_digit_by_digit_and_carries_a_chat_template():
-    from grpo_steps.prompts import render
-    from grpo_steps.tokenizer import CHAT_END, build_bpe_tokenizer
+    from grpo_steps.data.prompts import render
+    from grpo_steps.data.tokenizer import CHAT_END, build_bpe_tokenizer
 
     tok = build_bpe_tokenizer(["What is 37 + 48?", "7 + 8 = 15, 3 + 4 + 1 = 8. #### 85"] * 50, vocab_size=300)
     pieces = tok.tokenize("#### 1234")

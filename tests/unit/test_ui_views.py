@@ -7,8 +7,14 @@ import json
 
 import mlflow
 
-from grpo_steps import tracking
-from grpo_steps.tracking import HEADLINE_METRICS, headline_metrics, headline_view_state, ui_run_link, ui_runs_link
+from grpo_steps.platform import tracking
+from grpo_steps.platform.tracking import (
+    HEADLINE_METRICS,
+    headline_metrics,
+    headline_view_state,
+    ui_run_link,
+    ui_runs_link,
+)
 
 VALUES = {
     "evaluate": {"start": {"accuracy": 0.69}, "grpo": {"accuracy": 0.935, "kl_to_reference": 0.0212345},

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from grpo_steps.evaluate import answer_keys, majority_accuracy
 from grpo_steps.grpo.rewards import resolve_reward_function
 from grpo_steps.grpo.verifiable import FormatReward, MathAccuracy, OverlongPenalty
+from grpo_steps.stages.evaluate import answer_keys, majority_accuracy
 
 
 @pytest.fixture(scope="module")

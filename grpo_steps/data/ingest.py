@@ -20,9 +20,9 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from grpo_steps.config import PREFERENCE_FILES, SPLITS, Config, DataConfig
-from grpo_steps.io import DataFileError, parse_jsonl
-from grpo_steps.task import wrong_answer
+from grpo_steps.data.files import DataFileError, parse_jsonl
+from grpo_steps.data.settings import PREFERENCE_FILES, SPLITS, DataConfig
+from grpo_steps.data.task import wrong_answer
 
 log = logging.getLogger(__name__)
 
@@ -335,9 +335,9 @@ def _with_ids(name: str, rows: list[dict[str, Any]], fields: tuple[str, ...]) ->
     return out
 
 
-def ingest(cfg: Config) -> dict[str, list[dict[str, Any]]]:
-    """The five prepared files' rows from data.* paths: ids and split labels added, nothing dropped."""
-    data = cfg.data
+def ingest(data: DataConfig, seed: int) -> dict[str, list[dict[str, Any]]]:
+    """The five prepared files' rows from data.* paths: ids and split labels added, nothing dropped; missing
+    splits are split off by `seed`."""
     if data.train is None:  # DataConfig guarantees it for source 'files'
         raise DataFileError("data.source is 'files' but data.train is not set")
     splits = {"train": load_prompts(data.train, data)}
@@ -349,9 +349,9 @@ def ingest(cfg: Config) -> dict[str, list[dict[str, Any]]]:
         else:
             splits[name] = load_prompts(path, data)
     if missing:
-        splits["train"], parts = split_off(splits["train"], missing, cfg.seed)
+        splits["train"], parts = split_off(splits["train"], missing, seed)
         splits.update(parts)
-        log.info("split %s off %s by seed %d", {k: len(v) for k, v in parts.items()}, data.train, cfg.seed)
+        log.info("split %s off %s by seed %d", {k: len(v) for k, v in parts.items()}, data.train, seed)
 
     if data.preferences_train is not None:
         prefs = {"preferences_train": load_preferences(data.preferences_train, data)}
@@ -359,15 +359,15 @@ def ingest(cfg: Config) -> dict[str, list[dict[str, Any]]]:
             prefs["preferences_eval"] = load_preferences(data.preferences_eval, data)
         else:
             prefs["preferences_train"], parts = split_off(
-                prefs["preferences_train"], {"preferences_eval": data.preferences_eval_fraction}, cfg.seed + 1
+                prefs["preferences_train"], {"preferences_eval": data.preferences_eval_fraction}, seed + 1
             )
             prefs.update(parts)
     else:
         # No preference file: the right answer preferred over a near miss, from train and eval prompts only
         # (the test split stays unseen by every model).
         prefs = {
-            "preferences_train": derive_preferences(cfg.seed, splits["train"]),
-            "preferences_eval": derive_preferences(cfg.seed + 7, splits["eval"]),
+            "preferences_train": derive_preferences(seed, splits["train"]),
+            "preferences_eval": derive_preferences(seed + 7, splits["eval"]),
         }
         log.info("no preference file: derived %s pairs from the train and eval prompts",
                  {k: len(v) for k, v in prefs.items()})

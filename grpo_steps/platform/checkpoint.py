@@ -39,10 +39,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from grpo_steps.config import Config
 from grpo_steps.grpo.sharding import load_sharded, save_sharded
 from grpo_steps.grpo.trainer import GRPOTrainer, NonFiniteLossError, PromptSampler, is_adapter
-from grpo_steps.io import atomic_path, file_sha256, fsync_tree
+from grpo_steps.platform.config import Config
+from grpo_steps.platform.io import atomic_path, file_sha256, fsync_tree
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class CheckpointError(RuntimeError):
 
 
 def checkpoints_root(cfg: Config) -> Path:
-    """`<models_dir>/grpo_checkpoints` (the same folder grpo_steps.stages declares as a DVC output)."""
+    """`<models_dir>/grpo_checkpoints` (the same folder the grpo stage's record declares as a DVC output)."""
     return cfg.paths.grpo_checkpoints()
 
 
@@ -78,10 +78,10 @@ def input_files(cfg: Config) -> list[Path]:
     return files
 
 
-def training_key(cfg: Config) -> str:
-    """Hash of the training settings, of the input files' content and of the grpo stage's code (its record's
-    `code`): the checkpoint folder's name. Changed code starts a new run: a checkpoint of the old code is never
-    taken for this code's result (as `dvc repro` and the flow's cache rerun the stage)."""
+def training_key(cfg: Config, code: list[tuple[str, Path]]) -> str:
+    """Hash of the training settings, of the input files' content and of the grpo stage's code (`code`: its
+    record's files, `Stage.code_files()`): the checkpoint folder's name. Changed code starts a new run: a checkpoint
+    of the old code is never taken for this code's result (as `dvc repro` and the flow's cache rerun the stage)."""
     tree = cfg.as_dict()
     for section in _NOT_TRAINING_SECTIONS:
         tree.pop(section, None)
@@ -90,23 +90,9 @@ def training_key(cfg: Config) -> str:
     h = hashlib.sha256(json.dumps(tree, sort_keys=True).encode())
     for f in input_files(cfg):
         h.update(f"\n{f.as_posix()}:{file_sha256(f)}".encode())
-    for name, f in _stage_code():
+    for name, f in code:
         h.update(f"\n{name}:{file_sha256(f)}".encode())
     return h.hexdigest()[:16]
-
-
-_SOURCE_ROOT = Path(__file__).resolve().parents[1]  # where the stage records' `code` paths start
-
-
-def _stage_code() -> list[tuple[str, Path]]:
-    """(name, path) of the Python files of the grpo stage's code, in a stable order."""
-    from grpo_steps.stages import STAGE_SPECS  # deferred: the stage records import this module
-
-    files: list[Path] = []
-    for rel in STAGE_SPECS["grpo"].code:
-        p = _SOURCE_ROOT / rel
-        files += sorted(p.rglob("*.py")) if p.is_dir() else [p] if p.is_file() else []
-    return [(f.relative_to(_SOURCE_ROOT).as_posix(), f) for f in files]
 
 
 # ------------------------------------------------------------------------------------------------- RNG

@@ -4,8 +4,8 @@ with its kwargs, else `exact_match`)."""
 
 from __future__ import annotations
 
-from grpo_steps.config import Config
 from grpo_steps.grpo.rewards import RewardFunction, resolve_reward_function
+from grpo_steps.platform.config import Config
 
 
 def accuracy_judge(cfg: Config) -> RewardFunction:

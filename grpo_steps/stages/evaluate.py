@@ -23,18 +23,19 @@ import mlflow
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from grpo_steps.config import Config
+from grpo_steps.data.files import read_jsonl
+from grpo_steps.data.prompts import render_all
 from grpo_steps.grpo.logprobs import completion_logps
 from grpo_steps.grpo.loss import k3_kl
 from grpo_steps.grpo.reward_model import RewardModelFunction
 from grpo_steps.grpo.rewards import RewardFunction
 from grpo_steps.grpo.sampling import sample_in_batches
-from grpo_steps.io import atomic_path, read_jsonl, write_json, write_jsonl
-from grpo_steps.judge import accuracy_judge
-from grpo_steps.lineage import file_md5
-from grpo_steps.modeling import load_policy, load_reward_model, load_tokenizer, place, seed_everything
-from grpo_steps.prompts import render_all
-from grpo_steps.results import Artifact, StageResult
+from grpo_steps.platform.config import Config
+from grpo_steps.platform.io import atomic_path, write_json, write_jsonl
+from grpo_steps.platform.judge import accuracy_judge
+from grpo_steps.platform.lineage import file_md5
+from grpo_steps.platform.modeling import load_policy, load_reward_model, load_tokenizer, place, seed_everything
+from grpo_steps.platform.results import Artifact, StageResult
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +207,7 @@ def evaluate(cfg: Config) -> StageResult:
     seed_everything(cfg.seed)
     rows = read_jsonl(cfg.paths.validated_file("test"))
     tok = load_tokenizer(cfg.paths.grpo_policy())
-    # every model on this process's accelerator device (grpo_steps/modeling.py `place`); inputs follow the model's
+    # every model on this process's accelerator device (platform/modeling.py `place`); inputs follow the model's
     start = place(load_policy(cfg.paths.sft_policy(), cfg.model.trust_remote_code, cfg.model.dtype).eval())
     trained = place(load_policy(cfg.paths.grpo_policy(), cfg.model.trust_remote_code, cfg.model.dtype).eval())
     rm = None

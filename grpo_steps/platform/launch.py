@@ -1,6 +1,6 @@
 """The training stages on every GPU of every node: a torchrun child job of the stage.
 
-`launch` in params.yaml says how many processes (`grpo_steps/config.py`'s LaunchConfig). With one, a stage runs
+`launch` in params.yaml says how many processes (`grpo_steps/platform/config.py`'s LaunchConfig). With one, a stage runs
 in its own process, as always. With more, a training stage (its record says `launched`) starts torch's launcher,
 `python -m torch.distributed.run` (torch elastic, c10d rendezvous), as a child job, and each rank runs this
 module's partner, grpo_steps/launch_rank.py:
@@ -43,10 +43,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from grpo_steps.config import Config, ConfigError
+from grpo_steps.data.files import read_json
 from grpo_steps.errors import UserError
-from grpo_steps.io import read_json
-from grpo_steps.results import Report
+from grpo_steps.platform.config import Config, ConfigError
+from grpo_steps.platform.results import Report
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Evaluation during GRPO: held-out greedy accuracy (and the reward model's score) every `grpo.eval_every` steps,
 and the best policy by that accuracy kept for `grpo.select_best`.
 
-The eval split is judged as the evaluate stage judges (grpo_steps/judge.py), greedily, so no random number is
+The eval split is judged as the evaluate stage judges (grpo_steps/platform/judge.py), greedily, so no random number is
 drawn: the training run is the same with or without it (RNG states are restored around it all the same). The
 best weights are written next to the run's checkpoints (`<checkpoints>/<key>/best/`), so a resumed run still
 knows them: the trainable weights only (a LoRA run's adapter), in safetensors, and `best.json` (step, accuracy).
@@ -17,14 +17,15 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from grpo_steps.checkpoint import load_weights
-from grpo_steps.config import Config
+from grpo_steps.data.files import read_jsonl
+from grpo_steps.data.prompts import render_all
 from grpo_steps.grpo.reward_model import RewardModelFunction
 from grpo_steps.grpo.sampling import sample_in_batches
 from grpo_steps.grpo.trainer import is_adapter
-from grpo_steps.io import atomic_path, read_jsonl
-from grpo_steps.judge import accuracy_judge
-from grpo_steps.prompts import render_all
+from grpo_steps.platform.checkpoint import load_weights
+from grpo_steps.platform.config import Config
+from grpo_steps.platform.io import atomic_path
+from grpo_steps.platform.judge import accuracy_judge
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The one wrapper between the stages and MLflow: one parent run per pipeline execution, one run per stage.
 
-`tracked` runs a stage function in its run and records the `StageResult` it returns (grpo_steps/results.py);
+`tracked` runs a stage function in its run and records the `StageResult` it returns (grpo_steps/platform/results.py);
 the stage functions themselves never call MLflow, except `log_curve` for live per-step curves (and the
 register stage, whose computation is the registry's side effect).
 
@@ -24,9 +24,9 @@ from typing import Any
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from grpo_steps.config import Config, pick
-from grpo_steps.results import Report, StageResult
-from grpo_steps.secrets import redact_secrets, redact_url
+from grpo_steps.platform.config import Config, pick
+from grpo_steps.platform.results import Report, StageResult
+from grpo_steps.platform.secrets import redact_secrets, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +321,7 @@ def active_run_ids() -> tuple[str, str | None]:
     """(the active run's id, its parent run's id or None): the stage run the wrapper opened."""
     run = mlflow.active_run()
     if run is None:
-        raise RuntimeError("no active MLflow run: call the stage through its record (grpo_steps.stages)")
+        raise RuntimeError("no active MLflow run: call the stage through its record (grpo_steps.stages.STAGES)")
     return run.info.run_id, mlflow.get_run(run.info.run_id).data.tags.get("mlflow.parentRunId")
 
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import yaml
 
-from grpo_steps.config import Config
-from grpo_steps.io import file_digest
+from grpo_steps.platform.config import Config
+from grpo_steps.platform.io import file_digest
 
 log = logging.getLogger(__name__)
 

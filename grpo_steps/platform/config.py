@@ -1,7 +1,10 @@
-"""The one typed home of every setting: `params.yaml` parsed and checked before any work starts.
+"""The whole configuration: `params.yaml` parsed and checked before any work starts.
 
-Every section forbids unknown keys, so a typo in params.yaml fails loudly with the key's dotted path
-instead of being silently ignored.
+Each setting is declared once, with its type, default and doc, in the room that owns it: the algorithm's in
+grpo_steps/grpo/settings.py, the data layer's (`task`, `data`) in grpo_steps/data/settings.py, the stages' and the
+platform's here. `Config` composes them. Every section forbids unknown keys, so a typo in params.yaml fails loudly
+with the key's dotted path instead of being silently ignored; params.yaml states every setting at its declared
+default (tests/unit/test_configs.py).
 """
 
 from __future__ import annotations
@@ -10,34 +13,25 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
+from grpo_steps.data.settings import DataConfig, TaskConfig, data_file_name
 from grpo_steps.errors import UserError
-from grpo_steps.grpo.settings import GRPOSettings
-from grpo_steps.task import REJECTED_KINDS
+from grpo_steps.grpo.settings import GRPOSettings, Settings
 
 
 class ConfigError(UserError, ValueError):
     """params.yaml is missing, unreadable or invalid; the message names the file and the key."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-# The data files every stage reads and writes, by name (data/prepared/<name>.jsonl, data/validated/<name>.jsonl).
-SPLITS = ("train", "eval", "test")
-PREFERENCE_FILES = ("preferences_train", "preferences_eval")
-DATA_FILES = (*SPLITS, *PREFERENCE_FILES)
 WEIGHTS_FILE = "model.safetensors"  # a saved model's weights in its folder (safetensors only)
 
 
-class PathsConfig(_Section):
+class PathsConfig(Settings):
     """The catalog: where every file a stage reads or writes lives, relative to the working directory (the repo
     root). Stages, the stage records, the flow and the tests ask these methods; no file name is spelled twice."""
 
@@ -110,54 +104,7 @@ class PathsConfig(_Section):
         return Path(model_dir) / WEIGHTS_FILE
 
 
-def data_file_name(name: str) -> str:
-    if name not in DATA_FILES:
-        raise ValueError(f"unknown data file {name!r} (one of {', '.join(DATA_FILES)})")
-    return f"{name}.jsonl"
-
-
-class TaskConfig(_Section):
-    """The embedded synthetic task: arithmetic prompts like `37+48=` with an exact integer answer (or, in the
-    reasoning format, questions answered with their working)."""
-
-    n_train: int = Field(1800, ge=1, description="training prompts (SFT demonstrations and GRPO prompts)")
-    n_eval: int = Field(200, ge=1, description="validation prompts (reward-model gate, monitoring)")
-    n_test: int = Field(400, ge=1, description="held-out prompts for the final evaluation")
-    n_preference_pairs: int = Field(3000, ge=1, description="(prompt, chosen, rejected) pairs for the reward model")
-    max_operand: int = Field(49, ge=1, description="operands are drawn from [0, max_operand]")
-    operations: list[Literal["+", "-", "*"]] = Field(default_factory=lambda: ["+"])
-    rejected_mix: dict[Literal["slip", "offset", "digit", "random"], float] = Field(
-        default_factory=lambda: dict(REJECTED_KINDS),
-        description="shares of the kinds of wrong answer in the preference pairs' `rejected`: the weak teacher's "
-        "slip (where one exists), a small offset (+-1, 2, 10), one digit changed, a random number",
-    )
-    demo_error_rate: float = Field(
-        0.6, ge=0, le=1,
-        description="share of slip-prone train problems whose cold-start demonstration is a weak teacher's "
-        "systematic slip (no carry / no borrow); GRPO's verifier reward is always the true answer",
-    )
-    format: Literal["answer", "reasoning"] = Field(
-        "answer", description="answer: `37+48=` -> `85`; reasoning: `What is 37 + 48?` -> the column-by-column "
-        "working, then `#### 85` (judged by math_accuracy), the shape of GSM8K",
-    )
-    tokenizer: Literal["char", "bpe"] = Field(
-        "char", description="the project's tokenizer: characters, or a byte-level BPE trained on the task's text "
-        "with a ChatML chat template (as a chat model's)",
-    )
-    bpe_vocab_size: int = Field(512, ge=64, description="vocabulary of the bpe tokenizer")
-
-
-    @model_validator(mode="after")
-    def _mix_has_weight(self) -> TaskConfig:
-        if any(w < 0 for w in self.rejected_mix.values()) or not any(w > 0 for w in self.rejected_mix.values()):
-            raise ValueError(f"rejected_mix needs non-negative shares, one above 0 (got {self.rejected_mix})")
-        if not any(w > 0 for k, w in self.rejected_mix.items() if k != "slip"):
-            raise ValueError("rejected_mix needs a share above 0 for a kind other than slip (not every problem "
-                             "has a slip)")
-        return self
-
-
-class LoraConfig(_Section):
+class LoraConfig(Settings):
     """A LoRA adapter (peft.LoraConfig) on the policy during grpo."""
 
     r: int = Field(16, ge=1, description="rank of the update matrices")
@@ -169,7 +116,7 @@ class LoraConfig(_Section):
     )
 
 
-class ModelConfig(_Section):
+class ModelConfig(Settings):
     """The policy (and reward-model backbone) architecture, built from a config: no hub download."""
 
     architecture: Literal["qwen2", "llama"] = "qwen2"
@@ -228,67 +175,7 @@ class ModelConfig(_Section):
         return self
 
 
-class DataConfig(_Section):
-    """Where prompts and preference pairs come from: the embedded synthetic task or your own files.
-
-    Files are JSONL, Parquet or CSV (format from the extension unless `format` says otherwise). GSM8K-style
-    files (`question`, `answer` ending in `#### <number>`) are read with `gsm8k: true` or `format: gsm8k`.
-    A prompt is a string or a conversation (a list of {role, content} messages, JSONL or Parquet).
-    When only `train` is given, eval and test are split off it by seed; without preference files, pairs are
-    derived from the train and eval prompts (the right answer preferred over a near miss).
-    """
-
-    source: Literal["synthetic", "files"] = Field("synthetic", description="'files' reads the paths below")
-    train: str | None = Field(None, description="prompt file (prompt + answer columns); required for 'files'")
-    eval: str | None = Field(None, description="prompt file; unset: split off train by eval_fraction")
-    test: str | None = Field(None, description="prompt file; unset: split off train by test_fraction")
-    preferences_train: str | None = Field(None, description="(prompt, chosen, rejected) file; unset: derived")
-    preferences_eval: str | None = Field(None, description="unset: split off preferences_train, or derived")
-    format: Literal["auto", "jsonl", "parquet", "csv", "gsm8k"] = Field(
-        "auto", description="file format of every file; auto: from the extension (.jsonl/.parquet/.csv)"
-    )
-    gsm8k: bool = Field(False, description="prompt files are GSM8K-style: the answer is the number after ####")
-    prompt_column: str | None = Field(None, description="unset: 'prompt' ('question' for GSM8K)")
-    answer_column: str = "answer"
-    demonstration_column: str = Field(
-        "demonstration", description="a column of worked solutions for the SFT cold start, used when the file "
-        "has it (GSM8K: the solution itself, calculator annotations removed, ending in `#### <answer>`)",
-    )
-    chosen_column: str = "chosen"
-    rejected_column: str = "rejected"
-    id_column: str | None = Field(None, description="a column of row ids to keep; unset: ids are generated")
-    system_prompt: str | None = Field(
-        None, description="a system message put before every prompt (unless a conversation has its own)",
-    )
-    chat_template: Literal["auto"] | bool = Field(
-        "auto", description="render prompts with the policy tokenizer's chat template (add_generation_prompt): "
-        "auto = when it has one; true = required; false = plain text (grpo_steps/prompts.py)",
-    )
-    eval_fraction: float = Field(0.05, ge=0, lt=1, description="share of train's distinct prompts split off")
-    test_fraction: float = Field(0.1, ge=0, lt=1, description="share of train's distinct prompts split off")
-    preferences_eval_fraction: float = Field(0.1, ge=0, lt=1, description="share of preference prompts split off")
-
-    @model_validator(mode="after")
-    def _paths_match_source(self) -> DataConfig:
-        paths = DATA_FILES
-        if self.source == "synthetic":
-            given = [p for p in paths if getattr(self, p) is not None]
-            if given:
-                raise ValueError(f"{', '.join(given)} set but source is 'synthetic' (set source: files to use them)")
-        elif self.train is None:
-            raise ValueError("source 'files' needs a train file")
-        if self.preferences_eval is not None and self.preferences_train is None:
-            raise ValueError("preferences_eval needs preferences_train")
-        if self.eval_fraction + self.test_fraction >= 1:
-            raise ValueError("eval_fraction + test_fraction must be below 1")
-        return self
-
-    @property
-    def is_gsm8k(self) -> bool:
-        return self.gsm8k or self.format == "gsm8k"
-
-
-class ValidateConfig(_Section):
+class ValidateConfig(Settings):
     """Data contracts checked by the validate stage, and what happens to rows that break them."""
 
     on_failure: Literal["fail", "quarantine"] = Field(
@@ -308,7 +195,7 @@ class ValidateConfig(_Section):
         return self.max_completion_tokens or self.max_answer_tokens
 
 
-class RewardModelConfig(_Section):
+class RewardModelConfig(Settings):
     """The Bradley-Terry reward model (TRL RewardTrainer): a sequence-classification head on a backbone."""
 
     head: Literal["likelihood", "scalar"] = Field(
@@ -366,7 +253,7 @@ class RewardModelConfig(_Section):
         return self
 
 
-class SFTConfig(_Section):
+class SFTConfig(Settings):
     """Cold start: a short supervised run so GRPO starts from a policy that is sometimes right."""
 
     enabled: Literal["auto"] | bool = Field(
@@ -384,7 +271,7 @@ class SFTConfig(_Section):
     warmup_ratio: float = Field(0.05, ge=0, le=1)
 
 
-class RewardFunctionConfig(_Section):
+class RewardFunctionConfig(Settings):
     """One reward function: a built-in name or an import path `module:function`, its weight, and the keyword
     arguments that build it (for `math_accuracy`, `format`, `overlong_penalty`, or a factory of your own)."""
 
@@ -396,55 +283,15 @@ class RewardFunctionConfig(_Section):
     )
 
 
-class GRPOConfig(_Section):
+class GRPOConfig(GRPOSettings):
+    """The grpo stage: the algorithm's settings (grpo_steps/grpo/settings.py, declared there) and the stage's own."""
+
     steps: int = Field(100, ge=1, description="optimizer steps (one generation batch per step when mu = 1)")
-    prompts_per_step: int = Field(32, ge=1, description="distinct prompts per generation batch")
-    num_generations: int = Field(8, ge=2, description="G: completions sampled per prompt")
-    micro_batch_size: int = Field(
-        128, ge=1,
-        description="sequences per forward/backward (gradient accumulation); it need not divide the batch: the "
-        "last micro-batch is then smaller, and since losses use whole-batch normalisers the update is the same",
-    )
-    mu: int = Field(1, ge=1, description="policy updates per generation batch (old log-probs stored when > 1)")
-    max_completion_length: int = Field(6, ge=1)
-    temperature: float = Field(1.0, gt=0)
-    learning_rate: float = Field(2e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    beta: float = Field(0.02, ge=0, description="KL coefficient to the frozen reference (k3); 0 loads no reference")
-    epsilon: float = Field(0.2, gt=0, description="lower clip range (and upper when epsilon_high is unset)")
-    epsilon_high: float | None = Field(None, gt=0, description="upper clip range (DAPO clip-higher)")
-    loss_type: Literal["grpo", "dr_grpo", "dapo"] = Field(
-        "grpo", description="how token losses are averaged: grpo = each sequence's token mean, averaged over the "
-        "batch's sequences; dapo = the token sum over the batch's tokens; dr_grpo = the token sum over "
-        "sequences x max_completion_length. Always over the whole generation batch, whatever the micro-batches "
-        "and processes",
-    )
-    importance_sampling_level: Literal["token", "sequence"] = Field(
-        "token", description="'sequence' gives GSPO's length-normalised sequence ratio"
-    )
-    scale_rewards: Literal["group", "batch", "none"] = Field(
-        "batch",
-        description="advantage denominator: the group's reward std (GRPO), the batch's (keeps a small-weight "
-        "reward small when the others tie within a group), or none (Dr. GRPO)",
-    )
-    logprob_chunk_size: int = Field(0, ge=0, description="rows per log-prob chunk; 0 computes all at once")
     reward_functions: list[RewardFunctionConfig] = Field(
         default_factory=lambda: [
             RewardFunctionConfig(name="exact_match", weight=1.0),
             RewardFunctionConfig(name="reward_model", weight=0.1),
         ]
-    )
-    max_consecutive_nonfinite: int = Field(3, ge=1, description="stop after this many skipped non-finite steps")
-    mask_truncated_completions: bool = Field(
-        False, description="DAPO: completions cut off by max_completion_length (no EOS) are scored but carry no "
-        "loss, so the policy is not taught from answers it never finished",
-    )
-    generation_backend: Literal["hf", "compact"] = Field(
-        "compact", description="how rollouts are sampled: compact = our KV-cached loop that prefills each prompt "
-        "once for its G rows (share_prompt) and drops each row from the batch at its EOS; hf = transformers "
-        "generate, which prefills every copy and computes every row until the last one stops (the same "
-        "distribution; another random stream)",
     )
     eval_every: int = Field(
         0, ge=0, description="every N steps (and at the last), greedy accuracy on the eval split and the reward "
@@ -455,52 +302,15 @@ class GRPOConfig(_Section):
         False, description="models/grpo is the policy of the step with the best eval/accuracy (the first of "
         "equals), not the last one; needs eval_every",
     )
-    dynamic_sampling: bool = Field(
-        False, description="DAPO's dynamic sampling: groups whose rewards are all equal (advantage 0) are dropped "
-        "and further prompts sampled until prompts_per_step groups differ, for at most max_dynamic_sampling_rounds "
-        "extra generation rounds (then equal groups fill up); logged as dynamic_sampling/*",
-    )
-    max_dynamic_sampling_rounds: int = Field(3, ge=0, description="extra generation rounds per step at most")
-    share_prompt: bool = Field(
-        True, description="each distinct prompt goes through the model once per pass (generation's prefill with "
-        "generation_backend compact, the update, the reference and old log-probs), its keys and values shared by "
-        "its G completions: the same numbers, the prompt's compute G times smaller (the update: one process, "
-        "no activation checkpointing)",
-    )
-    merge_identical_rows: bool = Field(
-        True, description="rows that are the same completion of the same prompt with the same advantage have the "
-        "same loss terms and gradient: the update computes one of them, weighted by how many there are (the same "
-        "update; one process only; logged as frac_rows_merged). Short answers repeat often; long ones rarely",
-    )
-    skip_zero_advantage: bool = Field(
-        True, description="with beta = 0, rows whose advantage is 0 (a group whose rewards are all equal) skip "
-        "the forward and backward pass: their gradient is exactly zero, and the loss keeps the whole batch's "
-        "normalisers, so the update is the same (one process only; with beta > 0 they still carry the KL term)",
-    )
     checkpoint_every: int = Field(
         25, ge=0, description="save a resumable checkpoint every N steps (0: only at the end); a rerun resumes"
     )
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept (older ones are deleted)")
 
-    def settings(self) -> GRPOSettings:
-        """The algorithm's view of this section (grpo_steps/grpo takes no app config)."""
-        return GRPOSettings(**{f.name: getattr(self, f.name) for f in fields(GRPOSettings)})
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_bnpo(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("loss_type") == "bnpo":
-            raise ValueError("grpo.loss_type 'bnpo' normalises by each micro-batch's tokens (as in TRL), so its "
-                             "update changes with the micro-batch size and the number of processes; the token "
-                             "mean over the whole generation batch is 'dapo' here: use loss_type: dapo")
-        return data
-
     @model_validator(mode="after")
     def _consistent(self) -> GRPOConfig:
         if self.select_best and not self.eval_every:
             raise ValueError("grpo.select_best needs grpo.eval_every > 0 (the best step is chosen by eval accuracy)")
-        if self.epsilon_high is not None and self.epsilon_high < self.epsilon:
-            raise ValueError(f"grpo.epsilon_high ({self.epsilon_high}) must be >= grpo.epsilon ({self.epsilon})")
         if not self.reward_functions:
             raise ValueError("grpo.reward_functions is empty: configure at least one reward function")
         seen: dict[str, int] = {}
@@ -516,7 +326,7 @@ class GRPOConfig(_Section):
         return self
 
 
-class EvaluateConfig(_Section):
+class EvaluateConfig(Settings):
     pass_k: int = Field(4, ge=1, description="k for pass@k and maj@k (sampled at temperature 1)")
     accuracy: Literal["auto", "exact_match", "math_accuracy"] = Field(
         "auto", description="how a completion's answer is judged: exact_match (the whole completion is the "
@@ -529,12 +339,12 @@ class EvaluateConfig(_Section):
     )
 
 
-class RegisterConfig(_Section):
+class RegisterConfig(Settings):
     model_name: str = "grpo-policy"
     promotion_margin: float = Field(0.0, ge=0, description="held-out accuracy the new version must add over champion")
 
 
-class TrackingConfig(_Section):
+class TrackingConfig(Settings):
     tracking_uri: str = Field(
         "sqlite:///mlflow.db",
         description="MLflow tracking URI (a server URL in production); the MLFLOW_TRACKING_URI variable overrides it",
@@ -549,7 +359,7 @@ class TrackingConfig(_Section):
     system_metrics_interval_s: float = Field(5.0, gt=0, description="seconds between system-metric samples")
 
 
-class LaunchConfig(_Section):
+class LaunchConfig(Settings):
     """How many processes the training stages (sft, train_reward, grpo) run on: torch's launcher (torchrun, c10d
     rendezvous) starts them as a child job of the stage when more than one is asked for; the other stages, and
     one process, run in the stage's own process. A platform setting, like `paths`: it moves the computation, not
@@ -587,7 +397,7 @@ class LaunchConfig(_Section):
         return self
 
 
-class Config(_Section):
+class Config(Settings):
     seed: int = 0
     paths: PathsConfig = Field(default_factory=PathsConfig)
     task: TaskConfig = Field(default_factory=TaskConfig)

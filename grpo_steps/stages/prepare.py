@@ -1,7 +1,7 @@
 """Stage `prepare`: the train/eval/test prompts, the reward model's preference pairs, the tokenizer.
 
 The rows come from the embedded synthetic task (`data.source: synthetic`, the default) or from your own files
-(`data.source: files`, read by grpo_steps.ingest). Either way the stage writes the same five files under
+(`data.source: files`, read by grpo_steps.data.ingest). Either way the stage writes the same five files under
 data/prepared (train/eval/test.jsonl: id, prompt, answer, split; preferences_train/eval.jsonl: id, prompt,
 chosen, rejected), replacing the folder as a whole so a crash never leaves a mix of old and new files.
 """
@@ -11,10 +11,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from grpo_steps.config import SPLITS, Config, data_file_name
-from grpo_steps.io import atomic_path, write_jsonl
-from grpo_steps.results import StageResult
-from grpo_steps.task import (
+from grpo_steps.data.settings import SPLITS, data_file_name
+from grpo_steps.data.task import (
     demonstrations,
     make_preference_pairs,
     make_splits,
@@ -22,7 +20,10 @@ from grpo_steps.task import (
     reasoning_rejected,
     worked_solution,
 )
-from grpo_steps.tokenizer import build_bpe_tokenizer, save_tokenizer
+from grpo_steps.data.tokenizer import build_bpe_tokenizer, save_tokenizer
+from grpo_steps.platform.config import Config
+from grpo_steps.platform.io import atomic_path, write_jsonl
+from grpo_steps.platform.results import StageResult
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +73,9 @@ def task_corpus(files: dict[str, list[dict[str, Any]]], system_prompt: str | Non
 
 def prepare(cfg: Config) -> StageResult:
     if cfg.data.source == "files":
-        from grpo_steps.ingest import ingest  # deferred: pandas, pyarrow
+        from grpo_steps.data.ingest import ingest  # deferred: pandas, pyarrow
 
-        files = ingest(cfg)
+        files = ingest(cfg.data, cfg.seed)
     else:
         files = synthetic_rows(cfg)
     out = cfg.paths.prepared()

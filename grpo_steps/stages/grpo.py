@@ -6,14 +6,14 @@ curve `dvc plots` and the evaluation plot read); every step's metrics also go to
 Reliability:
 - Everything checkable is checked before any model is loaded (`preflight`): the reward functions import, and
   the input paths exist (each missing one named).
-- Every `grpo.checkpoint_every` steps, and at the end, a verified checkpoint is written (grpo_steps/checkpoint.py);
-  a rerun with the same params and inputs resumes from the newest good one automatically (a Prefect retry
-  included), and on CPU ends with the same weights as an uninterrupted run.
+- Every `grpo.checkpoint_every` steps, and at the end, a verified checkpoint is written
+  (grpo_steps/platform/checkpoint.py); a rerun with the same params and inputs resumes from the newest good one
+  automatically (a Prefect retry included), and on CPU ends with the same weights as an uninterrupted run.
 - `<models_dir>/.grpo.lock` keeps two runs from writing the same outputs: the second fails fast, naming the
   holder's pid.
 - Nothing non-finite is saved: a NonFiniteLossError stops the run before any output is written, and the
   previous models/grpo stays as it was.
-- Under `accelerate launch` only the main process writes files and logs to MLflow; metrics are global.
+- Under torchrun only the main process writes files and logs to MLflow; metrics are global.
 """
 
 from __future__ import annotations
@@ -30,14 +30,16 @@ from accelerate import Accelerator
 from pydantic import ValidationError
 from tqdm.auto import tqdm
 
-from grpo_steps.checkpoint import CheckpointStore, checkpoints_root, restore, set_rng_state, training_key
-from grpo_steps.config import Config, ConfigError, ModelConfig, RewardFunctionConfig
+from grpo_steps.data.files import read_jsonl
+from grpo_steps.data.prompts import render_all
 from grpo_steps.grpo.reward_model import RewardModelFunction
 from grpo_steps.grpo.rewards import RewardFunction, function_name, resolve_reward_function
 from grpo_steps.grpo.sharding import full_state_dict
 from grpo_steps.grpo.trainer import GRPOTrainer, NonFiniteLossError, PromptSampler
-from grpo_steps.io import OutputLockedError, atomic_path, exclusive_lock, read_jsonl
-from grpo_steps.modeling import (
+from grpo_steps.platform.checkpoint import CheckpointStore, checkpoints_root, restore, set_rng_state, training_key
+from grpo_steps.platform.config import Config, ConfigError, ModelConfig, RewardFunctionConfig
+from grpo_steps.platform.io import OutputLockedError, atomic_path, exclusive_lock
+from grpo_steps.platform.modeling import (
     accelerate_precision,
     apply_lora,
     begin_stage,
@@ -49,10 +51,10 @@ from grpo_steps.modeling import (
     save_pretrained,
     seed_everything,
 )
-from grpo_steps.prompts import render_all
-from grpo_steps.results import StageResult
-from grpo_steps.tracking import log_curve
-from grpo_steps.training_eval import BEST_DIR, BestPolicy, TrainingEval
+from grpo_steps.platform.results import StageResult
+from grpo_steps.platform.tracking import log_curve
+from grpo_steps.stages import STAGES
+from grpo_steps.stages.training_eval import BEST_DIR, BestPolicy, TrainingEval
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +84,7 @@ def reward_model_of(funcs: list[RewardFunction]) -> RewardModelFunction | None:
 
 
 def training_rows(cfg: Config, tokenizer) -> list[dict[str, Any]]:
-    """The validated train rows, their prompts as the policy sees them (grpo_steps/prompts.py): reward
+    """The validated train rows, their prompts as the policy sees them (grpo_steps/data/prompts.py): reward
     functions get this text as `prompts`."""
     rows = read_jsonl(cfg.paths.validated_file("train"))
     texts = render_all(tokenizer, [r["prompt"] for r in rows], cfg.data.system_prompt, cfg.data.chat_template)
@@ -218,7 +220,8 @@ def _train(cfg: Config, acc: Accelerator, progress: bool) -> StageResult:
                           fsdp2=cfg.model.sharding == "fsdp2")
     sampler = PromptSampler(rows, seed=cfg.seed)
 
-    store = CheckpointStore(checkpoints_root(cfg), _broadcast(acc, training_key(cfg) if main else None),
+    key = training_key(cfg, STAGES["grpo"].code_files()) if main else None
+    store = CheckpointStore(checkpoints_root(cfg), _broadcast(acc, key),
                             keep=cfg.grpo.keep_checkpoints, params_hash=cfg.params_hash())
     ckpt = None
     if main:

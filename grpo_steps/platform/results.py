@@ -1,7 +1,7 @@
 """What a stage function returns: its value, and what the tracking wrapper records of it.
 
 A stage computes; it does not talk to MLflow or Prefect. It returns a `StageResult`, and the one wrapper
-around every stage (`grpo_steps/tracking.py`'s `tracked`, called by `Stage.__call__`) logs the result's
+around every stage (`grpo_steps/platform/tracking.py`'s `tracked`, called by `Stage.__call__`) logs the result's
 metrics, tags, params, artifacts and tables on the stage's MLflow run and hands its reports to the flow's
 publisher (Prefect artifacts). A stage that computed an outcome which fails a gate (invalid data, a reward
 model that ranks at chance) returns it with `error` set: the wrapper records it all, then raises the error.

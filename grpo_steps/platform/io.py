@@ -1,4 +1,6 @@
-"""File I/O that never leaves a half-written output behind: write to a temporary sibling, then rename."""
+"""File I/O that never leaves a half-written output behind (write to a temporary sibling, then rename), file
+digests, and the lock that keeps two runs from writing the same outputs. Reading data files:
+grpo_steps/data/files.py."""
 
 from __future__ import annotations
 
@@ -13,12 +15,6 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-
-from grpo_steps.errors import UserError
-
-
-class DataFileError(UserError, ValueError):
-    """A data file is missing or malformed; the message names the file and the line."""
 
 
 @contextmanager
@@ -52,41 +48,6 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
     with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def parse_jsonl(path: str | Path, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line of `text`, read from `path` (named in errors)."""
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataFileError(f"{path}: line {lineno}: not valid JSON: {e.msg} (column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise DataFileError(f"{path}: line {lineno}: expected a JSON object, got {type(row).__name__}")
-        yield lineno, row
-
-
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    path = Path(path)
-    if not path.is_file():
-        raise DataFileError(f"data file not found: {path.resolve()}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataFileError(f"{path}: not UTF-8 text (byte {e.start}): {e.reason}") from None
-    return [row for _, row in parse_jsonl(path, text)]
-
-
-def read_json(path: str | Path) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise DataFileError(f"file not found: {path.resolve()}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataFileError(f"{path}: not valid JSON: {e}") from None
 
 
 def file_digest(path: str | Path, algorithm: str = "sha256", chunk: int = 1 << 20) -> str:

@@ -16,12 +16,13 @@ import torch
 import transformers
 from mlflow import MlflowClient
 
-from grpo_steps.config import Config
-from grpo_steps.io import read_json, write_json
-from grpo_steps.lineage import file_md5, lineage_tags
-from grpo_steps.modeling import load_policy, load_tokenizer
-from grpo_steps.results import Artifact, StageResult
-from grpo_steps.tracking import active_run_ids
+from grpo_steps.data.files import read_json
+from grpo_steps.platform.config import Config
+from grpo_steps.platform.io import write_json
+from grpo_steps.platform.lineage import file_md5, lineage_tags
+from grpo_steps.platform.modeling import load_policy, load_tokenizer
+from grpo_steps.platform.results import Artifact, StageResult
+from grpo_steps.platform.tracking import active_run_ids
 
 log = logging.getLogger(__name__)
 

@@ -32,12 +32,14 @@ from transformers import (
 )
 from trl import RewardConfig, RewardTrainer
 
-from grpo_steps.config import Config, ConfigError
+from grpo_steps.data.files import DataFileError, read_jsonl
+from grpo_steps.data.prompts import render
 from grpo_steps.errors import UserError
 from grpo_steps.grpo.reward_model import RewardModelFunction, bradley_terry_loss, encode_pairs, sequence_logps
-from grpo_steps.io import DataFileError, read_jsonl, write_json
-from grpo_steps.judge import accuracy_judge
-from grpo_steps.modeling import (
+from grpo_steps.platform.config import Config, ConfigError
+from grpo_steps.platform.io import write_json
+from grpo_steps.platform.judge import accuracy_judge
+from grpo_steps.platform.modeling import (
     accelerate_precision,
     begin_stage,
     build_policy,
@@ -55,10 +57,9 @@ from grpo_steps.modeling import (
     trl_warmup,
     written_once,
 )
-from grpo_steps.policy_pairs import sample_pairs
-from grpo_steps.prompts import render
-from grpo_steps.results import Artifact, StageResult
-from grpo_steps.tracking import log_curve
+from grpo_steps.platform.results import Artifact, StageResult
+from grpo_steps.platform.tracking import log_curve
+from grpo_steps.stages.policy_pairs import sample_pairs
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def pairwise_report(scorer: RewardModelFunction, pairs: list[dict]) -> dict[str,
 
 
 def rendered(cfg: Config, tok: PreTrainedTokenizerBase, pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The pairs with their prompts rendered by the one rendering every stage uses (grpo_steps/prompts.py)."""
+    """The pairs with their prompts rendered by the one rendering every stage uses (grpo_steps/data/prompts.py)."""
     return [{**p, "prompt": render(tok, p["prompt"], cfg.data.system_prompt, cfg.data.chat_template)}
             for p in pairs]
 

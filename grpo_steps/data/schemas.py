@@ -29,7 +29,7 @@ PREFERENCE_COLUMNS = ("id", "prompt", "chosen", "rejected", "kind")
 
 # Turns a list of strings into their token counts (the pipeline's tokenizer, without special tokens).
 TokenCounter = Callable[[list[str]], list[int]]
-# Turns prompts (strings or conversations) into the token counts of their rendered text (grpo_steps/prompts.py).
+# Turns prompts (strings or conversations) into the token counts of their rendered text (grpo_steps/data/prompts.py).
 PromptTokenCounter = Callable[[list[Any]], list[int]]
 ROLES = ("system", "user", "assistant")
 

@@ -1,6 +1,6 @@
 """Preference pairs from the starting policy's own samples (`reward_model.pairs: policy`), as such data is
 made in practice: for each prompt, sample `reward_model.samples_per_prompt` completions, judge each with the
-accuracy judge (grpo_steps/judge.py), and prefer a verified-right completion over a wrong one of the same
+accuracy judge (grpo_steps/platform/judge.py), and prefer a verified-right completion over a wrong one of the same
 prompt. Prompts the policy gets all right or all wrong give no pair. Train pairs come from the train prompts,
 held-out pairs from the eval prompts; the test split stays unseen.
 """
@@ -13,11 +13,11 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from grpo_steps.config import Config
+from grpo_steps.data.prompts import render_all
 from grpo_steps.errors import UserError
 from grpo_steps.grpo.rewards import RewardFunction
 from grpo_steps.grpo.sampling import sample_groups
-from grpo_steps.prompts import render_all
+from grpo_steps.platform.config import Config
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from transformers import (
     Qwen2Config,
 )
 
-from grpo_steps.config import Config, ConfigError, LoraConfig, ModelConfig
 from grpo_steps.grpo.trainer import is_adapter
-from grpo_steps.io import atomic_path
+from grpo_steps.platform.config import Config, ConfigError, LoraConfig, ModelConfig
+from grpo_steps.platform.io import atomic_path
 
 log = logging.getLogger(__name__)
 

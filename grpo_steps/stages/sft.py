@@ -2,7 +2,7 @@
 GRPO starts from a policy that is sometimes right; GRPO needs groups with mixed rewards to learn anything.
 Skipped by default when `model.pretrained` names a policy (`sft.enabled: auto`); `sft.enabled: true` fine-tunes
 a pretrained policy on the worked solutions too (a reasoning cold start). Prompts are rendered as every stage
-renders them (grpo_steps/prompts.py) and tokenized here, so the loss covers exactly the demonstration's tokens
+renders them (grpo_steps/data/prompts.py) and tokenized here, so the loss covers exactly the demonstration's tokens
 and EOS after the prompt the policy will see.
 """
 
@@ -14,10 +14,11 @@ import tempfile
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from grpo_steps.config import Config
+from grpo_steps.data.files import read_jsonl
+from grpo_steps.data.prompts import render
 from grpo_steps.grpo.tokens import prompt_completion_ids
-from grpo_steps.io import read_jsonl
-from grpo_steps.modeling import (
+from grpo_steps.platform.config import Config
+from grpo_steps.platform.modeling import (
     begin_stage,
     build_policy,
     policy_tokenizer,
@@ -27,8 +28,7 @@ from grpo_steps.modeling import (
     trl_warmup,
     written_once,
 )
-from grpo_steps.prompts import render
-from grpo_steps.results import StageResult
+from grpo_steps.platform.results import StageResult
 
 log = logging.getLogger(__name__)
 

@@ -26,13 +26,9 @@ from typing import Any
 import pandas as pd
 import pandera.pandas as pa
 
-from grpo_steps.config import DATA_FILES, SPLITS, Config, ValidateConfig, data_file_name
-from grpo_steps.errors import UserError
-from grpo_steps.io import atomic_path, read_jsonl, write_json, write_jsonl
-from grpo_steps.lineage import data_hashes
-from grpo_steps.prompts import render_all
-from grpo_steps.results import Artifact, Report, StageResult
-from grpo_steps.schemas import (
+from grpo_steps.data.files import read_jsonl
+from grpo_steps.data.prompts import render_all
+from grpo_steps.data.schemas import (
     CHECK_DESCRIPTIONS,
     PREFERENCE_COLUMNS,
     PROMPT_COLUMNS,
@@ -45,6 +41,12 @@ from grpo_steps.schemas import (
     to_frame,
     unexpected_keys,
 )
+from grpo_steps.data.settings import DATA_FILES, SPLITS, data_file_name
+from grpo_steps.errors import UserError
+from grpo_steps.platform.config import Config, ValidateConfig
+from grpo_steps.platform.io import atomic_path, write_json, write_jsonl
+from grpo_steps.platform.lineage import data_hashes
+from grpo_steps.platform.results import Artifact, Report, StageResult
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +313,7 @@ def _token_counters(cfg: Config) -> tuple[TokenCounter, PromptTokenCounter]:
     path = cfg.paths.tokenizer()
     if not cfg.model.pretrained and not path.is_dir():
         raise FileNotFoundError(f"tokenizer not found at {path.resolve()} (run `grpo prepare` first)")
-    from grpo_steps.modeling import policy_tokenizer  # deferred: torch, transformers
+    from grpo_steps.platform.modeling import policy_tokenizer  # deferred: torch, transformers
 
     tok = policy_tokenizer(cfg)
 
