@@ -29,9 +29,10 @@ class TaskConfig(Settings):
     n_train: int = Field(1800, ge=1, description="training prompts (SFT demonstrations and GRPO prompts)")
     n_eval: int = Field(200, ge=1, description="validation prompts (reward-model gate, monitoring)")
     n_test: int = Field(400, ge=1, description="held-out prompts for the final evaluation")
-    n_preference_pairs: int = Field(3000, ge=1, description="(prompt, chosen, rejected) pairs for the reward model")
+    n_preference_pairs: int = Field(6000, ge=1, description="(prompt, chosen, rejected) pairs for the reward model")
     max_operand: int = Field(49, ge=1, description="operands are drawn from [0, max_operand]")
-    operations: list[Literal["+", "-", "*"]] = Field(default_factory=lambda: ["+"])
+    operations: list[Literal["+", "-", "*"]] = Field(default_factory=lambda: ["+"],
+                                                     description="the operations problems use")
     rejected_mix: dict[Literal["slip", "offset", "digit", "random"], float] = Field(
         default_factory=lambda: dict(REJECTED_KINDS),
         description="shares of the kinds of wrong answer in the preference pairs' `rejected`: the weak teacher's "
@@ -84,13 +85,13 @@ class DataConfig(Settings):
     )
     gsm8k: bool = Field(False, description="prompt files are GSM8K-style: the answer is the number after ####")
     prompt_column: str | None = Field(None, description="unset: 'prompt' ('question' for GSM8K)")
-    answer_column: str = "answer"
+    answer_column: str = Field("answer", description="the prompt files' column of reference answers")
     demonstration_column: str = Field(
         "demonstration", description="a column of worked solutions for the SFT cold start, used when the file "
         "has it (GSM8K: the solution itself, calculator annotations removed, ending in `#### <answer>`)",
     )
-    chosen_column: str = "chosen"
-    rejected_column: str = "rejected"
+    chosen_column: str = Field("chosen", description="the preference files' column of preferred answers")
+    rejected_column: str = Field("rejected", description="the preference files' column of rejected answers")
     id_column: str | None = Field(None, description="a column of row ids to keep; unset: ids are generated")
     system_prompt: str | None = Field(
         None, description="a system message put before every prompt (unless a conversation has its own)",

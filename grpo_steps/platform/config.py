@@ -35,9 +35,9 @@ class PathsConfig(Settings):
     """The catalog: where every file a stage reads or writes lives, relative to the working directory (the repo
     root). Stages, the stage records, the flow and the tests ask these methods; no file name is spelled twice."""
 
-    data_dir: str = "data"
-    models_dir: str = "models"
-    reports_dir: str = "reports"
+    data_dir: str = Field("data", description="prepared and validated data files (DVC-tracked)")
+    models_dir: str = Field("models", description="tokenizer, models and GRPO checkpoints (DVC-tracked)")
+    reports_dir: str = Field("reports", description="validation reports, metrics, curves and plots")
 
     def prepared(self) -> Path:
         return Path(self.data_dir) / "prepared"
@@ -119,12 +119,12 @@ class LoraConfig(Settings):
 class ModelConfig(Settings):
     """The policy (and reward-model backbone) architecture, built from a config: no hub download."""
 
-    architecture: Literal["qwen2", "llama"] = "qwen2"
-    hidden_size: int = Field(128, ge=8)
-    num_layers: int = Field(4, ge=1)
-    num_heads: int = Field(4, ge=1)
-    intermediate_size: int = Field(384, ge=8)
-    max_position_embeddings: int = Field(64, ge=8)
+    architecture: Literal["qwen2", "llama"] = Field("qwen2", description="the built policy's architecture")
+    hidden_size: int = Field(128, ge=8, description="the built policy's hidden width")
+    num_layers: int = Field(4, ge=1, description="the built policy's transformer layers")
+    num_heads: int = Field(4, ge=1, description="the built policy's attention heads")
+    intermediate_size: int = Field(384, ge=8, description="the built policy's MLP width")
+    max_position_embeddings: int = Field(64, ge=8, description="the built policy's longest sequence")
     pretrained: str | None = Field(
         None, description="a local path or hub name of a pretrained policy; when set, the SFT cold start is skipped"
     )
@@ -181,8 +181,8 @@ class ValidateConfig(Settings):
     on_failure: Literal["fail", "quarantine"] = Field(
         "fail", description="fail: stop, data/validated untouched; quarantine: set bad rows aside with reasons"
     )
-    max_prompt_tokens: int = Field(32, ge=1)
-    max_answer_tokens: int = Field(8, ge=1)
+    max_prompt_tokens: int = Field(32, ge=1, description="longest rendered prompt, in the policy's tokens")
+    max_answer_tokens: int = Field(8, ge=1, description="longest answer, in the policy's tokens")
     max_completion_tokens: int | None = Field(
         None, ge=1, description="bound on completions: preference chosen/rejected and train demonstrations; "
         "unset: max_answer_tokens"
@@ -220,10 +220,10 @@ class RewardModelConfig(Settings):
         "safetensors only, with its own tokenizer; overrides `init`"
     )
     trust_remote_code: bool = Field(False, description="allow the backbone's custom code (or model.trust_remote_code)")
-    epochs: float = Field(2.0, gt=0)
-    learning_rate: float = Field(1e-4, gt=0)
+    epochs: float = Field(2.0, gt=0, description="passes over the train pairs (a fraction: part of one)")
+    learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate, cosine schedule")
     batch_size: int = Field(64, ge=1, description="preference pairs per optimizer step")
-    warmup_ratio: float = Field(0.05, ge=0, le=1)
+    warmup_ratio: float = Field(0.05, ge=0, le=1, description="share of the steps the learning rate warms up")
     center_rewards_coefficient: float | None = Field(
         None, ge=0, description="pull rewards towards zero mean: + coef * mean((r_chosen + r_rejected)^2)"
     )
@@ -261,14 +261,14 @@ class SFTConfig(Settings):
         "(`model.pretrained`, which is then the starting policy as it is); true: fine-tune the pretrained policy "
         "on the demonstrations too (a reasoning cold start); false: never",
     )
-    max_steps: int = Field(2000, ge=1)
+    max_steps: int = Field(2000, ge=1, description="optimizer steps of the cold start")
     learning_rate: float = Field(
         1e-3, gt=0, description="1e-3 imitates the weak teacher cleanly on every seed measured; 3e-3 left one "
         "seed with 0.38 held-out accuracy, half its errors neither right nor the teacher's slip",
     )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    batch_size: int = Field(64, ge=1)
-    warmup_ratio: float = Field(0.05, ge=0, le=1)
+    batch_size: int = Field(64, ge=1, description="demonstrations per optimizer step, all processes together")
+    warmup_ratio: float = Field(0.05, ge=0, le=1, description="share of the steps the learning rate warms up")
 
 
 class RewardFunctionConfig(Settings):
@@ -291,10 +291,12 @@ class GRPOConfig(GRPOSettings):
         default_factory=lambda: [
             RewardFunctionConfig(name="exact_match", weight=1.0),
             RewardFunctionConfig(name="reward_model", weight=0.1),
-        ]
+        ],
+        description="the rewards, each a name (grpo/rewards.py's registry, `reward_model`, or module:function) "
+        "with its weight and kwargs; a completion's reward is their weighted sum",
     )
     eval_every: int = Field(
-        0, ge=0, description="every N steps (and at the last), greedy accuracy on the eval split and the reward "
+        20, ge=0, description="every N steps (and at the last), greedy accuracy on the eval split and the reward "
         "model's mean score, logged as eval/accuracy and eval/reward_model_score; 0: off",
     )
     eval_prompts: int | None = Field(None, ge=1, description="eval prompts used for eval_every; unset: all of them")
@@ -333,14 +335,14 @@ class EvaluateConfig(Settings):
         "answer) or math_accuracy (math-verify: the final answer, equivalent forms); auto: math_accuracy when "
         "grpo.reward_functions lists it, else exact_match",
     )
-    n_samples_logged: int = Field(20, ge=0)
+    n_samples_logged: int = Field(20, ge=0, description="test completions written to reports/samples.jsonl")
     compare_champion: bool = Field(
         True, description="also evaluate the registry's current `champion` version on the same test split"
     )
 
 
 class RegisterConfig(Settings):
-    model_name: str = "grpo-policy"
+    model_name: str = Field("grpo-policy", description="the registered model's name in the MLflow registry")
     promotion_margin: float = Field(0.0, ge=0, description="held-out accuracy the new version must add over champion")
 
 
@@ -349,7 +351,7 @@ class TrackingConfig(Settings):
         "sqlite:///mlflow.db",
         description="MLflow tracking URI (a server URL in production); the MLFLOW_TRACKING_URI variable overrides it",
     )
-    experiment: str = "grpo-pipeline"
+    experiment: str = Field("grpo-pipeline", description="the MLflow experiment every run is logged in")
     artifact_location: str | None = Field(
         "mlartifacts",
         description="artifact root for a newly created experiment: a local folder, or a URI with a scheme "
@@ -398,7 +400,7 @@ class LaunchConfig(Settings):
 
 
 class Config(Settings):
-    seed: int = 0
+    seed: int = Field(0, description="the one seed: data, sampling, training and evaluation")
     paths: PathsConfig = Field(default_factory=PathsConfig)
     task: TaskConfig = Field(default_factory=TaskConfig)
     data: DataConfig = Field(default_factory=DataConfig)

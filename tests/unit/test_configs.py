@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
-from grpo_steps.platform.config import load_config
+from grpo_steps.platform.config import Config, load_config
 from grpo_steps.stages import STAGES
 from tests.conftest import ROOT
 
@@ -60,6 +61,49 @@ def test_a_changed_value_is_reported_by_its_key():
                         {"grpo": {"reward_functions": [{"name": "b", "weight": 1.0}]}}) == [
         "grpo.reward_functions[0].name: 'a' -> 'b'"]
     assert _differences({"gone": 1}, {}) == ["gone"]
+
+
+def _keys(tree, where: str = "") -> set[str]:
+    """Every setting's dotted key in a config tree (a list is one setting's value)."""
+    if not isinstance(tree, dict):
+        return {where}
+    return {k for name, v in tree.items() for k in _keys(v, f"{where}.{name}".lstrip("."))}
+
+
+def test_params_yaml_states_every_setting_at_its_declared_default():
+    """Each setting is declared once (type, default, doc: grpo/settings.py, data/settings.py,
+    platform/config.py); params.yaml is that declaration written out, so the default run and a config built
+    from the declarations (`Config()`, what a missing key falls back to) are the same run."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    declared = Config().as_dict()
+    assert _keys(declared) - _keys(raw) == set(), "settings params.yaml does not state"
+    assert _differences(raw, declared) == [], "params.yaml values that are not the declared defaults"
+
+
+def _undocumented(model: type[BaseModel], where: str = "") -> list[str]:
+    out = []
+    for name, field in model.model_fields.items():
+        key = f"{where}.{field.alias or name}".lstrip(".")
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            out += _undocumented(field.annotation, key)
+        elif not (field.description or "").strip():
+            out.append(key)
+    return out
+
+
+def test_every_setting_is_declared_with_a_doc():
+    """`grpo <stage> --help` and the declarations tell what each setting does: none is a bare default."""
+    assert _undocumented(Config) == []
+
+
+def test_the_declaration_check_sees_a_default_restated_differently():
+    """The check above can fail: a value stated other than its declaration, or a setting left out, is named."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["grpo"]["beta"] = 0.5
+    del raw["sft"]["weight_decay"]
+    declared = Config().as_dict()
+    assert _differences(raw, declared) == ["grpo.beta: 0.5 -> 0.02"]
+    assert _keys(declared) - _keys(raw) == {"sft.weight_decay"}
 
 
 def test_the_gsm8k_config_is_the_real_path():
