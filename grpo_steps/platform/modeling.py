@@ -7,6 +7,7 @@ import math
 import random
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -192,14 +193,9 @@ def tiny_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, num_labels
 
 def build_policy(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """A fresh causal LM from the config, or the configured pretrained one."""
-    if cfg.pretrained:  # a local directory or a hub name: the one place a hub id is accepted
-        if Path(cfg.pretrained).is_dir():
-            require_safetensors(cfg.pretrained, "pretrained policy (model.pretrained)")
-        _warn_remote_code(cfg.trust_remote_code, cfg.pretrained)
-        return AutoModelForCausalLM.from_pretrained(
-            cfg.pretrained, use_safetensors=True, trust_remote_code=cfg.trust_remote_code,
-            dtype=torch_dtype(cfg.dtype),
-        )
+    if cfg.pretrained:  # a local directory or a hub name
+        return load_model(cfg.pretrained, "pretrained policy (model.pretrained)",
+                          trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype, allow_hub=True)
     model = AutoModelForCausalLM.from_config(tiny_config(cfg, tokenizer), dtype=_built_dtype(cfg))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -262,31 +258,36 @@ def _warn_remote_code(trust_remote_code: bool, path: str | Path) -> None:
         log.warning("model.trust_remote_code is true: Python code shipped with %s may run", path)
 
 
-def load_policy(path: str | Path, trust_remote_code: bool = False, dtype: str = "float32") -> PreTrainedModel:
-    """Load weights from safetensors only (pickled checkpoints can execute code on load), in `dtype`
-    (`model.dtype`: a torch dtype's name, or auto for the checkpoint's own)."""
-    _require_dir(path, "policy checkpoint")
-    require_safetensors(path, "policy checkpoint")
+def load_model(path: str | Path, what: str, head: Literal["causal_lm", "classifier", "saved"] = "causal_lm", *,
+               trust_remote_code: bool = False, dtype: str = "float32", allow_hub: bool = False,
+               **kwargs: Any) -> PreTrainedModel:
+    """The one way a model is loaded, named `what` in every error: safetensors weights only (pickled ones can run
+    code on load), in `dtype` (`model.dtype`: a torch dtype's name, or auto for the checkpoint's own).
+
+    `head`: causal_lm (a policy, or a likelihood reward model), classifier (a scalar reward head; `kwargs` such
+    as num_labels), or saved (whichever the folder's config names: a likelihood reward model is saved as a
+    causal LM, a scalar one as a sequence classifier). A local folder is required unless `allow_hub`, and then
+    only a name that is not a local folder goes to the hub."""
+    if not allow_hub or Path(path).exists():
+        _require_dir(path, what)
+        require_safetensors(path, what)
     _warn_remote_code(trust_remote_code, path)
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            str(path), use_safetensors=True, trust_remote_code=trust_remote_code, dtype=torch_dtype(dtype)
-        )
+        if head == "saved":
+            archs = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code).architectures or []
+            head = "causal_lm" if any(a.endswith("ForCausalLM") for a in archs) else "classifier"
+        auto = AutoModelForCausalLM if head == "causal_lm" else AutoModelForSequenceClassification
+        return auto.from_pretrained(str(path), use_safetensors=True, trust_remote_code=trust_remote_code,
+                                    dtype=torch_dtype(dtype), **kwargs)
     except (OSError, ValueError) as e:
-        raise RuntimeError(f"could not load the policy from {path}: {e}") from e
+        raise RuntimeError(f"could not load the {what} from {path}: {e}") from e
+
+
+def load_policy(path: str | Path, trust_remote_code: bool = False, dtype: str = "float32") -> PreTrainedModel:
+    """A policy saved by a stage (or any causal LM folder)."""
+    return load_model(path, "policy checkpoint", trust_remote_code=trust_remote_code, dtype=dtype)
 
 
 def load_reward_model(path: str | Path, trust_remote_code: bool = False, dtype: str = "float32") -> PreTrainedModel:
-    _require_dir(path, "reward model checkpoint")
-    require_safetensors(path, "reward model checkpoint")
-    _warn_remote_code(trust_remote_code, path)
-    try:
-        archs = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code).architectures or []
-        # a likelihood reward model is a causal LM; a scalar one a sequence classifier (grpo/reward_model.py)
-        auto = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in archs) else \
-            AutoModelForSequenceClassification
-        return auto.from_pretrained(
-            str(path), use_safetensors=True, trust_remote_code=trust_remote_code, dtype=torch_dtype(dtype)
-        )
-    except (OSError, ValueError) as e:
-        raise RuntimeError(f"could not load the reward model from {path}: {e}") from e
+    """The reward model saved by train_reward: a scalar head or a likelihood model, as its config says."""
+    return load_model(path, "reward model checkpoint", "saved", trust_remote_code=trust_remote_code, dtype=dtype)

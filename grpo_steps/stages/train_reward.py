@@ -24,8 +24,6 @@ from accelerate import Accelerator
 from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     get_cosine_schedule_with_warmup,
@@ -44,6 +42,7 @@ from grpo_steps.platform.modeling import (
     begin_stage,
     build_policy,
     build_reward_backbone,
+    load_model,
     load_policy,
     load_tokenizer,
     per_process_batch,
@@ -52,7 +51,6 @@ from grpo_steps.platform.modeling import (
     require_safetensors,
     save_pretrained,
     split_trl_batch,
-    torch_dtype,
     trl_args,
     trl_warmup,
     written_once,
@@ -125,22 +123,16 @@ def build_reward_model(cfg: Config) -> tuple[PreTrainedModel, PreTrainedTokenize
         backbone, trust = str(path), cfg.model.trust_remote_code
     else:
         trust = trust_remote_code(cfg)
+    what = f"reward-model backbone {backbone!r} (a local folder or hub name with safetensors weights and a tokenizer)"
     try:
         tok = load_tokenizer(backbone, trust_remote_code=trust, allow_hub=True)
-        if cfg.reward_model.head == "likelihood":
-            model = AutoModelForCausalLM.from_pretrained(
-                backbone, use_safetensors=True, trust_remote_code=trust, dtype=torch_dtype(cfg.model.dtype)
-            )
-        else:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                backbone, num_labels=1, use_safetensors=True, trust_remote_code=trust,
-                dtype=torch_dtype(cfg.model.dtype)
-            )
     except (OSError, ValueError) as e:
-        raise RuntimeError(
-            f"could not load the reward-model backbone {backbone!r} (a local folder or hub "
-            f"name with safetensors weights and a tokenizer): {e}"
-        ) from e
+        raise RuntimeError(f"could not load the tokenizer of the {what}: {e}") from e
+    if cfg.reward_model.head == "likelihood":
+        model = load_model(backbone, what, trust_remote_code=trust, dtype=cfg.model.dtype, allow_hub=True)
+    else:
+        model = load_model(backbone, what, "classifier", trust_remote_code=trust, dtype=cfg.model.dtype,
+                           allow_hub=True, num_labels=1)
     if model.config.pad_token_id is None:  # the head pools the last non-pad token: it must know the pad id
         model.config.pad_token_id = tok.pad_token_id
     return model, tok
