@@ -1,11 +1,14 @@
 """Group-relative advantages: each completion judged against the other completions of its own prompt.
 
-    A_i = (r_i - mean(r_group)) / (std(r_group) + eps)
+    A_i = (r_i - mean(r_group)) / scale
 
-`scale` picks the denominator: the group's std (GRPO), the whole batch's std (robust when groups are
-near-uniform), or none (Dr. GRPO, which argues the std term biases towards too-easy / too-hard prompts).
-std is the Bessel-corrected sample std, eps = 1e-4, as in TRL, so the two agree number for number.
-Rewards that are NaN (every function abstained) are left out of the statistics and get advantage 0.
+`scale` picks the denominator: the group's std (GRPO), the std of the whole generation batch (grpo's default:
+a group whose rewards differ only by a small-weight reward, the reward model's 0.1 when the verifier ties, keeps
+small advantages instead of being stretched to +-1 as its own std would), or none (Dr. GRPO, which argues the
+std term biases towards too-easy / too-hard prompts). The batch is every process's rows, gathered before this
+is computed, so the scale does not depend on the process layout. std is the Bessel-corrected sample std plus
+eps = 1e-4, as in TRL, so the two agree number for number. Rewards that are NaN (every function abstained) are
+left out of the statistics and get advantage 0.
 """
 
 from __future__ import annotations

@@ -365,12 +365,13 @@ class GRPOTrainer:
         whole = concat_rollouts([p[0] for p in parts], self.tokenizer.pad_token_id).to(acc.device)
         return (whole, *(torch.cat([p[i + 1] for p in parts]) for i in range(len(tensors))))
 
-    def generate(self, rows: list[dict[str, Any]],
-                 more: Callable[[int], list[dict[str, Any]]] | None = None) -> GenerationBatch:
-        """Sample G completions for each of `rows`, score them, compute advantages: the whole batch, on every
-        process. With `grpo.dynamic_sampling`, groups whose rewards are all equal are replaced by groups of
-        further prompts from `more(n)` (the prompt sampler), for at most `grpo.max_dynamic_sampling_rounds` extra
-        rounds."""
+    def sample_and_score(self, rows: list[dict[str, Any]],
+                         more: Callable[[int], list[dict[str, Any]]] | None = None
+                         ) -> tuple[Rollout, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """G completions for each of `rows`, scored: (rollout, rewards, per-function rewards, lengths) of the whole
+        batch, on every process (each samples and scores its share; gathered). With `grpo.dynamic_sampling`,
+        groups whose rewards are all equal are replaced by groups of further prompts from `more(n)` (the prompt
+        sampler), for at most `grpo.max_dynamic_sampling_rounds` extra rounds."""
         scored = self._sample_scored(rows, 0)
         self.last_sampling = {"rounds": 1, "dropped_groups": 0, "filled_groups": 0}
         if self.cfg.dynamic_sampling:
@@ -378,8 +379,19 @@ class GRPOTrainer:
         rollout, rewards, per_func, lengths = scored
         if self.cfg.mask_truncated_completions:  # DAPO: scored, but no gradient from a cut-off completion
             rollout.completion_mask = rollout.completion_mask * (~rollout.truncated).unsqueeze(1).long()
+        return rollout, rewards, per_func, lengths
+
+    def with_advantages(self, rollout: Rollout, rewards: torch.Tensor, per_func: torch.Tensor,
+                        lengths: torch.Tensor) -> GenerationBatch:
+        """The scored batch with its group-relative advantages (grpo/advantages.py)."""
         advantages, group_std = group_advantages(rewards, self.cfg.num_generations, self.cfg.scale_rewards)
         return GenerationBatch(rollout, rewards, per_func, advantages.to(self.accelerator.device), group_std, lengths)
+
+    def generate(self, rows: list[dict[str, Any]],
+                 more: Callable[[int], list[dict[str, Any]]] | None = None) -> GenerationBatch:
+        """A generation batch ready for the update: sampled, scored, with advantages (the first three verbs of
+        `train_step`)."""
+        return self.with_advantages(*self.sample_and_score(rows, more))
 
     def _dynamic_sampling(self, need: int, scored: tuple, more: Callable[[int], list[dict[str, Any]]] | None):
         """DAPO's dynamic sampling: keep `need` groups whose rewards differ, sampling further rounds of prompts
@@ -517,15 +529,15 @@ class GRPOTrainer:
 
     def train_step(self, rows: list[dict[str, Any]],
                    more: Callable[[int], list[dict[str, Any]]] | None = None) -> dict[str, float]:
-        """One generation batch: sample, score, and `mu` optimizer updates on it (`more`: further prompts for
-        dynamic sampling)."""
+        """One GRPO step on the prompts `rows`: sample -> score -> advantages -> update (`mu` optimizer updates on
+        the generation batch; `more`: further prompts for dynamic sampling). Returns the step's metrics."""
         cfg = self.cfg
         t0 = time.perf_counter()
         G = cfg.num_generations
-        batch = self.generate(rows, more)
-        sums, total_loss, grad_norm, norm = self.update(batch)
+        rollout, rewards, per_func, lengths = self.sample_and_score(rows, more)  # sample -> score
+        batch = self.with_advantages(rollout, rewards, per_func, lengths)  # -> advantages
+        sums, total_loss, grad_norm, norm = self.update(batch)  # -> update, computed as `self.plan` says
         self.step += 1
-        rollout, rewards, per_func = batch.rollout, batch.rewards, batch.per_func
         group_std = batch.group_std.view(-1, G)[:, 0]
 
         # Metrics over the whole generation batch, which every process holds. Names mean what TRL's mean.

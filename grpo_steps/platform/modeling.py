@@ -43,7 +43,7 @@ def begin_stage(seed: int) -> None:
 
     `AcceleratorState` is a singleton that keeps the first trainer's mixed precision: after an in-process
     SFT under bf16, the grpo stage would train under bf16 autocast too, unlike `grpo grpo` or `dvc repro`.
-    The process group (PartialState) is kept, so this is safe under `accelerate launch`.
+    The process group (PartialState) is kept, so this is safe in a rank of a launched stage (torchrun).
     """
     from accelerate.state import AcceleratorState, GradientState
 
@@ -103,8 +103,8 @@ def split_trl_batch(args, global_batch: int, setting: str):
 
 
 def accelerator_device() -> torch.device:
-    """This process's device, as accelerate assigns it: under `accelerate launch`/torchrun with GPUs the process's
-    own GPU (cuda:<local rank>); a single process, the GPU when there is one; otherwise the CPU. Like every
+    """This process's device, as accelerate assigns it: in a rank of a launched stage (torchrun) with GPUs the
+    process's own GPU (cuda:<local rank>); a single process, the GPU when there is one; otherwise the CPU. Like every
     Accelerator of the stages, it asks for the CPU when CUDA is unavailable (`cpu=not torch.cuda.is_available()`),
     so a model placed here and the tensors a stage's Accelerator places meet on one device."""
     from accelerate import PartialState  # the process-wide state: the stage's Accelerator shares it

@@ -219,7 +219,7 @@ def _start_top_level_run(cfg: Config, **kwargs: Any) -> mlflow.ActiveRun:
 
 
 def _is_main_process() -> bool:
-    """False in the other processes of an `accelerate launch` / torchrun job: only rank 0 tracks."""
+    """False in the other processes of a torchrun job (a launched stage): only rank 0 tracks."""
     return os.environ.get("RANK", "0") == "0"
 
 

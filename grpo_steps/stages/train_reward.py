@@ -198,7 +198,7 @@ def _train_likelihood(cfg: Config, model, tok, train_pairs: list[dict], source: 
     """Bradley-Terry on the completion log-likelihood of a causal LM (grpo_steps/grpo/reward_model.py).
 
     Seeded shuffles, AdamW with warm-up and cosine decay, gradient clipping at 1, through accelerate (the
-    precision of `model.precision`, any device, DDP under `accelerate launch`); loss, accuracy and margin
+    precision of `model.precision`, any device, DDP on a launched stage's processes); loss, accuracy and margin
     logged to MLflow every 10 steps as reward_model/train/*.
 
     On N processes the computation is the one process's: every process draws the same global batches of

@@ -92,7 +92,7 @@ def _undocumented(model: type[BaseModel], where: str = "") -> list[str]:
 
 
 def test_every_setting_is_declared_with_a_doc():
-    """`grpo <stage> --help` and the declarations tell what each setting does: none is a bare default."""
+    """The declarations tell what each setting does: none is a bare default."""
     assert _undocumented(Config) == []
 
 
