@@ -22,26 +22,37 @@ def _evaluate_run(cfg):
 
 
 def test_evaluate_without_champion_writes_reports_and_logs(project, capsys):
-    cfg = load_tiny(project)
+    """The numbers hold together: every test row is in samples.jsonl (n_samples_logged = n_test), each row's
+    `correct` is the exact-match judgement of its completion, each accuracy is the share of right rows, the
+    sampled metrics keep their order (maj@k <= pass@k, sampled accuracy <= pass@k), the k3 KL is >= 0, and
+    MLflow holds the same values as metrics.json."""
+    n_test = len(load_tiny(project).paths.validated_file("test").read_text().splitlines())
+    cfg = load_tiny(project, f"evaluate.n_samples_logged={n_test}")
     result = evaluate(cfg)
 
-    metrics = json.loads(load_tiny(project).paths.metrics().read_text())
+    metrics = json.loads(cfg.paths.metrics().read_text())
     assert KEPT_KEYS <= set(metrics) and "champion" not in metrics
     assert "no champion" in metrics["champion_note"]
-    assert metrics["n_test"] == len(load_tiny(project).paths.validated_file("test").read_text().splitlines())
-    for key in ("accuracy", "pass_at_2", "sampled_accuracy", "reward_model_score", "mean_completion_length"):
-        assert key in metrics["start"] and key in metrics["grpo"], key
-    assert "kl_to_reference" in metrics["grpo"]
+    assert metrics["n_test"] == n_test
+    samples = [json.loads(line) for line in cfg.paths.samples().read_text().splitlines()]
+    assert len(samples) == n_test
+    for policy, prefix in (("grpo", ""), ("start", "start_")):
+        m = metrics[policy]
+        right = [r[f"{prefix}correct"] for r in samples]
+        assert right == [r[f"{prefix}completion"].strip() == r["answer"].strip() for r in samples], policy
+        assert m["accuracy"] == pytest.approx(sum(right) / n_test), policy
+        assert 0.0 <= m["maj_at_2"] <= m["pass_at_2"] <= 1.0 and m["sampled_accuracy"] <= m["pass_at_2"], m
+        assert 1.0 <= m["mean_completion_length"] <= cfg.grpo.max_completion_length, m
+        assert m["reward_model_score"] == pytest.approx(m["reward_model_score"]), "finite"  # NaN != NaN
+    assert metrics["grpo"]["kl_to_reference"] >= 0.0 and "kl_to_reference" not in metrics["start"]
     assert result["accuracy_gain"] == pytest.approx(metrics["grpo"]["accuracy"] - metrics["start"]["accuracy"])
-    assert load_tiny(project).paths.eval_plot().stat().st_size > 1000
-
-    samples = [json.loads(line) for line in load_tiny(project).paths.samples().read_text().splitlines()]
-    assert len(samples) == cfg.evaluate.n_samples_logged
-    assert {"prompt", "answer", "completion", "correct", "start_completion", "start_correct"} <= set(samples[0])
+    assert cfg.paths.eval_plot().stat().st_size > 1000
 
     client, run = _evaluate_run(cfg)
-    assert run.data.metrics["eval/grpo/accuracy"] == pytest.approx(metrics["grpo"]["accuracy"])
-    assert "eval/accuracy_gain" in run.data.metrics and "eval/start/pass_at_2" in run.data.metrics
+    for policy in ("start", "grpo"):
+        for key, value in metrics[policy].items():
+            assert run.data.metrics[f"eval/{policy}/{key}"] == pytest.approx(value), (policy, key)
+    assert run.data.metrics["eval/accuracy_gain"] == pytest.approx(metrics["accuracy_gain"])
     assert {"metrics.json", "eval.png", "samples.jsonl", "samples.json"} <= {a.path for a in
                                                                             client.list_artifacts(run.info.run_id)}
     assert run.data.params["evaluate.pass_k"] == "2"  # a stage on its own: the run carries the settings
