@@ -58,7 +58,7 @@ stack: setup system-deps
 	$(BIN)/python -m infra.local_stack up --dir $(or $(STACK_DIR),.stack)
 
 test-stack: setup system-deps
-	$(BIN)/python -m pytest -q -ra tests/integration/test_production_stack.py
+	$(BIN)/python -m pytest -q -ra tests/flows/test_production_stack.py
 
 # On one CUDA GPU, offline, under 10 minutes: the gpu-marked tests, a shortened pipeline on every GPU, the memory
 # table at the 0.5B shape (ours and TRL's), as one table. Without CUDA it says so and exits 0. Installs nothing: it

@@ -2,7 +2,7 @@
 printed as one table.
 
     python bench/gpu_check.py                       # CUDA; without a CUDA device: says so and exits 0
-    python bench/gpu_check.py --device cpu --quick  # the same checks on CPU at toy sizes (tests/integration)
+    python bench/gpu_check.py --device cpu --quick  # the same checks on CPU, toy sizes (tests/bench)
     python bench/gpu_check.py --out reports/gpu_check.json
 
 1. the `gpu`-marked tests (tests/gpu: models placed and trained on cuda, bf16);

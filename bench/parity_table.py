@@ -3,7 +3,7 @@
     python bench/parity_table.py
 
 prints a markdown table (variant | max abs loss diff | max abs grad diff). The same helpers back
-`tests/unit/test_trl_parity.py`, which asserts every difference is <= TOL; keep the logic here, in one copy.
+`tests/algorithm/test_trl_parity.py`, which asserts every difference is <= TOL; keep the logic here, in one copy.
 
 What is compared. Our side: `completion_logps` + `policy_loss` with `Normalizers` describing the one micro-batch.
 TRL's side: a real `trl.GRPOTrainer` built on the *same* tiny model object, whose `_compute_loss(model, inputs)`

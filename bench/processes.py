@@ -10,7 +10,7 @@ weight difference to the one-process run next to the largest weight change of th
 
 The inputs: data from the real prepare and validate stages, a default-size starting policy with fresh weights,
 and the same weights as the likelihood reward model (the layouts are compared, not the policy's skill).
-tests/integration/test_distributed.py uses the same launch and inputs.
+tests/platform/test_distributed.py uses the same launch and inputs.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ are written. Clients take them from the environment (MLFLOW_TRACKING_USERNAME/PA
 never from params.yaml, so they are in no logged param, tag or artifact. `source <dir>/pipeline.env` gives a
 shell the pipeline's settings.
 
-The tests (tests/integration/test_production_stack.py) start this same stack with `Stack.start`.
+The tests (tests/flows/test_production_stack.py) start this same stack with `Stack.start`.
 """
 
 from __future__ import annotations

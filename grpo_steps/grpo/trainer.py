@@ -127,7 +127,7 @@ def identical_rows(rollout: Rollout, advantages: torch.Tensor, rows: torch.Tenso
 @dataclass(frozen=True)
 class UpdatePlan:
     """How the update computes its rows on this layout. Each saving gives the same update as computing every row
-    in full (tests/unit/test_share_prompt.py, test_skip_zero_advantage.py); `off` names those asked for that
+    in full (tests/algorithm/test_share_prompt.py, test_skip_zero_advantage.py); `off` names those asked for that
     cannot apply here, and why."""
 
     share_prompt: bool  # each distinct prompt once per pass: policy, old and reference log-probs alike

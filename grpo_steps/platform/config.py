@@ -4,7 +4,7 @@ Each setting is declared once, with its type, default and doc, in the room that 
 grpo_steps/grpo/settings.py, the data layer's (`task`, `data`) in grpo_steps/data/settings.py, the stages' and the
 platform's here. `Config` composes them. Every section forbids unknown keys, so a typo in params.yaml fails loudly
 with the key's dotted path instead of being silently ignored; params.yaml states every setting at its declared
-default (tests/unit/test_configs.py).
+default (tests/platform/test_configs.py).
 """
 
 from __future__ import annotations

@@ -4,10 +4,10 @@ their records, in run order.
 A record (grpo_steps/platform/stage.py's `Stage`) says what a stage runs, reads and writes; everything else
 derives from these seven: the CLI (`grpo <stage>`, its help), the Prefect tasks (retries, caching, print capture)
 and the flow's cache keys (flows/cache.py), the settings logged on each stage's MLflow run, the ranks of a
-launched stage, and dvc.yaml (`grpo dvc-yaml`; tests/integration/test_dvc_pipeline.py checks the committed file
+launched stage, and dvc.yaml (`grpo dvc-yaml`; tests/flows/test_dvc_pipeline.py checks the committed file
 is current), so `grpo run` and `dvc repro` skip exactly the same unchanged stages.
 
-A stage reads only the params keys its record declares (tests/integration/test_stage_contracts.py records every
+A stage reads only the params keys its record declares (tests/stages/test_stage_contracts.py records every
 key a stage reads and fails on an undeclared one), besides the platform's sections (PLATFORM_SECTIONS).
 
 Stage functions are named by import path, so importing this package (for `grpo --help`) does not import torch,

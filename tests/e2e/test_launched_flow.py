@@ -6,7 +6,7 @@ Tolerance of the weights. The 2-process stages compute the same updates in anoth
 its half of every batch, gradients averaged), so sft's and train_reward's weights already differ in the last bits
 (measured 2.1e-7 and 1.5e-6) and grpo starts from them. Over this tiny budget (20 sft steps across 4 epochs, one
 reward-model epoch, 3 grpo steps) no sampled token flips, and the grpo weights agree to float noise (measured
-3.0e-6): the bound is that of tests/integration/test_distributed.py, 1e-5 absolute and 2% of what the grpo stage
+3.0e-6): the bound is that of tests/platform/test_distributed.py, 1e-5 absolute and 2% of what the grpo stage
 moves them (6.0e-4 here). Before every TRL step took a full batch, an epoch's last batch was padded with other
 rows on 2 processes, and the flows' weights differed by 2.8e-3.
 """

@@ -1,4 +1,4 @@
-"""Shared set-up for tests/integration/test_reliability.py and tests/integration/test_checkpoint.py (no tests here).
+"""Shared set-up for tests/stages/test_reliability.py and tests/platform/test_checkpoint.py (no tests here).
 
 The GRPO inputs (validated prompts from the real prepare + validate stages, a tiny starting policy, an
 initialised MLflow database) are built once per session and copied into each test's working directory.

@@ -1,5 +1,5 @@
 """A spy on the one placement function, grpo_steps.platform.modeling.place (no tests here): it records every model a
-stage places and places it for real. Shared by tests/integration/test_placement.py (CPU) and tests/gpu (CUDA)."""
+stage places and places it for real. Shared by tests/stages/test_placement.py (CPU) and tests/gpu (CUDA)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Faults on one rank of a launched job, as reward functions named in params.yaml (`module:function`): the test of
-how a failure on any rank fails the stage (tests/integration/test_distributed.py)."""
+how a failure on any rank fails the stage (tests/platform/test_distributed.py)."""
 
 from __future__ import annotations
 

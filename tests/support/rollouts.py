@@ -1,4 +1,4 @@
-"""A tiny policy and one rollout of it with completions of varied lengths, for the update tests in tests/unit
+"""A tiny policy and one rollout of it with completions of varied lengths, for the update tests in tests/algorithm
 (no tests here)."""
 
 from __future__ import annotations

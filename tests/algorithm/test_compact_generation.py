@@ -11,7 +11,7 @@ from grpo_steps.grpo.sampling import generate_compact, sample_groups
 from grpo_steps.platform.config import ModelConfig
 from grpo_steps.platform.modeling import build_policy
 
-pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")  # tests/unit/conftest.py
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")  # tests/algorithm/conftest.py
 
 PROMPTS = ["12+34=", "7+8=", "55+45=", "3+9=", "1+1="]
 

@@ -18,7 +18,7 @@ from grpo_steps.platform.config import GRPOConfig, LoraConfig
 from grpo_steps.platform.modeling import apply_lora
 from tests.support.rollouts import varied_length_rollout
 
-pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")  # tests/unit/conftest.py
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")  # tests/algorithm/conftest.py
 
 PROMPTS = ["12+34=", "7+8=", "5+45=", "3+9="]  # lengths 6, 4, 5, 4: left padding differs per prompt
 G = 4

@@ -14,7 +14,7 @@ from grpo_steps.grpo.trainer import GenerationBatch, GRPOTrainer
 from grpo_steps.platform.config import GRPOConfig
 from tests.support.rollouts import varied_length_rollout
 
-pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")  # tests/unit/conftest.py
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")  # tests/algorithm/conftest.py
 
 PROMPTS = ["12+34=", "7+8=", "55+45=", "3+9="]
 G = 4

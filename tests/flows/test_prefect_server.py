@@ -22,7 +22,7 @@ import pytest
 
 from infra.local_stack import free_port, tail
 from tests.conftest import TINY
-from tests.integration.test_dvc_pipeline import BIN, copy_project, tool_env
+from tests.flows.test_dvc_pipeline import BIN, copy_project, tool_env
 
 SERVER_START_S = 240  # first start migrates a fresh database: slow on a busy 2-core machine
 RUN_S = 600

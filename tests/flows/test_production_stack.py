@@ -36,7 +36,7 @@ from grpo_steps.platform.tracking import EXPERIMENT_KIND_TAG, HEADLINE_METRICS, 
 from grpo_steps.stages import STAGES
 from infra.local_stack import DB_USER, PIPELINE_USER, VIEWER_USER, Stack, StackError, postgres_bindir
 from tests.conftest import ROOT
-from tests.integration.test_dvc_pipeline import BIN, copy_project, tool_env
+from tests.flows.test_dvc_pipeline import BIN, copy_project, tool_env
 
 pytestmark = pytest.mark.slow  # a database, two servers and the TINY pipeline through them: a few minutes
 

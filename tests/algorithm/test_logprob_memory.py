@@ -4,8 +4,8 @@ TRL computes them two ways, both checked here on the same model and inputs (benc
 helpers and measures the memory at full scale):
   * `selective_log_softmax` on the model's full logits (TRL's per-token-logps path before its fused head);
   * the fused LM head TRL 1.16's `GRPOTrainer` runs (`add_fused_lm_head` + `_get_per_token_logps_and_entropies`).
-Chunked against unchunked on our side alone is tests/unit/test_sampling_logprobs.py's job; here every variant of ours
-is compared with TRL.
+Chunked against unchunked on our side alone is tests/algorithm/test_sampling_logprobs.py's job; here every variant
+of ours is compared with TRL.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from grpo_steps.grpo.trainer import GRPOTrainer, PromptSampler
 from grpo_steps.platform.config import GRPOConfig, ModelConfig
 from grpo_steps.platform.modeling import build_policy
 
-pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")  # tests/unit/conftest.py
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")  # tests/algorithm/conftest.py
 
 G = 4
 

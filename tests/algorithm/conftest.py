@@ -1,4 +1,4 @@
-"""Fixtures of the unit tests that build trainers in-process."""
+"""Fixtures of the algorithm tests that build trainers in-process."""
 
 import pytest
 

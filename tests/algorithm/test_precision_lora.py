@@ -16,7 +16,7 @@ from grpo_steps.grpo.trainer import GRPOTrainer, is_adapter
 from grpo_steps.platform.config import GRPOConfig, LoraConfig, ModelConfig, load_config
 from grpo_steps.platform.modeling import apply_lora, build_policy, load_policy, merged
 
-pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")  # tests/unit/conftest.py
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")  # tests/algorithm/conftest.py
 
 ROWS = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in [(1, 2), (13, 4), (25, 31), (7, 70)]]
 SMALL = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64}
@@ -142,7 +142,7 @@ def test_activation_checkpointing_gives_the_same_update(lora):
         torch.manual_seed(5)  # the same adapter initialisation both times
         policy = apply_lora(policy, lora)
         # the full pass both times (a KV cache cannot carry a prompt through checkpointed layers, so with
-        # share_prompt the plain run would take the shared path: tests/unit/test_share_prompt.py compares those)
+        # share_prompt the plain run would take the shared path: tests/algorithm/test_share_prompt.py compares those)
         trainer = GRPOTrainer(policy, tok, [digit_match], [1.0], _grpo(share_prompt=False), seed=0)
         before = {k: v.clone() for k, v in trainer.unwrapped.state_dict().items()}
         n = rollout.completion_ids.size(0)

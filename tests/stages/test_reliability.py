@@ -1,5 +1,5 @@
 """Reliability of the grpo stage: non-finite losses, bad params, missing inputs, safe loading, secrets,
-concurrent runs, multi-process writes. Resumable checkpoints are in tests/integration/test_checkpoint.py."""
+concurrent runs, multi-process writes. Resumable checkpoints are in tests/platform/test_checkpoint.py."""
 
 from __future__ import annotations
 

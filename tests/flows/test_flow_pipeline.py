@@ -3,7 +3,7 @@ and code hashes with output verification, and the run summary artifact.
 
 The flow tests run the real flow on Prefect's test harness (a temporary local server) with every stage
 replaced by a fake that writes the stage's declared outputs, so caching is tested in seconds; the real stages
-under the flow are covered by tests/e2e/test_pipeline_e2e.py and tests/integration/test_prefect_server.py.
+under the flow are covered by tests/e2e/test_pipeline_e2e.py and tests/flows/test_prefect_server.py.
 """
 
 from __future__ import annotations

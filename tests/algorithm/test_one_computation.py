@@ -1,6 +1,6 @@
 """The pieces that make a run the same on any layout: each row's own random stream, one precision path for
 policy, old and reference log-probs, and one plan that says which single-process savings apply.
-The whole stage on 1 and 2 processes: tests/integration/test_distributed.py."""
+The whole stage on 1 and 2 processes: tests/platform/test_distributed.py."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from grpo_steps.grpo.trainer import GenerationBatch, GRPOTrainer, plan_update
 from grpo_steps.platform.config import GRPOConfig, LoraConfig, ModelConfig
 from grpo_steps.platform.modeling import apply_lora, build_policy
 
-pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")  # tests/unit/conftest.py
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")  # tests/algorithm/conftest.py
 
 PROMPTS = ["12+34=", "7+8=", "55+45=", "3+9=", "1+1=", "40+2="]
 G = 4
