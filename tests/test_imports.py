@@ -146,3 +146,13 @@ def test_the_algorithm_takes_no_app_config():
     app = {m: sorted(d for d in deps if _layer(d) > 0)
            for m, deps in _graph().items() if m.startswith("grpo_steps.grpo")}
     assert not any(app.values()), app
+
+
+def test_every_folder_of_code_is_a_package_an_install_finds():
+    """A room without __init__.py is a namespace package: the editable install imports it, `pip install .`
+    (the GPU image) would leave it out."""
+    from setuptools import find_packages
+
+    found = set(find_packages(str(ROOT), include=["grpo_steps*", "flows*"]))
+    folders = {".".join(p.parent.relative_to(ROOT).parts) for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+    assert folders - found == set()

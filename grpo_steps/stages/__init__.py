@@ -1,5 +1,6 @@
 """The stages: one module per stage, named as its CLI verb (`grpo sft` runs grpo_steps/stages/sft.py), and
-their records, in run order.
+their records, in run order. Two modules serve one stage each: policy_pairs.py (train_reward's preference pairs
+sampled from the starting policy) and training_eval.py (grpo's held-out accuracy during training).
 
 A record (grpo_steps/platform/stage.py's `Stage`) says what a stage runs, reads and writes; everything else
 derives from these seven: the CLI (`grpo <stage>`, its help), the Prefect tasks (retries, caching, print capture)

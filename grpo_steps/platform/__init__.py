@@ -1,0 +1,9 @@
+"""The platform: what every stage runs on, and nothing of a particular stage.
+
+The configuration (config.py: params.yaml, typed, each setting declared once), what a stage is and how one runs
+(stage.py: the record type, tracked in-process or launched), tracking (tracking.py: the one MLflow wrapper),
+results (results.py), launching training stages on several processes and nodes (launch.py), lineage for the
+registry (lineage.py), resumable checkpoints (checkpoint.py), file I/O and locks (io.py), secrets (secrets.py),
+loading, building, placing and saving models (modeling.py), the accuracy judge (judge.py) and dvc.yaml
+(dvc_yaml.py, rendered from the stage records it is given).
+"""
