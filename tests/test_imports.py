@@ -156,3 +156,11 @@ def test_every_folder_of_code_is_a_package_an_install_finds():
     found = set(find_packages(str(ROOT), include=["grpo_steps*", "flows*"]))
     folders = {".".join(p.parent.relative_to(ROOT).parts) for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
     assert folders - found == set()
+
+
+def test_the_architecture_picture_is_drawn_from_this_code():
+    """docs/img/architecture.svg (README, ARCHITECTURE.md) shows these stages and rooms: `python docs/diagram.py`
+    redraws it from the stage records and the folders, and the committed file is that drawing."""
+    from docs.diagram import OUT, render
+
+    assert OUT.read_text(encoding="utf-8") == render(), "docs/img/architecture.svg is stale: run python docs/diagram.py"
