@@ -22,6 +22,7 @@ from flows.serve import DEFAULT_CRON, DEFAULT_NAME, DEFAULT_TIMEZONE
 from grpo_steps.errors import USER_ERRORS
 from grpo_steps.platform import dvc_yaml
 from grpo_steps.platform.config import load_config
+from grpo_steps.platform.logs import setup_logging
 from grpo_steps.stages import STAGES
 
 log = logging.getLogger("grpo")
@@ -95,9 +96,7 @@ def _stage_description(name: str, cfg) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per Prefect API request
+    setup_logging(args.verbose)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Without PREFECT_API_URL, `grpo run` starts Prefect's local server for the run; a busy 2-core machine
     # needs longer than Prefect's default 20 s for its first start (database migrations).

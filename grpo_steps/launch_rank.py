@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 import os
 import re
 import signal
@@ -37,6 +36,7 @@ from grpo_steps.platform.launch import (
     LaunchError,
     die_with_parent,
 )
+from grpo_steps.platform.logs import setup_logging
 from grpo_steps.platform.results import Report
 from grpo_steps.stages import STAGES
 
@@ -152,9 +152,7 @@ def rank_main(argv: list[str]) -> int:
     sys.stderr = _RankPrefixed(sys.stderr, f"[rank {rank}] ")
     if rank != 0:
         os.environ["TQDM_DISABLE"] = "1"  # one progress bar: rank 0's
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    setup_logging(stream=sys.stderr)  # the rank-prefixed stderr
     local_dir = Path(argv[0])
     local = json.loads((local_dir / JOB_FILE).read_text(encoding="utf-8")) if (local_dir / JOB_FILE).is_file() else None
     dirs, store, timeout_s = [local_dir], None, int(os.environ["GRPO_JOB_TIMEOUT_S"])
