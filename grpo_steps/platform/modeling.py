@@ -118,7 +118,9 @@ def written_once(write: Callable[[], None]) -> None:
     Under torchrun every process holds the same trained weights. Two writers would each rename their own folder
     into place, and the last rename would win: transformers 5 writes the weights on rank 0 only
     (`should_save_on_this_rank`), so rank 1's folder would hold a tokenizer and no model. One process alone is
-    the main process, so this is a plain call there."""
+    the main process, so this is a plain call there. Every process must call it, and `write` must not run a
+    collective (the others are waiting): gather sharded weights on every process first, as the grpo stage does
+    with `full_state_dict`."""
     from accelerate import PartialState  # the process-wide state: the stage's Accelerator shares it
 
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -234,6 +236,8 @@ def policy_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
 def _require_dir(path: str | Path, what: str) -> None:
     """Stage outputs are local directories; say which one is missing instead of asking the hub for it."""
     p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise FileNotFoundError(f"{what} at {p.resolve()} is a file: a model or tokenizer is a folder")
     if not p.is_dir():
         raise FileNotFoundError(f"{what} not found at {p.resolve()} (run the stage that writes it first)")
 

@@ -123,11 +123,11 @@ def build_reward_model(cfg: Config) -> tuple[PreTrainedModel, PreTrainedTokenize
         backbone, trust = str(path), cfg.model.trust_remote_code
     else:
         trust = trust_remote_code(cfg)
-    what = f"reward-model backbone {backbone!r} (a local folder or hub name with safetensors weights and a tokenizer)"
+    what = "reward-model backbone (a local folder or hub name with safetensors weights and a tokenizer)"
     try:
         tok = load_tokenizer(backbone, trust_remote_code=trust, allow_hub=True)
     except (OSError, ValueError) as e:
-        raise RuntimeError(f"could not load the tokenizer of the {what}: {e}") from e
+        raise RuntimeError(f"could not load the tokenizer of the {what} from {backbone}: {e}") from e
     if cfg.reward_model.head == "likelihood":
         model = load_model(backbone, what, trust_remote_code=trust, dtype=cfg.model.dtype, allow_hub=True)
     else:
@@ -315,9 +315,9 @@ def train_reward(cfg: Config) -> StageResult:
         "pairs": rc.pairs,
     }
 
-    def write() -> None:
-        save_pretrained(cfg.paths.reward_model(), model, tok)
+    def write() -> None:  # the report first: a model in place always has its own report beside it
         write_json(cfg.paths.reward_report(), metrics)
+        save_pretrained(cfg.paths.reward_model(), model, tok)
 
     written_once(write)  # one writer under torchrun; the outputs exist when any process returns
     log.info("reward model: held-out pairwise accuracy %.3f (gate %.3f); by kind of rejected answer: %s", acc,

@@ -108,7 +108,7 @@ def _training_processes(root: psutil.Process) -> list[psutil.Process]:
             cmdline = " ".join(p.cmdline())
         except psutil.Error:
             continue
-        if "torch.distributed.run" in cmdline or "grpo_steps.platform.launch" in cmdline:
+        if "torch.distributed.run" in cmdline or "grpo_steps.launch_rank" in cmdline:
             found.append(p)
     return found
 

@@ -77,8 +77,9 @@ def test_evaluate_compares_against_the_registered_champion(project):
         result["grpo"]["accuracy"] - result["champion"]["accuracy"])
     metrics = json.loads(load_tiny(project).paths.metrics().read_text())
     assert KEPT_KEYS | {"champion", "champion_version"} <= set(metrics)
-    sample = json.loads(load_tiny(project).paths.samples().read_text().splitlines()[0])
-    assert {"champion_completion", "champion_correct", "start_completion"} <= set(sample)
+    samples = [json.loads(line) for line in cfg.paths.samples().read_text().splitlines()]
+    assert len(samples) == cfg.evaluate.n_samples_logged < metrics["n_test"]  # the first rows only
+    assert {"prompt", "answer", "champion_completion", "champion_correct", "start_completion"} <= set(samples[0])
     _, run = _evaluate_run(cfg)
     assert "eval/champion/accuracy" in run.data.metrics and run.data.tags["champion_version"] == "1"
     assert "champion" in format_comparison(result)
