@@ -9,15 +9,16 @@ default (tests/platform/test_configs.py).
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from grpo_steps.data.settings import DataConfig, TaskConfig, data_file_name
 from grpo_steps.errors import UserError
@@ -440,14 +441,53 @@ def pick(tree: dict[str, Any], keys: tuple[str, ...] | list[str]) -> dict[str, A
     return out
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration in {source}:"]
+def _section_fields(loc: tuple[Any, ...]) -> list[str]:
+    """The setting names of the section at `loc` (a path of keys from the top), aliases as params.yaml spells them."""
+    model: Any = Config
+    for part in loc:
+        field = next((f for n, f in model.model_fields.items() if (f.alias or n) == part), None)
+        options = (getattr(field, "annotation", None), *get_args(getattr(field, "annotation", None)))  # X | None too
+        model = next((a for a in options if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None:
+            return []
+    return [f.alias or n for n, f in model.model_fields.items()]
+
+
+def _format_errors(err: ValidationError, source: str, origins: dict[str, str]) -> str:
+    """One line per error: the dotted key, what is wrong, the value given, where it was set when not in the file
+    (`--set`, a GRPO_LAUNCH_ variable), and for an unknown key the closest declared one."""
+    lines = [f"invalid configuration in {source}" + (" and its overrides" if origins else "") + ":"]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "<root>"
         got = e.get("input")
-        shown = "" if isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"  - {key}: {e['msg']}{shown}")
+        line = f"  - {key}: {e['msg']}" + ("" if isinstance(got, dict) else f" (got {got!r})")
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(loc[-1]), _section_fields(loc[:-1]), n=1, cutoff=0.6)
+            if close:
+                line += f"; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])}?"
+        origin = next((o for k, o in origins.items() if key == k or key.startswith(k + ".") or k.startswith(key + ".")),
+                      None)
+        lines.append(line + (f" [set by {origin}]" if origin else ""))
     return "\n".join(lines)
+
+
+def _set_by(overrides: list[str], key: str) -> str:
+    """The last `--set` that gave `key`: the key itself, or a section holding it (`model.lora={r: 4}`)."""
+    for item in reversed(overrides):
+        given = item.split("=", 1)[0].strip()
+        if key == given or key.startswith(given + "."):
+            return f"--set {item}"
+    return "--set"
+
+
+def _origins(tree: dict[str, Any], origin: Any, where: str = "") -> dict[str, str]:
+    """{dotted key: origin(key)} for every leaf of an override tree."""
+    out: dict[str, str] = {}
+    for name, value in tree.items():
+        key = f"{where}.{name}".lstrip(".")
+        out.update(_origins(value, origin, key) if isinstance(value, dict) and value else {key: origin(key)})
+    return out
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -507,10 +547,15 @@ def load_config(path: str | Path | None = "params.yaml", overrides: list[str] | 
             raise ConfigError(f"{path}: not valid YAML: {e}") from e
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    origins: dict[str, str] = {}  # dotted key -> where it was set, when not in the file
     if overrides:
-        raw = _merge(raw, parse_overrides(overrides))
-    raw = _merge(raw, launch_from_environment())
+        tree = parse_overrides(overrides)
+        origins = _origins(tree, lambda k: _set_by(overrides, k))
+        raw = _merge(raw, tree)
+    environment = launch_from_environment()
+    origins.update(_origins(environment, lambda k: LAUNCH_ENV_PREFIX + k.split(".", 1)[1].upper()))
+    raw = _merge(raw, environment)
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, source)) from None
+        raise ConfigError(_format_errors(e, source, origins)) from None

@@ -42,6 +42,36 @@ def test_wrong_type_is_named_with_the_value_given(workdir):
         load_config("params.yaml", ["grpo.learning_rate=fast"])
 
 
+def test_an_unknown_key_gets_the_closest_declared_one(workdir):
+    (workdir / "typo.yaml").write_text("grpo:\n  stepz: 3\nmodel:\n  lora: {rr: 3}\nmodle: {}\nzzz: 1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config("typo.yaml")
+    lines = str(e.value).splitlines()[1:]
+    assert "  - grpo.stepz: Extra inputs are not permitted (got 3); did you mean grpo.steps?" in lines
+    assert "  - model.lora.rr: Extra inputs are not permitted (got 3); did you mean model.lora.r?" in lines
+    assert "  - modle: Extra inputs are not permitted; did you mean model?" in lines
+    assert "  - zzz: Extra inputs are not permitted (got 1)" in lines  # nothing close: no guess
+
+
+def test_an_error_names_the_override_or_variable_that_set_it(workdir, monkeypatch):
+    """A value from `--set` (or a section given whole) or from a GRPO_LAUNCH_ variable is named as such, not
+    blamed on params.yaml; the last --set of a key is the one named."""
+    with pytest.raises(ConfigError, match=r"params\.yaml and its overrides:\n  - grpo\.learning_rate: .*\(got 'slow'\) "
+                       r"\[set by --set grpo\.learning_rate=slow\]$"):
+        load_config("params.yaml", ["grpo.learning_rate=fast", "grpo.learning_rate=slow"])
+    with pytest.raises(ConfigError, match=r"model\.lora\.alhpa: .*did you mean model\.lora\.alpha\? "
+                       r"\[set by --set model\.lora=\{r: 4, alhpa: 3\}\]"):
+        load_config("params.yaml", ["model.lora={r: 4, alhpa: 3}"])
+    monkeypatch.setenv("GRPO_LAUNCH_NODES", "zero")
+    with pytest.raises(ConfigError, match=r"launch\.nodes: .*\(got 'zero'\) \[set by GRPO_LAUNCH_NODES\]"):
+        load_config("params.yaml")
+    monkeypatch.delenv("GRPO_LAUNCH_NODES")
+    (workdir / "bad.yaml").write_text("grpo:\n  learning_rate: fast\n")
+    with pytest.raises(ConfigError) as e:
+        load_config("bad.yaml", ["grpo.beta=0.1"])
+    assert "set by" not in str(e.value)  # the file's own value: the header names the file
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
     (["grpo.num_generations=1"], r"grpo\.num_generations: .*greater than or equal to 2"),
     (["grpo.epsilon_high=0.1"], r"grpo\.epsilon_high \(0\.1\) must be >= grpo\.epsilon \(0\.2\)"),
