@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from grpo_steps.errors import UserError
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -79,8 +81,9 @@ def fsync_tree(path: str | Path) -> None:
             os.close(fd)
 
 
-class OutputLockedError(RuntimeError):
-    """Another process holds the lock on the outputs this one would write."""
+class OutputLockedError(UserError, RuntimeError):
+    """Another process holds the lock on the outputs this one would write: a user error (exit code 2, no retry
+    by the flow; a retry 30 s later would meet the same holder), naming the holder."""
 
 
 @contextmanager

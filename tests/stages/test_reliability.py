@@ -371,13 +371,15 @@ def test_logged_params_of_a_config_hold_no_credentials(workdir):
 
 
 def test_second_run_on_the_same_outputs_fails_fast_naming_the_holder(ready, monkeypatch):
+    from grpo_steps.errors import UserError
     from grpo_steps.platform.io import OutputLockedError, exclusive_lock
     from tests.support.stages import train_grpo
 
     _no_model_loading(monkeypatch)
     with exclusive_lock(ready / "models" / ".grpo.lock", "test holder"):
-        with pytest.raises(OutputLockedError, match=rf"pid {os.getpid()}\b"):
+        with pytest.raises(OutputLockedError, match=rf"pid {os.getpid()}\b") as e:
             train_grpo(config(ready))
+    assert isinstance(e.value, UserError), "a user error: exit code 2, and the flow does not retry it"
     assert not (ready / "models" / "grpo").exists()
 
 
@@ -395,7 +397,7 @@ def test_two_concurrent_runs_with_different_params(ready):
             time.sleep(0.05)
         assert lock.read_text().strip() == str(first.pid)
         second = popen_grpo(ready, "grpo.steps=400", "grpo.learning_rate=0.002")
-        assert second.wait(timeout=300) != 0
+        assert second.wait(timeout=300) == 2  # a user error: the CLI's exit code 2
         assert first.poll() is None, "the first run must still be running (else the test proves nothing)"
         out = output_of(second)
         assert f"pid {first.pid}" in out and "in use by another run" in out, out[-3000:]
