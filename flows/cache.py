@@ -25,13 +25,14 @@ from typing import Any
 
 from grpo_steps.platform.config import Config
 from grpo_steps.platform.lineage import file_md5 as lineage_file_md5
-from grpo_steps.platform.stage import param_values
+from grpo_steps.platform.stage import SOURCE_ROOT, param_values
 from grpo_steps.stages import STAGES
 
 # Bump to invalidate every cached stage result (e.g. when the record format below changes).
 CACHE_VERSION = 1
-# The repository root: source files in STAGES are relative to it; data paths are relative to the cwd.
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# The repository root, where the records' source files are (platform/stage.py declares it); data paths are
+# relative to the cwd.
+PROJECT_ROOT = SOURCE_ROOT
 # Where Prefect persists stage results (the cache records), relative to the project directory. Under
 # .prefect/, which git ignores; GRPO_PREFECT_RESULTS overrides it.
 RESULTS_DIR_ENV = "GRPO_PREFECT_RESULTS"

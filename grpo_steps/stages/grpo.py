@@ -50,6 +50,7 @@ from grpo_steps.platform.modeling import (
     place,
     save_pretrained,
     seed_everything,
+    written_once,
 )
 from grpo_steps.platform.results import StageResult
 from grpo_steps.platform.tracking import log_curve
@@ -292,10 +293,11 @@ def _train(cfg: Config, acc: Accelerator, progress: bool) -> StageResult:
                      last.get("eval/accuracy", float("nan")))
         tags["selected_step"] = str(best.step)
     whole = full_state_dict(trainer.model) if trainer.sharded else None  # a collective: every process
-    if main:
-        # with LoRA, the adapter merged in: evaluate, register and mlflow.transformers load a plain model
+
+    def write() -> None:  # with LoRA, the adapter merged in: evaluate, register and mlflow load a plain model
         save_pretrained(cfg.paths.grpo_policy(), merged(trainer.unwrapped), tok, state_dict=whole)
         _write_curve(cfg.paths.grpo_curve(), history)
-    acc.wait_for_everyone()
+
+    written_once(write)  # one writer; the outputs exist when any process returns
     log.info("GRPO done: %s", summary)
     return StageResult(summary, metrics={f"summary/{k}": v for k, v in summary.items()}, tags=tags)
