@@ -6,7 +6,9 @@ chunk's logits exist at any moment, in the forward pass and in the backward pass
 
 With the prompt shared (`shared_prompt_logps`), each distinct prompt of the batch goes through the model once, not
 once per completion: its keys and values are handed to its G completions as a KV cache, gathered by row, so
-the backward pass sums each completion's gradient into the one prompt computation. The numbers are those of the
+the backward pass sums each completion's gradient into the one prompt computation. The gather is `index_select`,
+whose backward adds row by row in a fixed order; indexing (`x[index]`) would accumulate with atomic adds racing
+across CPU threads, and two runs of the same settings would differ in their last bits. The numbers are those of the
 full forward (up to float summation order); the prompt's compute drops from G times to once.
 """
 
@@ -136,9 +138,10 @@ def shared_prompt_logps(
     positions = position_ids_from_mask(u_mask)
     last = decoder(input_ids=u_ids, attention_mask=u_mask, position_ids=positions, past_key_values=cache,
                    use_cache=True).last_hidden_state[:, -1:, :]
-    hidden = last[index]  # (N, 1, H): predicts completion token 0
+    hidden = last.index_select(0, index)  # (N, 1, H): predicts completion token 0
     if c > 1:
-        cache.batch_select_indices(index)  # each row's prompt keys and values; gradients sum back per prompt
+        for layer in cache.layers:  # each row's prompt keys and values; gradients sum back per prompt
+            layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
         mask = torch.cat([u_mask[index], completion_mask[:, :-1].to(u_mask.dtype)], dim=1)
         steps = torch.arange(c - 1, device=completion_ids.device)
         rest = decoder(input_ids=completion_ids[:, :-1], attention_mask=mask,

@@ -33,9 +33,27 @@ PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
 
 
 def seed_everything(seed: int) -> None:
+    """Seeded, on deterministic kernels: the same settings on the same machine and thread count give the same
+    bytes, run after run (tests/stages/test_determinism.py)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    deterministic_kernels()
+
+
+def deterministic_kernels() -> None:
+    """torch's deterministic algorithms, warning (not failing) where an op has none.
+
+    On CPU this makes an accumulating `index_put_` (the backward of `x[index]`) sum serially: with more than one
+    thread torch otherwise adds with atomics in whatever order the threads reach them, and two runs of the same
+    settings part after a few steps. Our own gathers use `index_select` (grpo_steps/grpo/logprobs.py); this is
+    the net for any other (TRL's trainers, models' code). No cost measurable on CPU (docs/operations.md).
+    On CUDA, cuBLAS then runs with a fixed workspace (CUBLAS_WORKSPACE_CONFIG, set in grpo_steps/__init__.py)
+    and ops with a deterministic kernel use it. torch.empty's memory is left unfilled, as without the mode:
+    nothing of ours reads it.
+    """
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
 
 
 def begin_stage(seed: int) -> None:
