@@ -15,6 +15,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,8 +27,11 @@ from prefect.cache_policies import NO_CACHE
 from flows.cache import cache_key_fn, output_manifest, results_dir, stale_outputs
 from flows.report import publish_reports, summary_markdown
 from grpo_steps.errors import USER_ERRORS
+from grpo_steps.platform import preflight
 from grpo_steps.platform.config import Config, load_config
+from grpo_steps.platform.io import exclusive_lock, held_here
 from grpo_steps.platform.secrets import redact_url
+from grpo_steps.platform.stage import lock_path
 from grpo_steps.platform.tracking import LOCAL_UI, headline_metrics, pipeline_run, tracking_uri, ui_runs_link
 from grpo_steps.stages import STAGES
 
@@ -106,8 +111,27 @@ def grpo_pipeline(
 
     refresh_cache: run every stage even when an earlier run's cached result matches.
     """
-    logger = get_run_logger()
     cfg = load_config(params_path, overrides or [])
+    with pipeline_guard(cfg):
+        return _pipeline(cfg, refresh_cache)
+
+
+@contextmanager
+def pipeline_guard(cfg: Config) -> Iterator[None]:
+    """The project's pipeline lock, then the pre-flight checks (grpo_steps/platform/preflight.py): a second run
+    in the same directory stops at once naming the holder, and a missing server or data file is named before any
+    work. `grpo run` enters it before Prefect's server starts; the flow inside it then finds it held."""
+    path = lock_path(cfg, "pipeline")
+    if held_here(path):
+        yield
+        return
+    with exclusive_lock(path, f"the pipeline writing under {cfg.paths.models_dir}"):
+        preflight.check(cfg, STAGES)
+        yield
+
+
+def _pipeline(cfg: Config, refresh_cache: bool) -> dict[str, Any]:
+    logger = get_run_logger()
     from grpo_steps.platform.lineage import prefect_flow_run_id  # deferred: mlflow
 
     storage = results_dir()

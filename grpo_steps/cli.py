@@ -115,9 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.params, args.overrides)
         if args.command == "run":
-            from flows.pipeline import grpo_pipeline  # deferred: Prefect, torch, mlflow
+            from flows.pipeline import grpo_pipeline, pipeline_guard  # deferred: Prefect, torch, mlflow
 
-            grpo_pipeline(params_path=args.params, overrides=args.overrides, refresh_cache=args.refresh_cache)
+            with pipeline_guard(cfg):  # before Prefect's server starts
+                grpo_pipeline(params_path=args.params, overrides=args.overrides, refresh_cache=args.refresh_cache)
         elif args.command == "serve":
             return _serve(args)
         elif args.command == "node":
@@ -132,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
 
             print(format_status(stage_status(cfg)))
         else:
+            from grpo_steps.platform import preflight  # deferred: mlflow
+
+            preflight.check(cfg, [args.command])
             STAGES[args.command](cfg)
     except USER_ERRORS as e:
         print(f"grpo {args.command}: error: {e}", file=sys.stderr)

@@ -27,6 +27,7 @@ from grpo_steps.errors import USER_ERRORS
 from grpo_steps.platform.config import Config
 from grpo_steps.platform.io import atomic_path
 from grpo_steps.platform.launch import (
+    CHILD_JOB_ENV,
     JOB_FILE,
     OTHER_JOB_FILE,
     RELEASE,
@@ -155,7 +156,7 @@ def rank_main(argv: list[str]) -> int:
     setup_logging(stream=sys.stderr)  # the rank-prefixed stderr
     local_dir = Path(argv[0])
     local = json.loads((local_dir / JOB_FILE).read_text(encoding="utf-8")) if (local_dir / JOB_FILE).is_file() else None
-    dirs, store, timeout_s = [local_dir], None, int(os.environ["GRPO_JOB_TIMEOUT_S"])
+    dirs, store, timeout_s = [local_dir], None, int(os.environ[CHILD_JOB_ENV])
     try:
         store = _job_store(timeout_s)
         job = _exchange_job(store, local, rank, world_size)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,25 @@ def ready(workdir, grpo_inputs):
 
     install_inputs(grpo_inputs, workdir)
     return workdir
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Make a tmpfs of a given size (MiB) under tmp_path, unmounted after the test: a device that really fills.
+    Skips where mounting is not permitted (not root, or a container without the capability)."""
+    mounts: list[Path] = []
+
+    def make(mib: int) -> Path:
+        folder = tmp_path / f"tmpfs-{len(mounts)}"
+        folder.mkdir()
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+        if res.returncode:
+            pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip() or res.returncode}): a disk that fills "
+                        "needs one")
+        mounts.append(folder)
+        return folder
+
+    yield make
+    for folder in mounts:
+        subprocess.run(["umount", "-l", str(folder)], check=False)

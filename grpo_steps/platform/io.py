@@ -19,11 +19,18 @@ from typing import Any
 from grpo_steps.errors import UserError
 
 
+class DiskFullError(UserError, OSError):
+    """The device ran out of space while an output was written: named as such, and not retried (a retry meets
+    the same full disk). The half-written temporary is removed; the previous output is untouched."""
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path` in one rename.
 
-    Works for files and directories. On error the temporary is removed and `path` is untouched.
+    Works for files and directories. On error the temporary is removed and `path` is untouched; an error that
+    came from a full device is raised as `DiskFullError`, whatever the writer called it (torch's zip writer
+    says "unexpected pos").
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -37,8 +44,35 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(old)
         else:
             os.replace(tmp, path)
+    except Exception as e:
+        full = disk_full(e, path.parent)  # before the temporary is removed: that frees the space again
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+        if full:
+            free = shutil.disk_usage(path.parent).free
+            raise DiskFullError(f"no space left on the device of {path.parent.resolve()} while "
+                                f"writing {path} ({free / 2**20:.0f} MiB free once its temporary was removed); "
+                                "free space (fewer checkpoints: grpo.keep_checkpoints), then run again") from e
+        raise
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+# Below this many free bytes a failed write is taken for a full device, whatever its message.
+NEARLY_FULL_BYTES = 1 << 20
+
+
+def disk_full(error: BaseException, where: Path) -> bool:
+    """Whether `error` (or one it came from) is the device running out of space, or the device under `where` is
+    (nearly) full now."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(where).free < NEARLY_FULL_BYTES
+    except OSError:
+        return False
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -86,9 +120,18 @@ class OutputLockedError(UserError, RuntimeError):
     by the flow; a retry 30 s later would meet the same holder), naming the holder."""
 
 
+_HELD: set[Path] = set()  # the locks this process holds
+
+
+def held_here(path: str | Path) -> bool:
+    """Whether this process holds the lock on `path` (a flow inside `grpo run`, which took it first)."""
+    return Path(path).resolve() in _HELD
+
+
 @contextmanager
-def exclusive_lock(path: str | Path, what: str) -> Iterator[Path]:
-    """Hold an exclusive `flock` on `path` (created if needed) or fail fast naming the holder's pid.
+def exclusive_lock(path: str | Path, what: str, wait: bool = False) -> Iterator[Path]:
+    """Hold an exclusive `flock` on `path` (created if needed): fail fast naming the holder's pid, or with
+    `wait`, wait for the holder to let go.
 
     The kernel releases the lock when the holder exits, however it exits (SIGKILL included), so a stale lock
     file never blocks a later run. The file itself is kept: unlinking it would let two processes lock two
@@ -99,7 +142,7 @@ def exclusive_lock(path: str | Path, what: str) -> Iterator[Path]:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode("utf-8", "replace").strip() or "unknown"
             raise OutputLockedError(
@@ -108,9 +151,11 @@ def exclusive_lock(path: str | Path, what: str) -> Iterator[Path]:
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _HELD.add(path.resolve())
         try:
             yield path
         finally:
+            _HELD.discard(path.resolve())
             os.ftruncate(fd, 0)
     finally:
         os.close(fd)  # releases the lock

@@ -89,6 +89,15 @@ def layout(cfg: Config) -> Layout:
     return Layout(int(per_node), cfg.launch.nodes)
 
 
+# Set in the ranks of the child jobs this module starts: the process that started the job holds the stage's lock.
+CHILD_JOB_ENV = "GRPO_JOB_TIMEOUT_S"
+
+
+def in_child_job() -> bool:
+    """True in a rank of a child job this module started (its parent holds the stage's lock)."""
+    return CHILD_JOB_ENV in os.environ
+
+
 def inside_job() -> bool:
     """True in a rank of a job someone else launched (this module, torchrun or accelerate launch by hand)."""
     return "WORLD_SIZE" in os.environ
@@ -112,7 +121,7 @@ def torchrun_command(cfg: Config, job_dir: Path) -> list[str]:
 
 
 def _job_env(cfg: Config, lay: Layout) -> dict[str, str]:
-    env = dict(os.environ, GRPO_JOB_TIMEOUT_S=str(cfg.launch.join_timeout_s))
+    env = dict(os.environ, **{CHILD_JOB_ENV: str(cfg.launch.join_timeout_s)})
     # threads per rank: the cores shared out (torchrun would set 1 and print a banner about it)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // lay.processes_per_node)))
     env.setdefault("PYTHONUNBUFFERED", "1")

@@ -10,14 +10,18 @@ without being declared (PLATFORM_SECTIONS).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from grpo_steps.platform import launch
 from grpo_steps.platform.config import Config, pick
+from grpo_steps.platform.io import exclusive_lock
 from grpo_steps.platform.results import Report, StageResult
 
 # The repository root: the records' `code` paths are relative to it.
@@ -66,17 +70,28 @@ class Stage:
                  publish: Callable[[list[Report]], None] | None = None) -> Any:
         """Run the stage inside its MLflow run (a child of `parent_run_id` when given), record its result and
         hand its reports to `publish`; returns the stage's value, raises the error its outcome carries."""
-        if self.launched and launch.wants_child_job(cfg):
-            value, reports = launch.run_job(cfg, self.name, parent_run_id)  # its rank 0 is tracked
-            if publish is not None and reports:
-                publish(reports)
-        else:
-            from grpo_steps.platform.tracking import tracked  # deferred: mlflow
+        with self.lock(cfg):
+            if self.launched and launch.wants_child_job(cfg):
+                value, reports = launch.run_job(cfg, self.name, parent_run_id)  # its rank 0 is tracked
+                if publish is not None and reports:
+                    publish(reports)
+            else:
+                from grpo_steps.platform.tracking import tracked  # deferred: mlflow
 
-            value = tracked(cfg, self.name, self.function(), self.params, parent_run_id, publish).value
-        for folder in self.persistent_outs(cfg):  # DVC fails on a missing out, even an empty persistent one
-            folder.mkdir(parents=True, exist_ok=True)
+                value = tracked(cfg, self.name, self.function(), self.params, parent_run_id, publish).value
+            for folder in self.persistent_outs(cfg):  # DVC fails on a missing out, even an empty persistent one
+                folder.mkdir(parents=True, exist_ok=True)
         return value
+
+    def lock(self, cfg: Config) -> AbstractContextManager[Any]:
+        """The stage's lock on its outputs, held while it runs: a second run of the stage on the same outputs
+        (another `grpo run`, `dvc repro`, `grpo <stage>`) stops at once naming the holder, a user error. Held by
+        the process the stage was started in: not again by the ranks of its child job, nor by the other ranks of
+        a job launched by hand (accelerate launch, torchrun)."""
+        if launch.in_child_job() or (launch.inside_job() and os.environ.get("RANK", "0") != "0"):
+            return contextlib.nullcontext()
+        outs = ", ".join(str(p) for p in self.outs(cfg))
+        return exclusive_lock(lock_path(cfg, self.name), f"stage {self.name} (writing {outs})")
 
     def outs(self, cfg: Config) -> list[Path]:
         """Outputs that are the stage's result: every one exists after a successful run."""
@@ -94,6 +109,11 @@ class Stage:
             p = SOURCE_ROOT / rel
             files += sorted(p.rglob("*.py")) if p.is_dir() else [p] if p.is_file() else []
         return [(f.relative_to(SOURCE_ROOT).as_posix(), f) for f in files]
+
+
+def lock_path(cfg: Config, name: str) -> Path:
+    """Where the lock of stage (or `pipeline`) `name` lives: one folder for all, whatever the outputs' folders."""
+    return Path(cfg.paths.models_dir) / f".{name}.lock"
 
 
 # Sections every stage may read without declaring them: where files live, the tracking wrapper's settings, and the

@@ -19,12 +19,14 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow.exceptions import MlflowException
 
 from grpo_steps.platform.config import Config, pick
+from grpo_steps.platform.io import exclusive_lock
 from grpo_steps.platform.results import Report, StageResult
 from grpo_steps.platform.secrets import redact_secrets, redact_url
 
@@ -86,12 +88,29 @@ def _set_tracking_uri(uri: str) -> None:
         os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
+_READY_STORES: set[str] = set()
+
+
+@contextmanager
+def _creating_store(uri: str) -> Iterator[None]:
+    """The first touch of a local MLflow database creates its tables: one process at a time, the others wait (two
+    at once collide: "table ... already exists"). The lock file sits beside the database."""
+    if not uri.startswith("sqlite:///") or uri in _READY_STORES:
+        yield
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    with exclusive_lock(db.with_name(f".{db.name}.lock"), "the MLflow database", wait=True):
+        yield
+    _READY_STORES.add(uri)
+
+
 def setup(cfg: Config) -> str:
     """Point MLflow at the configured store and experiment; return the experiment id."""
     uri = tracking_uri(cfg)
     _set_tracking_uri(uri)
     name = cfg.tracking.experiment
-    exp = mlflow.get_experiment_by_name(name)
+    with _creating_store(uri):
+        exp = mlflow.get_experiment_by_name(name)
     if exp is None:
         try:
             exp_id = mlflow.create_experiment(name, artifact_location=artifact_location(cfg, uri))

@@ -9,8 +9,8 @@ Reliability:
 - Every `grpo.checkpoint_every` steps, and at the end, a verified checkpoint is written
   (grpo_steps/platform/checkpoint.py); a rerun with the same params and inputs resumes from the newest good one
   automatically (a Prefect retry included), and on CPU ends with the same weights as an uninterrupted run.
-- `<models_dir>/.grpo.lock` keeps two runs from writing the same outputs: the second fails fast, naming the
-  holder's pid.
+- `<models_dir>/.grpo.lock`, held by the stage's record as every stage's is (grpo_steps/platform/stage.py), keeps
+  two runs from writing the same outputs: the second fails fast, naming the holder's pid.
 - Nothing non-finite is saved: a NonFiniteLossError stops the run before any output is written, and the
   previous models/grpo stays as it was.
 - Under torchrun only the main process writes files and logs to MLflow; metrics are global.
@@ -18,7 +18,6 @@ Reliability:
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import logging
 import os
@@ -38,7 +37,7 @@ from grpo_steps.grpo.sharding import full_state_dict
 from grpo_steps.grpo.trainer import GRPOTrainer, NonFiniteLossError, PromptSampler
 from grpo_steps.platform.checkpoint import CheckpointStore, checkpoints_root, restore, set_rng_state, training_key
 from grpo_steps.platform.config import Config, ConfigError, ModelConfig, RewardFunctionConfig
-from grpo_steps.platform.io import OutputLockedError, atomic_path, exclusive_lock
+from grpo_steps.platform.io import atomic_path
 from grpo_steps.platform.modeling import (
     accelerate_precision,
     apply_lora,
@@ -62,7 +61,6 @@ log = logging.getLogger(__name__)
 CURVE_KEYS = ("step", "reward", "reward_std", "reward_std_within_group", "kl", "loss", "grad_norm", "entropy",
               "entropy/trained_rows", "completions/mean_length", "frac_reward_zero_std", "clip_ratio/region_mean",
               "step_time", "eval/accuracy", "eval/reward_model_score")
-LOCK_NAME = ".grpo.lock"
 
 
 def build_reward_functions(cfg: Config, tokenizer) -> tuple[list[RewardFunction], list[float]]:
@@ -192,19 +190,7 @@ def train_grpo(cfg: Config, progress: bool = True, accelerator: Accelerator | No
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
                                      mixed_precision=accelerate_precision(cfg.model))
     refuse_sharded(acc)
-    main = acc.is_main_process
-    with contextlib.ExitStack() as stack:
-        locked = None
-        if main:
-            try:
-                stack.enter_context(exclusive_lock(Path(cfg.paths.models_dir) / LOCK_NAME,
-                                                   f"the grpo outputs under {cfg.paths.models_dir}"))
-            except OutputLockedError as e:
-                locked = str(e)
-        locked = _broadcast(acc, locked)
-        if locked:
-            raise OutputLockedError(locked)
-        return _train(cfg, acc, progress and main)
+    return _train(cfg, acc, progress and acc.is_main_process)
 
 
 def _train(cfg: Config, acc: Accelerator, progress: bool) -> StageResult:

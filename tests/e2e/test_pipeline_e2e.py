@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import mlflow
 import pytest
@@ -12,18 +13,38 @@ from mlflow import MlflowClient
 from tests.conftest import TINY
 
 
-def _run(args, cwd, env_extra=None, timeout=600):
+def _env(cwd, env_extra=None):
     env = {**os.environ, "PREFECT_HOME": str(cwd / ".prefect"), **(env_extra or {})}
     env.pop("PREFECT_API_URL", None)
-    return subprocess.run([sys.executable, "-m", "grpo_steps.cli", *args], cwd=cwd, env=env,
+    return env
+
+
+def _run(args, cwd, env_extra=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "grpo_steps.cli", *args], cwd=cwd, env=_env(cwd, env_extra),
                           capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.slow  # ~60 s: the Prefect flow and every stage in a subprocess
 def test_grpo_run_executes_every_stage_and_registers(workdir):
+    """... while a second `grpo run` started in the same fresh directory stops at once, naming the first, before
+    it touches the MLflow database (before: both created it, and one died of `table assessments already
+    exists`; in an existing directory both trained sft and the reward model)."""
     overrides = [x for o in TINY for x in ("--set", o)]
-    proc = _run(["run", *overrides], workdir)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = (workdir.parent / "first.log").open("w+")
+    first = subprocess.Popen([sys.executable, "-m", "grpo_steps.cli", "run", *overrides], cwd=workdir,
+                             env=_env(workdir), stdout=log, stderr=subprocess.STDOUT, text=True)
+    lock, deadline = workdir / "models" / ".pipeline.lock", time.monotonic() + 120
+    while not (lock.exists() and lock.read_text().strip() == str(first.pid)):
+        assert first.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    second = _run(["run", *overrides], workdir, timeout=120)
+    assert second.returncode == 2, second.stdout[-3000:] + second.stderr[-3000:]
+    assert f"is in use by another run (pid {first.pid} holds" in second.stderr
+    assert "Traceback" not in second.stderr and time.monotonic() - t0 < 30
+    assert first.wait(timeout=600) == 0, (log.seek(0), log.read()[-3000:])[1]
+    log.seek(0)
+    proc = subprocess.CompletedProcess(first.args, 0, log.read(), "")
 
     for path in ["data/validated/train.jsonl", "models/reward/model.safetensors", "models/sft/model.safetensors",
                  "models/grpo/model.safetensors", "reports/metrics.json", "reports/grpo_steps.csv",
@@ -41,6 +62,7 @@ def test_grpo_run_executes_every_stage_and_registers(workdir):
     assert len(parents) == 1
     parent_id = parents[0].info.run_id
     children = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id}
+    assert len([r for r in runs if r.data.tags.get("stage") == "sft"]) == 1  # nothing trained twice
     assert set(children) >= {"train_reward", "sft", "grpo", "evaluate", "register"}
     grpo_metrics = children["grpo"].data.metrics
     for key in ("reward", "reward_std", "kl", "loss", "completions/mean_length", "frac_reward_zero_std"):
