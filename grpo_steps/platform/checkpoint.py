@@ -248,13 +248,31 @@ class CheckpointStore:
         return Checkpoint(path=path, step=step, state=state, weights=weights, optimizer=optimizer)
 
     def latest(self) -> Checkpoint | None:
-        """The newest checkpoint that verifies; each unusable newer one is reported with a warning."""
+        """The newest checkpoint that verifies. Each unusable newer one is named and moved aside (`corrupt-step-*`
+        beside the others: kept for a look, never read again); with none usable the log says the run starts from
+        step 0. Call under the lock, on the main process."""
+        unusable = 0
         for _, path in self.steps():
             try:
                 return self.read(path)
             except CheckpointError as e:
-                log.warning("unusable checkpoint %s, falling back to an older one: %s", path, e)
+                unusable += 1
+                log.warning("unusable checkpoint %s: %s; moved aside to %s, trying an older one", path, e,
+                            self.set_aside(path))
+        if unusable:
+            log.warning("no usable checkpoint in %s (%d unusable, moved aside): starting from step 0", self.dir,
+                        unusable)
         return None
+
+    def set_aside(self, path: Path) -> Path:
+        """Move an unusable checkpoint out of the `step-*` names; returns where it went."""
+        aside = path.with_name(f"corrupt-{path.name}")
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = path.with_name(f"corrupt-{path.name}.{n}")
+        path.rename(aside)
+        return aside
 
     # ---- writing
 

@@ -66,6 +66,11 @@ class PathsConfig(Settings):
     def grpo_policy(self) -> Path:
         return Path(self.models_dir) / "grpo"
 
+    def sft_checkpoints(self) -> Path:
+        """The sft stage's resumable checkpoints, one folder per training setup (a persistent DVC output), emptied
+        once the stage's output is written."""
+        return Path(self.models_dir) / "sft_checkpoints"
+
     def grpo_checkpoints(self) -> Path:
         """The grpo stage's resumable checkpoints, one folder per training setup (a persistent DVC output)."""
         return Path(self.models_dir) / "grpo_checkpoints"
@@ -270,6 +275,10 @@ class SFTConfig(Settings):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     batch_size: int = Field(64, ge=1, description="demonstrations per optimizer step, all processes together")
     warmup_ratio: float = Field(0.05, ge=0, le=1, description="share of the steps the learning rate warms up")
+    checkpoint_every: int = Field(
+        500, ge=0, description="a resumable checkpoint every N optimizer steps (0: none): a rerun after a kill "
+        "resumes from the newest (same settings, inputs and code)")
+    keep_checkpoints: int = Field(1, ge=1, description="how many of the newest sft checkpoints are kept")
 
 
 class RewardFunctionConfig(Settings):

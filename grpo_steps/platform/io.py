@@ -9,6 +9,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -55,6 +56,29 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def left_by_a_kill(path: str | Path) -> tuple[list[Path], Path | None]:
+    """Undo what a killed `atomic_path` left beside `path`: its temporaries are removed (returned), and a previous
+    output caught between the two renames of a folder's replacement is put back (returned second). Call only
+    under the lock of whoever writes `path`: a live writer's temporary looks the same."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return [], None
+    temporary = re.compile(rf"^\.{re.escape(path.name)}\.[a-z0-9_]{{8}}$")  # tempfile.mkdtemp's names
+    previous = re.compile(rf"^\.{re.escape(path.name)}\.old-\d+$")
+    removed, restored = [], None
+    for p in sorted(path.parent.iterdir()):
+        if previous.match(p.name) and not path.exists():
+            p.rename(path)
+            restored = path
+        elif temporary.match(p.name) or previous.match(p.name):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed, restored
 
 
 # Below this many free bytes a failed write is taken for a full device, whatever its message.

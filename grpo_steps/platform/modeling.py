@@ -78,8 +78,9 @@ def trainer_precision(cfg: ModelConfig) -> dict[str, bool]:
 
 
 def trl_args(seed: int, cfg: ModelConfig) -> dict[str, object]:
-    """What every TRL config of ours sets alike: logging to MLflow every 10 steps, no trainer checkpoints (the
-    stage writes its output itself), the seed, the device, and precision and checkpointing made explicit.
+    """What every TRL config of ours sets alike: logging to MLflow every 10 steps, no trainer checkpoints unless
+    the stage asks (`trainer_checkpointing`; the stage writes its output itself), the seed, the device, and
+    precision and activation checkpointing made explicit.
 
     Every optimizer step takes a full global batch (`dataloader_drop_last`): an epoch's last, partial batch would
     be one step of fewer rows on one process but, on N, padded by accelerate with rows from the epoch's start
@@ -88,6 +89,14 @@ def trl_args(seed: int, cfg: ModelConfig) -> dict[str, object]:
     return {"logging_steps": 10, "save_strategy": "no", "report_to": ["mlflow"], "seed": seed,
             "use_cpu": not torch.cuda.is_available(), "dataloader_num_workers": 0, "dataloader_drop_last": True,
             **trainer_precision(cfg)}
+
+
+def trainer_checkpointing(every: int, keep: int) -> dict[str, object]:
+    """A TRL config's checkpoint settings: every `every` optimizer steps (0: none), the newest `keep` kept, each
+    with the optimizer, schedule and RNG a resume needs (grpo_steps/platform/trainer_checkpoints.py)."""
+    if not every:
+        return {"save_strategy": "no"}
+    return {"save_strategy": "steps", "save_steps": every, "save_total_limit": keep, "save_only_model": False}
 
 
 def trl_warmup(ratio: float) -> float:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -21,8 +22,10 @@ from typing import Any, Literal
 
 from grpo_steps.platform import launch
 from grpo_steps.platform.config import Config, pick
-from grpo_steps.platform.io import exclusive_lock
+from grpo_steps.platform.io import exclusive_lock, left_by_a_kill
 from grpo_steps.platform.results import Report, StageResult
+
+log = logging.getLogger(__name__)
 
 # The repository root: the records' `code` paths are relative to it.
 SOURCE_ROOT = Path(__file__).resolve().parents[2]
@@ -70,7 +73,9 @@ class Stage:
                  publish: Callable[[list[Report]], None] | None = None) -> Any:
         """Run the stage inside its MLflow run (a child of `parent_run_id` when given), record its result and
         hand its reports to `publish`; returns the stage's value, raises the error its outcome carries."""
-        with self.lock(cfg):
+        with self.lock(cfg) as held:
+            if held is not None:
+                self.clean_up_after_kills(cfg)
             if self.launched and launch.wants_child_job(cfg):
                 value, reports = launch.run_job(cfg, self.name, parent_run_id)  # its rank 0 is tracked
                 if publish is not None and reports:
@@ -92,6 +97,16 @@ class Stage:
             return contextlib.nullcontext()
         outs = ", ".join(str(p) for p in self.outs(cfg))
         return exclusive_lock(lock_path(cfg, self.name), f"stage {self.name} (writing {outs})")
+
+    def clean_up_after_kills(self, cfg: Config) -> None:
+        """Under the stage's lock: remove the temporaries a killed run of it left beside its outputs, and put back
+        an output a kill caught between two renames."""
+        for out in self.outputs:
+            removed, restored = left_by_a_kill(out.path(cfg))
+            if removed:
+                log.info("stage %s: removed what a killed run left: %s", self.name, ", ".join(map(str, removed)))
+            if restored is not None:
+                log.warning("stage %s: put back %s, which a killed run had moved aside", self.name, restored)
 
     def outs(self, cfg: Config) -> list[Path]:
         """Outputs that are the stage's result: every one exists after a successful run."""

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import re
+import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -126,7 +127,48 @@ def setup(cfg: Config) -> str:
             mlflow.MlflowClient().restore_experiment(exp_id)
     _mark_model_training(exp_id, exp)
     mlflow.set_experiment(experiment_id=exp_id)
+    end_orphaned_runs(exp_id)
     return exp_id
+
+
+# Which process on which machine a run belongs to: a run left RUNNING by a process that is gone is ended.
+HOST_TAG, PID_TAG = "grpo_host", "grpo_pid"
+
+
+def owner_tags() -> dict[str, str]:
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+
+
+def end_orphaned_runs(exp_id: str) -> list[str]:
+    """End as KILLED the runs of this experiment that a process on this machine started and that stayed RUNNING
+    after it died (SIGKILL, the OOM killer, a power cut): MLflow would show them running forever. A run whose
+    process is alive is left alone; one started on another machine too (its processes cannot be seen from
+    here). Returns the ids ended."""
+    client = mlflow.MlflowClient()
+    host = socket.gethostname()
+    runs = client.search_runs([exp_id], filter_string=f"attributes.status = 'RUNNING' and tags.{HOST_TAG} = "
+                              f"'{host}'", max_results=1000)
+    ended = []
+    for run in runs:
+        pid = int(run.data.tags.get(PID_TAG, "0") or 0)
+        if not pid or _alive(pid):
+            continue
+        client.set_tag(run.info.run_id, "ended_by", f"the next run on {host}: process {pid} was gone")
+        client.set_terminated(run.info.run_id, status="KILLED")
+        log.warning("MLflow run %s (%s) was left RUNNING by process %d, which is gone: ended as KILLED",
+                    run.info.run_id, run.data.tags.get("mlflow.runName", "?"), pid)
+        ended.append(run.info.run_id)
+    return ended
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 # What the MLflow UI shows first. The experiment's kind says "model training" (the API and UIs that read it);
@@ -249,7 +291,7 @@ def stage_run(cfg: Config, stage: str, parent_run_id: str | None = None,
     settings of the params `keys` the stage's record declares; else nested under an active run of the caller
     (a notebook's), or a top-level run, both with every setting (`grpo sft`, `dvc repro`)."""
     setup(cfg)
-    tags = {"stage": stage, "params_hash": cfg.params_hash()}
+    tags = {"stage": stage, "params_hash": cfg.params_hash(), **owner_tags()}
     active = mlflow.active_run()
     if parent_run_id is not None:
         # nested=True only says "an active run is fine": it must be the parent itself (MLflow checks). A child
@@ -348,7 +390,7 @@ def active_run_ids() -> tuple[str, str | None]:
 def pipeline_run(cfg: Config, run_name: str = "pipeline", tags: dict[str, str] | None = None) -> Iterator[str]:
     """The parent run of one pipeline execution; yields its id, which the flow passes to every stage."""
     setup(cfg)
-    run_tags = {"params_hash": cfg.params_hash(), **(tags or {})}
+    run_tags = {"params_hash": cfg.params_hash(), **owner_tags(), **(tags or {})}
     with _start_top_level_run(cfg, run_name=run_name, tags=run_tags) as run:
         mlflow.log_params(stage_params(cfg, None))
         yield run.info.run_id

@@ -94,10 +94,12 @@ _RECORDS: tuple[Stage, ...] = (
         "cold-start the policy with supervised fine-tuning (TRL SFTTrainer) on the train demonstrations; "
         "writes models/sft, the starting policy",
         code=("grpo_steps/stages/sft.py", "grpo_steps/platform/modeling.py", "grpo_steps/data/prompts.py",
-              "grpo_steps/grpo/tokens.py"),
+              "grpo_steps/grpo/tokens.py", "grpo_steps/platform/trainer_checkpoints.py"),
         params=("seed", *_MODEL, "sft", *_TRAIN_LENGTHS, *_RENDER),
         deps=lambda cfg: [*_v("train")(cfg), cfg.paths.tokenizer(), *_local_model(cfg.model.pretrained)],
-        outputs=(Out("sft_policy"),),
+        outputs=(Out("sft_policy"),
+                 Out("sft_checkpoints", persist=True,
+                     note="resumable checkpoints (grpo_steps/platform/trainer_checkpoints.py), emptied on success")),
         retries=1, log_prints=False, launched=True,
     ),
     Stage(

@@ -9,7 +9,7 @@ and EOS after the prompt the policy will see.
 from __future__ import annotations
 
 import logging
-import tempfile
+import shutil
 
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
@@ -24,11 +24,13 @@ from grpo_steps.platform.modeling import (
     policy_tokenizer,
     save_pretrained,
     split_trl_batch,
+    trainer_checkpointing,
     trl_args,
     trl_warmup,
     written_once,
 )
 from grpo_steps.platform.results import StageResult
+from grpo_steps.platform.trainer_checkpoints import resume_from, set_aside_unusable, stage_key
 
 log = logging.getLogger(__name__)
 
@@ -63,27 +65,37 @@ def sft(cfg: Config) -> StageResult:
     else:
         rows = read_jsonl(cfg.paths.validated_file("train"))
         sc = cfg.sft
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=f".{out.name}-trainer.", dir=out.parent) as scratch:
-            args = SFTConfig(
-                output_dir=scratch,  # TRL logs its curve on the stage's MLflow run (report_to), saves nothing
-                max_steps=sc.max_steps,
-                per_device_train_batch_size=sc.batch_size,  # the global batch: split over the processes below
-                learning_rate=sc.learning_rate,
-                weight_decay=sc.weight_decay,
-                lr_scheduler_type="cosine",
-                warmup_steps=trl_warmup(sc.warmup_ratio),  # a ratio: transformers 5 reads warmup_steps < 1 as one
-                completion_only_loss=True,
-                max_length=cfg.validate_.max_prompt_tokens + cfg.validate_.completion_tokens() + 2,
-                **trl_args(cfg.seed, cfg.model),
-            )
-            split_trl_batch(args, sc.batch_size, "sft.batch_size")  # sft.batch_size rows a step, on N processes too
-            # the trainer places the policy on the accelerator's device (accelerator.prepare)
-            trainer = SFTTrainer(model=policy, args=args, train_dataset=demonstrations_dataset(cfg, tok, rows),
-                                 processing_class=tok)
-            result = trainer.train()
+        # resumable: a rerun of the same settings, inputs and code resumes at the newest complete checkpoint
+        from grpo_steps.stages import STAGES  # deferred: the records import this module
+
+        ckpts = cfg.paths.sft_checkpoints() / stage_key(STAGES["sft"], cfg)
+        written_once(lambda: set_aside_unusable(ckpts))
+        resume = resume_from(ckpts)
+        if resume is not None:
+            log.info("resuming the cold start from checkpoint %s of %d steps", resume, sc.max_steps)
+        args = SFTConfig(
+            output_dir=str(ckpts),  # TRL logs its curve on the stage's MLflow run (report_to)
+            max_steps=sc.max_steps,
+            per_device_train_batch_size=sc.batch_size,  # the global batch: split over the processes below
+            learning_rate=sc.learning_rate,
+            weight_decay=sc.weight_decay,
+            lr_scheduler_type="cosine",
+            warmup_steps=trl_warmup(sc.warmup_ratio),  # a ratio: transformers 5 reads warmup_steps < 1 as one
+            completion_only_loss=True,
+            max_length=cfg.validate_.max_prompt_tokens + cfg.validate_.completion_tokens() + 2,
+            **{**trl_args(cfg.seed, cfg.model), **trainer_checkpointing(sc.checkpoint_every, sc.keep_checkpoints)},
+        )
+        split_trl_batch(args, sc.batch_size, "sft.batch_size")  # sft.batch_size rows a step, on N processes too
+        # the trainer places the policy on the accelerator's device (accelerator.prepare)
+        trainer = SFTTrainer(model=policy, args=args, train_dataset=demonstrations_dataset(cfg, tok, rows),
+                             processing_class=tok)
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
         policy = trainer.model
         metrics = {"train_loss": float(result.training_loss)}
+        if resume is not None:
+            metrics["resumed_from_step"] = float(resume.name.split("-")[-1])
     written_once(lambda: save_pretrained(out, policy, tok))  # one writer under torchrun
+    if cold_start_runs(cfg):  # the output holds what they would resume to
+        written_once(lambda: shutil.rmtree(ckpts, ignore_errors=True))
     log.info("starting policy saved to %s (%s)", out, metrics)
     return StageResult(metrics, metrics={f"sft/{k}": v for k, v in metrics.items()})

@@ -145,6 +145,28 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(ready, caplo
 
     store = CheckpointStore(newest.parent.parent, newest.parent.name)
     assert store.read(newest).step == 4
+    aside = newest.with_name("corrupt-step-000004")  # moved aside, kept for a look, never read again
+    assert (aside / "model" / "model.safetensors").stat().st_size == len(data) // 2
+    assert f"moved aside to {aside}" in caplog.text
+
+
+def test_with_no_usable_checkpoint_the_run_says_it_starts_from_step_0(ready, caplog):
+    """Before: "falling back to an older one" once per checkpoint, then a silent restart from step 0, the
+    corrupt folders left where they were."""
+    from tests.support.stages import train_grpo
+
+    cfg = config(ready, "grpo.steps=3", "grpo.checkpoint_every=1", "grpo.keep_checkpoints=2")
+    train_grpo(cfg)
+    reference = weights(ready / "models" / "grpo")
+    for step in _step_dirs(ready):
+        (step / "trainer_state.json").write_text("{")
+    with caplog.at_level(logging.WARNING, logger="grpo_steps"):
+        summary = train_grpo(cfg)
+    assert summary["resumed_from_step"] == 0
+    assert "no usable checkpoint in" in caplog.text and "(2 unusable, moved aside): starting from step 0" in caplog.text
+    assert sorted(p.name for p in _step_dirs(ready)[0].parent.glob("corrupt-*")) == [
+        "corrupt-step-000002", "corrupt-step-000003"]
+    assert_identical(reference, weights(ready / "models" / "grpo"))  # the same run again, from the start
 
 
 def test_corrupt_checkpoints_are_named_in_the_error(ready):

@@ -143,3 +143,61 @@ def test_processes_creating_the_mlflow_database_at_once_all_get_it(workdir):
     assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in outs]
     assert len({out.strip() for out, _ in outs}) == 1  # one experiment, the same id for all
     assert (workdir / ".mlflow.db.lock").exists()
+
+
+# ---------------------------------------------------------------------------------------- interrupted runs
+
+KILLED_INSIDE_A_RUN = """
+import os, signal, sys
+from grpo_steps.platform import tracking
+from tests.support.project import load_tiny
+cfg = load_tiny(__import__("pathlib").Path(sys.argv[1]))
+with tracking.stage_run(cfg, "sft"):
+    print(__import__("mlflow").active_run().info.run_id, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_run_whose_process_was_killed_is_ended_as_killed_by_the_next_start(workdir):
+    """Before: a SIGKILLed stage's MLflow run stayed RUNNING forever. A run whose process lives is left alone."""
+    from mlflow import MlflowClient
+
+    from grpo_steps.platform import tracking
+
+    res = subprocess.run([sys.executable, "-c", KILLED_INSIDE_A_RUN, str(workdir)], cwd=Path(__file__).parents[2],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == -9, res.stderr[-2000:]
+    killed = res.stdout.split()[-1]
+    cfg = load_tiny(workdir)
+    client = MlflowClient(tracking_uri=cfg.tracking.tracking_uri)
+    assert client.get_run(killed).info.status == "RUNNING"
+    with tracking.stage_run(cfg, "evaluate") as live:
+        assert client.get_run(killed).info.status == "KILLED"
+        assert "was gone" in client.get_run(killed).data.tags["ended_by"]
+        assert tracking.end_orphaned_runs(live.info.experiment_id) == []  # this process's own run stays
+        assert client.get_run(live.info.run_id).info.status == "RUNNING"
+
+
+def test_a_stage_removes_what_a_killed_run_of_it_left_and_keeps_its_own_lock(workdir):
+    """A kill inside atomic_path leaves `.<output>.<random>` beside the output: the stage's next run removes it
+    (under the stage's lock, no live writer can own it), and puts back an output a kill caught between the two
+    renames of its replacement."""
+    from grpo_steps.platform.io import left_by_a_kill
+    from tests.support.stages import prepare
+
+    cfg = load_tiny(workdir)
+    out = cfg.paths.prepared()
+    left = out.parent / f".{out.name}.k1ll3d_x"
+    (left / out.name).mkdir(parents=True)
+    prepare(cfg)
+    assert not left.exists() and out.is_dir()
+
+    models = workdir / "models"
+    (models / ".sft.old-4242").mkdir(parents=True)
+    (models / ".sft.old-4242" / "model.safetensors").write_text("yesterday's")
+    (models / ".sft.abcdefgh").mkdir()
+    (models / ".sft.lock").touch()
+    removed, restored = left_by_a_kill(models / "sft")
+    assert restored == models / "sft" and (models / "sft" / "model.safetensors").read_text() == "yesterday's"
+    assert removed == [models / ".sft.abcdefgh"]
+    assert not [p for p in models.iterdir() if p.name.startswith(".sft.") and p.name != ".sft.lock"]
