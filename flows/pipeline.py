@@ -5,15 +5,18 @@
   are not retried.
 * Caching across runs: a stage whose params, inputs and source files are unchanged since an earlier run in
   this project directory is skipped, provided the outputs that run wrote are still on disk unchanged
-  (flows/cache.py). Results are persisted under .prefect/results. `grpo run --refresh-cache` (flow parameter
-  `refresh_cache`) runs every stage regardless. `register` always runs: it is a side effect on the registry
-  and returns the existing version when the weights are already registered.
+  (flows/cache.py). Results are persisted under .prefect/results. In a DVC repository the flow also reads and
+  writes dvc.lock as `dvc repro` does (flows/dvc_record.py): one record of what is up to date for both.
+  `grpo run --refresh-cache` (flow parameter `refresh_cache`) runs every stage regardless. `register` always
+  runs: it is a side effect on the registry and returns the existing version when the weights are already
+  registered.
 * Every stage logs its start, end and duration; each run publishes a markdown artifact
   (`grpo-pipeline-summary`) with the evaluation table, the gate decisions and the MLflow run.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +27,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from flows import dvc_record
 from flows.cache import cache_key_fn, output_manifest, results_dir, stale_outputs
 from flows.report import publish_reports, summary_markdown
 from grpo_steps.errors import USER_ERRORS
@@ -85,7 +89,38 @@ STAGE_TASKS = {name: _stage_task(name) for name in STAGES}
 
 def _run_stage(name: str, cfg: Config, parent_run_id: str, storage: Path,
                refresh: bool) -> tuple[dict[str, Any], str]:
-    """Run one stage task (or take its cached result); returns (record, 'ran' | 'cached')."""
+    """Run one stage task, or skip it when dvc.lock or Prefect's cache records it up to date; a stage that ran or
+    was skipped by Prefect's cache is recorded in dvc.lock as `dvc repro` would (flows/dvc_record.py). Returns
+    (record, 'ran' | 'cached')."""
+    logger = get_run_logger()
+    unrecordable = dvc_record.why_not(cfg, name)
+    if unrecordable is None and STAGES[name].cached and not refresh and dvc_record.up_to_date(name):
+        logger.info("stage %s: skipped: dvc.lock records it up to date (params, inputs, code and outputs "
+                    "unchanged)", name)
+        return _recorded_by_dvc(name, cfg), "cached"
+    record, status = _run_task(name, cfg, parent_run_id, storage, refresh)
+    if unrecordable is None:
+        dvc_record.record(name)
+    elif status == "ran":
+        logger.info("stage %s: not recorded in dvc.lock (`dvc repro` will run it): %s", name, unrecordable)
+    return record, status
+
+
+def _recorded_by_dvc(name: str, cfg: Config) -> dict[str, Any]:
+    """The record of a stage dvc.lock says is up to date: its value is what its metrics file holds."""
+    value: dict[str, Any] = {}
+    for out in STAGES[name].outputs:
+        path = out.path(cfg)
+        if out.kind == "metrics" and path.suffix == ".json" and path.is_file():
+            value = json.loads(path.read_text(encoding="utf-8"))
+            break
+    return {"stage": name, "result": value, "outputs": output_manifest(name, cfg), "duration_s": 0.0,
+            "finished_at": "dvc.lock"}
+
+
+def _run_task(name: str, cfg: Config, parent_run_id: str, storage: Path,
+              refresh: bool) -> tuple[dict[str, Any], str]:
+    """Run one stage task (or take Prefect's cached result); returns (record, 'ran' | 'cached')."""
     logger = get_run_logger()
     stage = STAGE_TASKS[name].with_options(result_storage=storage, refresh_cache=True if refresh else None)
     state = stage(cfg, parent_run_id, return_state=True)

@@ -42,7 +42,7 @@ from safetensors.torch import load_file
 from grpo_steps.grpo.sharding import load_sharded, save_sharded
 from grpo_steps.grpo.trainer import GRPOTrainer, NonFiniteLossError, PromptSampler, is_adapter
 from grpo_steps.platform.config import Config
-from grpo_steps.platform.io import atomic_path, file_sha256, fsync_tree
+from grpo_steps.platform.io import atomic_path, file_sha256, fsync_tree, set_aside
 
 log = logging.getLogger(__name__)
 
@@ -258,21 +258,11 @@ class CheckpointStore:
             except CheckpointError as e:
                 unusable += 1
                 log.warning("unusable checkpoint %s: %s; moved aside to %s, trying an older one", path, e,
-                            self.set_aside(path))
+                            set_aside(path))
         if unusable:
             log.warning("no usable checkpoint in %s (%d unusable, moved aside): starting from step 0", self.dir,
                         unusable)
         return None
-
-    def set_aside(self, path: Path) -> Path:
-        """Move an unusable checkpoint out of the `step-*` names; returns where it went."""
-        aside = path.with_name(f"corrupt-{path.name}")
-        n = 1
-        while aside.exists():
-            n += 1
-            aside = path.with_name(f"corrupt-{path.name}.{n}")
-        path.rename(aside)
-        return aside
 
     # ---- writing
 

@@ -81,6 +81,18 @@ def left_by_a_kill(path: str | Path) -> tuple[list[Path], Path | None]:
     return removed, restored
 
 
+def set_aside(path: str | Path, prefix: str = "corrupt-") -> Path:
+    """Move an unusable file or folder out of the names it is read under (`<prefix><name>`, numbered when taken):
+    kept for a look, never read again. Returns where it went."""
+    path = Path(path)
+    aside, n = path.with_name(f"{prefix}{path.name}"), 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{prefix}{path.name}.{n}")
+    path.rename(aside)
+    return aside
+
+
 # Below this many free bytes a failed write is taken for a full device, whatever its message.
 NEARLY_FULL_BYTES = 1 << 20
 

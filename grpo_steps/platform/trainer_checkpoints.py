@@ -21,7 +21,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from grpo_steps.platform.config import Config
-from grpo_steps.platform.io import file_sha256
+from grpo_steps.platform.io import file_sha256, set_aside
 from grpo_steps.platform.stage import Stage, param_values
 
 log = logging.getLogger(__name__)
@@ -85,13 +85,7 @@ def set_aside_unusable(folder: Path) -> None:
         if why is None:
             return
         bad += 1
-        aside = path.with_name(f"corrupt-{path.name}")
-        n = 1
-        while aside.exists():
-            n += 1
-            aside = path.with_name(f"corrupt-{path.name}.{n}")
-        path.rename(aside)
-        log.warning("unusable checkpoint %s: %s; moved aside to %s", path, why, aside)
+        log.warning("unusable checkpoint %s: %s; moved aside to %s", path, why, set_aside(path))
     if bad:
         log.warning("no usable checkpoint in %s (%d unusable, moved aside): starting from step 0", folder, bad)
 

@@ -304,3 +304,41 @@ def test_changing_a_grpo_param_reruns_grpo_and_the_stages_after_it(repro_repo, t
 
     (exp,) = experiments(json.loads(dvc("exp", "show", "--json", cwd=repo).stdout))
     assert "grpo" in exp["metrics"]["reports/metrics.json"]["data"]
+
+
+def grpo_run(repo: Path, timeout: float = 600) -> tuple[str, list[str]]:
+    """`grpo run` in `repo` as a user runs it; returns its output and the stages it reports as cached."""
+    proc = subprocess.run([str(BIN / "grpo"), "run"], cwd=repo, capture_output=True, text=True, timeout=timeout,
+                          env=tool_env(PREFECT_HOME=str(repo / ".prefect")))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    (cached,) = re.findall(r"cached stages: ([\w, ]+)$", out, flags=re.M)
+    return out, [] if cached == "none" else cached.split(", ")
+
+
+@pytest.mark.slow  # three `grpo run`s at the TINY budget: ~3 min on 2 cores
+def test_grpo_run_and_dvc_repro_share_one_record(repro_repo, tmp_path):
+    """Before: `dvc repro` after `grpo run` retrained every stage (593 s at short settings), and `grpo run` after
+    `dvc repro` too: each kept its own record. Now the flow reads and writes dvc.lock as `dvc repro` does."""
+    after_repro = _copy_repo(repro_repo[0], tmp_path / "after-repro")
+    out, cached = grpo_run(after_repro)
+    assert cached == ALL_STAGES[:-1], out[-3000:]  # all but register, a side effect that always runs
+    assert "dvc.lock records it up to date" in out
+    assert json.loads(dvc("status", "--json", cwd=after_repro).stdout) == {}
+
+    fresh = tmp_path / "fresh"
+    git("clone", "-q", str(repro_repo[0].parent / "origin"), str(fresh), cwd=tmp_path)
+    out, cached = grpo_run(fresh)
+    assert cached == [], out[-3000:]
+    assert json.loads(dvc("status", "--json", cwd=fresh).stdout) == {}
+    proc = dvc("repro", cwd=fresh)
+    assert stages_run(proc.stdout) == [] and "Data and pipelines are up to date" in proc.stdout
+    assert lock_outs(fresh)["models/grpo"]["md5"] == lock_outs(repro_repo[0])["models/grpo"]["md5"], \
+        "the flow and dvc repro trained the same bytes"
+
+    params = yaml.safe_load((fresh / "params.yaml").read_text())
+    params["grpo"]["beta"] = 0.0
+    (fresh / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out, cached = grpo_run(fresh)
+    assert cached == ALL_STAGES[:4], out[-3000:]  # grpo, evaluate and register ran again
+    assert json.loads(dvc("status", "--json", cwd=fresh).stdout) == {}
