@@ -295,7 +295,10 @@ def train_reward(cfg: Config) -> StageResult:
     if rc.head == "likelihood":
         model = _train_likelihood(cfg, model, tok, train_pairs, source)
     else:
-        with tempfile.TemporaryDirectory(prefix="train_reward-") as scratch:  # the trainer's output_dir
+        out = cfg.paths.reward_model()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # the trainer's output_dir, beside the output: what a kill leaves there the stage's next run removes
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as scratch:
             model = _train_scalar(cfg, model, tok, train_pairs, source, Path(scratch))
     # every process scores the held-out pairs with the same weights, so each reaches the gate's verdict
     scorer = RewardModelFunction(place(model), tok)

@@ -254,6 +254,25 @@ def render_text(table: pd.DataFrame, max_rows: int = _SHOWN_IN_ERROR) -> str:
     return text
 
 
+# The setting that admits what a check refused.
+_LIMITS = {"max_prompt_tokens": "max_prompt_tokens", "max_answer_tokens": "max_answer_tokens",
+           "max_completion_tokens": "max_completion_tokens"}
+
+
+def hints(cfg: Config, table: pd.DataFrame) -> str:
+    """What to do about the failures in `table`, one line each: the limit to raise for a length check, and the
+    quarantine that sets failing rows aside."""
+    lines = ["`row` is the 0-based record of data/prepared/<file>.jsonl (its line is row + 1)."]
+    for check in sorted(set(table["check"]) & set(_LIMITS)):
+        key = _LIMITS[check]
+        now = cfg.validate_.completion_tokens() if key == "max_completion_tokens" else getattr(cfg.validate_, key)
+        lines.append(f"{check}: raise validate.{key} (now {now}) to keep these rows, or shorten them")
+    if cfg.validate_.on_failure == "fail":
+        lines.append("or set validate.on_failure: quarantine to set the failing rows aside (reports/quarantine/) "
+                     "and go on with the rest")
+    return "\n".join(lines)
+
+
 def _md_cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -379,7 +398,7 @@ def validate(cfg: Config) -> StageResult:
     if failed:
         error = DataValidationError(
             f"data validation failed: {len(table)} failure(s) in {src}. {report['outcome']} "
-            f"(report: {md_path})\n{render_text(table)}",
+            f"(report: {md_path})\n{render_text(table)}\n{hints(cfg, table)}",
             table,
             report,
         )

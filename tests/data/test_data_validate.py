@@ -156,6 +156,22 @@ def test_each_defect_is_reported_once_with_file_column_check_row(make_cfg, mutat
         zip(("file", "column", "check", "row"), expected, strict=True))
     assert check in P.validation_summary().read_text()
     assert not P.validated().exists()
+    assert "set validate.on_failure: quarantine to set the failing rows aside" in str(e.value)  # what to do
+
+
+@pytest.mark.parametrize("defect", ["prompt too long", "answer too long", "completion too long"])
+def test_a_length_failure_names_the_limit_to_raise(make_cfg, defect):
+    """Before: the row and the check, and no word of the setting that admits longer rows."""
+    (mutate, (_, _, check, _)), = [d[1:] for d in DEFECTS if d[0] == defect]
+    rows = clean_rows()
+    mutate(rows)
+    write_prepared(rows)
+    cfg = make_cfg()
+    with pytest.raises(DataValidationError) as e:
+        validate(cfg)
+    now = {"max_prompt_tokens": cfg.validate_.max_prompt_tokens, "max_answer_tokens": cfg.validate_.max_answer_tokens,
+           "max_completion_tokens": cfg.validate_.completion_tokens()}[check]
+    assert isinstance(now, int) and f"{check}: raise validate.{check} (now {now})" in str(e.value)
 
 
 def test_all_failures_are_listed_at_once(make_cfg):
