@@ -50,6 +50,7 @@ def why_not(cfg: Config, name: str) -> str | None:
 def _repo():
     from dvc.repo import Repo  # deferred: DVC
 
+    logging.getLogger("dvc").setLevel(logging.WARNING)  # its "Updating lock file": our own line says it
     return Repo(str(Path.cwd()))
 
 

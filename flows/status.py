@@ -1,7 +1,8 @@
 """`grpo status`: which stages `grpo run` would skip for the current params, like `dvc status` for the flow's
 cache. Nothing runs and nothing is written.
 
-A stage is `up to date` when a cached result exists for its current cache key (params values, input and source
+A stage is `up to date` when dvc.lock records it so (in a DVC repository, run with params.yaml's settings:
+flows/dvc_record.py), or when a cached result exists for its current cache key (params values, input and source
 md5s, output paths: flows/cache.py) and the outputs that run wrote are on disk unchanged. Otherwise it `will
 run`, saying why. A stage after one that will run may run too: its inputs are that stage's outputs, whose new
 bytes decide (`after <stage>`). `register` always runs (a side effect on the registry, never cached).
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from flows import dvc_record
 from flows.cache import results_dir, stage_cache_key, stale_outputs
 from grpo_steps.platform.config import Config
 from grpo_steps.stages import STAGES
@@ -35,6 +37,12 @@ def stage_status(cfg: Config) -> list[dict[str, str]]:
     for spec in STAGES.values():
         if not spec.cached:
             rows.append({"stage": spec.name, "state": "always runs", "why": "a side effect, never cached"})
+            continue
+        if dvc_record.why_not(cfg, spec.name) is None and dvc_record.up_to_date(spec.name):
+            state, why = "up to date", "dvc.lock records it up to date (as `dvc status` shows)"
+            if upstream:
+                state, why = f"after {upstream}", why + f"; runs again if {upstream}'s new outputs differ"
+            rows.append({"stage": spec.name, "state": state, "why": why})
             continue
         record = _cached_record(stage_cache_key(spec.name, cfg))
         if record is None:
