@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     # Without PREFECT_API_URL, `grpo run` starts Prefect's local server for the run; a busy 2-core machine
     # needs longer than Prefect's default 20 s for its first start (database migrations).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    # Offline by design: Prefect's server would send usage data (and its telemetry service, racing the other
+    # services on a fresh database, printed "database is locked" tracebacks on a first run).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # A stop signal unwinds like Ctrl-C: a launched stage stops its ranks, Prefect marks the run, servers stop.
     with contextlib.suppress(ValueError):  # not from a thread other than the main one (tests calling main())
         signal.signal(signal.SIGTERM, _exit_on_signal)

@@ -74,7 +74,7 @@ def trainer_precision(cfg: ModelConfig) -> dict[str, bool]:
     """The precision and checkpointing flags every TRL config gets, so none falls back to TRL's own defaults
     (bf16 autocast and gradient checkpointing on)."""
     return {"bf16": cfg.precision == "bf16", "fp16": cfg.precision == "fp16",
-            "gradient_checkpointing": cfg.activation_checkpointing}
+            "activation_checkpointing": cfg.activation_checkpointing}  # transformers 5's name for it
 
 
 def trl_args(seed: int, cfg: ModelConfig) -> dict[str, object]:

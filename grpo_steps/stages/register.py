@@ -27,6 +27,18 @@ from grpo_steps.platform.tracking import active_run_ids
 log = logging.getLogger(__name__)
 
 
+def model_card(cfg: Config, metrics: dict[str, Any], policy_md5: str):
+    """The registered model's card (model_card.md beside its weights): what it is and what it scored."""
+    from huggingface_hub import ModelCard  # deferred: the hub client
+
+    start, grpo = metrics["start"]["accuracy"], metrics["grpo"]["accuracy"]
+    return ModelCard(
+        f"# {cfg.registry.model_name}\n\nA policy fine-tuned with GRPO by grpo-pipeline from "
+        f"{cfg.model.pretrained or 'a policy built from params.yaml model settings'}. Held-out accuracy "
+        f"{start:.4f} before GRPO, {grpo:.4f} after, on {metrics.get('n_test')} test prompts. Weights md5 "
+        f"{policy_md5}; params hash {cfg.params_hash()}.\n")
+
+
 def _champion_accuracy(
     client: MlflowClient, name: str, metrics: dict[str, Any] | None = None
 ) -> tuple[str | None, float | None, str]:
@@ -100,6 +112,7 @@ def register(cfg: Config) -> StageResult:
         task="text-generation",
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}"],
         registered_model_name=name,
+        model_card=model_card(cfg, metrics, policy_md5),  # ours: MLflow would look for one on the hub
     )
     version = str(info.registered_model_version)
     champ_version, champ_acc, champ_source = _champion_accuracy(client, name, metrics)

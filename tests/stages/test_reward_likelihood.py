@@ -154,10 +154,18 @@ def test_trainers_get_the_configured_precision(workdir):
     from grpo_steps.platform.modeling import trainer_precision
 
     cpu = trainer_precision(load_config("params.yaml").model)
-    assert cpu == {"bf16": False, "fp16": False, "gradient_checkpointing": False}, "fp32, no checkpointing"
+    assert cpu == {"bf16": False, "fp16": False, "activation_checkpointing": False}, "fp32, no checkpointing"
     bf16 = trainer_precision(load_config("params.yaml", ["model.precision=bf16",
                                                          "model.activation_checkpointing=true"]).model)
-    assert bf16 == {"bf16": True, "fp16": False, "gradient_checkpointing": True}
+    assert bf16 == {"bf16": True, "fp16": False, "activation_checkpointing": True}
+    import warnings
+
+    from trl import SFTConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # transformers 5 deprecates `gradient_checkpointing`
+        args = SFTConfig(output_dir=str(workdir), use_cpu=True, report_to=[], **cpu)
+    assert args.activation_checkpointing is False and args.gradient_checkpointing is False
 
 
 def test_likelihood_scores_on_a_bpe_tokenizer_with_bos(tmp_path):
