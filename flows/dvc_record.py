@@ -50,7 +50,7 @@ def why_not(cfg: Config, name: str) -> str | None:
 def _repo():
     from dvc.repo import Repo  # deferred: DVC
 
-    logging.getLogger("dvc").setLevel(logging.WARNING)  # its "Updating lock file": our own line says it
+    logging.getLogger("dvc").setLevel(logging.ERROR)  # its "Updating lock file", "<out> is empty": ours says it
     return Repo(str(Path.cwd()))
 
 

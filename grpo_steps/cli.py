@@ -16,6 +16,8 @@ import os
 import signal
 import sys
 import textwrap
+import tomllib
+from pathlib import Path
 
 from flows import serve
 from flows.serve import DEFAULT_CRON, DEFAULT_NAME, DEFAULT_TIMEZONE
@@ -107,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     # A stop signal unwinds like Ctrl-C: a launched stage stops its ranks, Prefect marks the run, servers stop.
     with contextlib.suppress(ValueError):  # not from a thread other than the main one (tests calling main())
         signal.signal(signal.SIGTERM, _exit_on_signal)
+    if args.command == "run":
+        _project_prefect_home()
     if args.command == "dvc-yaml":
         current = dvc_yaml.write(STAGES.values(), args.path, check=args.check)
         if args.check and not current:
@@ -144,6 +148,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"grpo {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _project_prefect_home() -> None:
+    """`grpo run` without a Prefect server of the user's starts Prefect's temporary server: it gets the project's
+    own home (`.prefect/`, beside the cached results) rather than `~/.prefect`, which every other project of the
+    user shares. Left alone when PREFECT_HOME or PREFECT_API_URL is set, or when the active profile names a
+    server; the user's profiles file stays the one read."""
+    if os.environ.get("PREFECT_HOME") or os.environ.get("PREFECT_API_URL"):
+        return
+    profiles = Path(os.environ.get("PREFECT_PROFILES_PATH") or Path.home() / ".prefect" / "profiles.toml")
+    if profiles.is_file():
+        try:
+            data = tomllib.loads(profiles.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError):
+            data = {}
+        active = os.environ.get("PREFECT_PROFILE") or data.get("active") or "ephemeral"
+        if (data.get("profiles", {}).get(active) or {}).get("PREFECT_API_URL"):
+            return
+        os.environ.setdefault("PREFECT_PROFILES_PATH", str(profiles))
+    os.environ["PREFECT_HOME"] = str(Path.cwd() / ".prefect")
 
 
 def _exit_on_signal(signum: int, frame: object) -> None:

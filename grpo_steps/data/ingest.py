@@ -184,6 +184,16 @@ def _bad_rows_error(path: Path, what: str, where: list[str]) -> DataFileError:
     return DataFileError(f"{path}: {len(where)} row(s) {what}: {shown}")
 
 
+# Each row read from a file carries where it came from ("<path> line 151"), under this key, until prepare sets
+# it aside (`take_sources`): validation names the user's own file and line, not the prepared row.
+SOURCE = "_source"
+
+
+def take_sources(files: dict[str, list[dict[str, Any]]]) -> dict[str, list[str | None]]:
+    """Remove each row's source from `files` (in place); returns them per file, in row order (None: derived)."""
+    return {name: [row.pop(SOURCE, None) for row in rows] for name, rows in files.items()}
+
+
 def load_prompts(path: str | Path, data: DataConfig) -> list[dict[str, Any]]:
     """Rows {prompt, answer} (plus `id` when data.id_column is set) in file order."""
     path = Path(path)
@@ -211,6 +221,7 @@ def load_prompts(path: str | Path, data: DataConfig) -> list[dict[str, Any]]:
             row["demonstration"] = demonstration
         if data.id_column:
             row["id"] = _id(_text(path, where, data.id_column, rec.get(data.id_column)))
+        row[SOURCE] = f"{path} {where}"
         rows.append(row)
     if no_marker:
         raise _bad_rows_error(path, f"with a GSM8K answer ({data.answer_column!r}) not ending in '#### <number>'",
@@ -231,6 +242,7 @@ def load_preferences(path: str | Path, data: DataConfig) -> list[dict[str, Any]]
         row["chosen"], row["rejected"] = _completion(row["chosen"]), _completion(row["rejected"])
         if data.id_column:
             row["id"] = _id(_text(path, where, data.id_column, rec.get(data.id_column)))
+        row[SOURCE] = f"{path} {where}"
         rows.append(row)
     return rows
 
@@ -331,6 +343,8 @@ def _with_ids(name: str, rows: list[dict[str, Any]], fields: tuple[str, ...]) ->
         row.update({f: r.get(f) for f in fields})
         if name in PROMPT_FILES:
             row["split"] = name
+        if SOURCE in r:
+            row[SOURCE] = r[SOURCE]
         out.append(row)
     return out
 

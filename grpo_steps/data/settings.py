@@ -16,6 +16,10 @@ PREFERENCE_FILES = ("preferences_train", "preferences_eval")
 DATA_FILES = (*SPLITS, *PREFERENCE_FILES)
 
 
+# Beside the prepared files of `data.source: files`: where each row came from, per file in row order.
+SOURCES_FILE = "sources.json"
+
+
 def data_file_name(name: str) -> str:
     if name not in DATA_FILES:
         raise ValueError(f"unknown data file {name!r} (one of {', '.join(DATA_FILES)})")

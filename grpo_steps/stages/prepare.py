@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from grpo_steps.data.settings import SPLITS, data_file_name
+from grpo_steps.data.settings import SOURCES_FILE, SPLITS, data_file_name
 from grpo_steps.data.task import (
     demonstrations,
     make_preference_pairs,
@@ -22,7 +22,7 @@ from grpo_steps.data.task import (
 )
 from grpo_steps.data.tokenizer import build_bpe_tokenizer, save_tokenizer
 from grpo_steps.platform.config import Config
-from grpo_steps.platform.io import atomic_path, write_jsonl
+from grpo_steps.platform.io import atomic_path, write_json, write_jsonl
 from grpo_steps.platform.results import StageResult
 
 log = logging.getLogger(__name__)
@@ -72,10 +72,12 @@ def task_corpus(files: dict[str, list[dict[str, Any]]], system_prompt: str | Non
 
 
 def prepare(cfg: Config) -> StageResult:
+    sources = None
     if cfg.data.source == "files":
-        from grpo_steps.data.ingest import ingest  # deferred: pandas, pyarrow
+        from grpo_steps.data.ingest import ingest, take_sources  # deferred: pandas, pyarrow
 
         files = ingest(cfg.data, cfg.seed)
+        sources = take_sources(files)  # beside the rows: validation names the user's file and line
     else:
         files = synthetic_rows(cfg)
     out = cfg.paths.prepared()
@@ -83,6 +85,8 @@ def prepare(cfg: Config) -> StageResult:
         tmp.mkdir()
         for name, rows in files.items():
             write_jsonl(tmp / data_file_name(name), rows)
+        if sources:
+            write_json(tmp / SOURCES_FILE, sources)
     counts = {name: len(rows) for name, rows in files.items()}
     with atomic_path(cfg.paths.tokenizer()) as tmp:
         if cfg.task.tokenizer == "bpe":

@@ -26,7 +26,7 @@ from typing import Any
 import pandas as pd
 import pandera.pandas as pa
 
-from grpo_steps.data.files import read_jsonl
+from grpo_steps.data.files import read_json, read_jsonl
 from grpo_steps.data.prompts import render_all
 from grpo_steps.data.schemas import (
     CHECK_DESCRIPTIONS,
@@ -41,7 +41,7 @@ from grpo_steps.data.schemas import (
     to_frame,
     unexpected_keys,
 )
-from grpo_steps.data.settings import DATA_FILES, SPLITS, data_file_name
+from grpo_steps.data.settings import DATA_FILES, SOURCES_FILE, SPLITS, data_file_name
 from grpo_steps.errors import UserError
 from grpo_steps.platform.config import Config, ValidateConfig
 from grpo_steps.platform.io import atomic_path, write_json, write_jsonl
@@ -254,6 +254,24 @@ def render_text(table: pd.DataFrame, max_rows: int = _SHOWN_IN_ERROR) -> str:
     return text
 
 
+def origins(cfg: Config, table: pd.DataFrame, limit: int = _SHOWN_IN_ERROR) -> str:
+    """Where the failing rows came from in the user's own files ("train.jsonl row 134: data/mine.jsonl line
+    151"), one line each, when prepare read them from files (its sources.json); empty otherwise."""
+    path = cfg.paths.prepared() / SOURCES_FILE
+    if not path.is_file():
+        return ""
+    sources, lines = read_json(path), []
+    for rec in table.drop_duplicates(["file", "row"]).to_dict(orient="records"):
+        row = _row_label(rec["row"])
+        per_file = sources.get(str(rec["file"]).removesuffix(".jsonl")) or []
+        if row is not None and row < len(per_file) and per_file[row]:
+            lines.append(f"{rec['file']} row {row}: {per_file[row]}")
+    shown = [f"{line}\n" for line in lines[:limit]]
+    if len(lines) > limit:
+        shown.append(f"... and {len(lines) - limit} more\n")
+    return "".join(shown)
+
+
 # The setting that admits what a check refused.
 _LIMITS = {"max_prompt_tokens": "max_prompt_tokens", "max_answer_tokens": "max_answer_tokens",
            "max_completion_tokens": "max_completion_tokens"}
@@ -398,7 +416,7 @@ def validate(cfg: Config) -> StageResult:
     if failed:
         error = DataValidationError(
             f"data validation failed: {len(table)} failure(s) in {src}. {report['outcome']} "
-            f"(report: {md_path})\n{render_text(table)}\n{hints(cfg, table)}",
+            f"(report: {md_path})\n{render_text(table)}\n{origins(cfg, table)}{hints(cfg, table)}",
             table,
             report,
         )

@@ -383,3 +383,25 @@ def test_cli_reports_unreadable_input_with_exit_code_2(workdir, capsys):
     assert main(["prepare", "--set", "data.source=files", "--set", "data.train=train.csv"]) == 2
     err = capsys.readouterr().err
     assert "train.csv" in err and "'prompt'" in err
+
+
+def test_a_failing_row_is_named_by_the_line_of_the_users_own_file(workdir, mlflow_uri):
+    """Before: an over-long prompt was reported only as row N (0-based) of data/prepared/train.jsonl, a file the
+    split had shuffled, and the user had to find it in their own file themselves."""
+    from grpo_steps.stages.validate import DataValidationError
+    from tests.support.stages import validate
+
+    lines = (FIXTURES / "prompts.jsonl").read_text().splitlines()
+    long = json.loads(lines[8])
+    long["prompt"] = "1+" * 40 + "1="  # line 9 of the user's file: beyond validate.max_prompt_tokens
+    lines[8] = json.dumps(long)
+    (workdir / "mine.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = _cfg(mlflow_uri, "data.source=files", "data.train=mine.jsonl", "data.eval_fraction=0.2")
+    prepare(cfg)
+    assert all("_source" not in row for name in PROMPT_FILES for row in _prepared(name))  # the rows as before
+    with pytest.raises(DataValidationError) as e:
+        validate(cfg)
+    # the train row, and the preference pair derived from it (which has no line of its own)
+    (failure,) = [f for f in e.value.failures.to_dict(orient="records") if f["file"] == "train.jsonl"]
+    assert failure["check"] == "max_prompt_tokens"
+    assert f"{failure['file']} row {failure['row']}: mine.jsonl line 9" in str(e.value)
