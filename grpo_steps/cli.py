@@ -17,6 +17,7 @@ import signal
 import sys
 import textwrap
 import tomllib
+import traceback
 from pathlib import Path
 
 from flows import serve
@@ -34,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--params", default="params.yaml", help="configuration file (default: %(default)s)")
     common.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting, e.g. --set grpo.steps=10 (repeatable)")
-    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    common.add_argument("-v", "--verbose", "--debug", action="store_true",
+                        help="debug logging, and the traceback behind an error's one line")
     p = argparse.ArgumentParser(
         prog="grpo",
         description="GRPO fine-tuning pipeline: validate data, cold-start, train a reward model, GRPO, "
@@ -145,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             preflight.check(cfg, [args.command])
             STAGES[args.command](cfg)
     except USER_ERRORS as e:
+        if args.verbose:
+            traceback.print_exc()
         print(f"grpo {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

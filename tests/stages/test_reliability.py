@@ -261,6 +261,10 @@ def test_cli_missing_inputs_exit_2(workdir, capsys):
     assert main(["grpo"]) == 2
     err = capsys.readouterr().err
     assert "grpo grpo: error:" in err and "models/sft" in err and "train.jsonl" in err
+    assert "Traceback" not in err  # a user error is one line; --debug shows what is behind it
+    assert main(["grpo", "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and err.rstrip().splitlines()[-1].startswith("grpo grpo: error:")
 
 
 # ------------------------------------------------------------------------------------------ safe loading
