@@ -37,6 +37,7 @@ def test_shipped_default_pipeline_learns_and_registers(tmp_path):
     assert proc.returncode == 0, out[-4000:]
     assert "Traceback" not in out, out[out.index("Traceback") - 2000:][:6000]
     assert not re.findall(r".*(?:Deprecation|Future)Warning.*", out), re.findall(r".*Warning.*", out)
+    assert not re.findall(r".* INFO (?:mlflow|accelerate)\..*", out), "libraries' INFO lines stay off the terminal"
     assert (clone / ".prefect" / "prefect.db").is_file() and not (tmp_path / "home" / ".prefect").exists()
     status = subprocess.run([str(Path(sys.executable).parent / "dvc"), "status", "--json"], cwd=clone, env=env,
                             capture_output=True, text=True, timeout=300)
