@@ -17,6 +17,7 @@ repository.
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -38,6 +39,9 @@ def why_not(cfg: Config, name: str) -> str | None:
         return "dvc.yaml is not the one the stage records render (run `grpo dvc-yaml`)"
     if not (root / PARAMS_FILE).is_file():
         return f"there is no {PARAMS_FILE}"
+    unopened = _cannot_open(root)
+    if unopened:
+        return f"DVC cannot open it ({unopened})"
     base = load_config(root / PARAMS_FILE, [])
     if cfg.paths != base.paths:
         return "the paths differ from the defaults dvc.yaml assumes"
@@ -47,11 +51,23 @@ def why_not(cfg: Config, name: str) -> str | None:
     return None
 
 
-def _repo():
+@functools.lru_cache(maxsize=8)
+def _cannot_open(root: Path) -> str | None:
+    """DVC's own reason it cannot open the repository at `root` (a copy outside git, say), or None."""
+    from dvc.exceptions import DvcException  # deferred: DVC
+
+    try:
+        with _repo(root):
+            return None
+    except DvcException as e:
+        return str(e)
+
+
+def _repo(root: Path | None = None):
     from dvc.repo import Repo  # deferred: DVC
 
     logging.getLogger("dvc").setLevel(logging.ERROR)  # its "Updating lock file", "<out> is empty": ours says it
-    return Repo(str(Path.cwd()))
+    return Repo(str(root or Path.cwd()))
 
 
 def up_to_date(name: str) -> bool:

@@ -166,6 +166,17 @@ def test_checkpoints_folder_is_left_even_without_checkpoints(workdir, monkeypatc
     assert checkpoints_root(cfg) == declared, "the trainer writes where dvc.yaml looks"
 
 
+def test_a_copy_outside_git_falls_back_to_prefects_cache(tmp_path, monkeypatch):
+    """A project copied without .git (a deployment's checkout, a tarball): DVC cannot open it, `dvc repro` would fail
+    there too, so the flow neither asks nor records DVC and says why, instead of dying in DVC's SCMError."""
+    from flows import dvc_record
+
+    project = copy_project(tmp_path / "project")
+    monkeypatch.chdir(project)
+    why = dvc_record.why_not(load_config("params.yaml"), "prepare")
+    assert why is not None and "not a git repository" in why, why
+
+
 # ------------------------------------------------------------------------------------------ real DVC
 
 @pytest.fixture(scope="module")
