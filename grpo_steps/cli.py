@@ -23,7 +23,7 @@ from pathlib import Path
 from flows import serve
 from flows.serve import DEFAULT_CRON, DEFAULT_NAME, DEFAULT_TIMEZONE
 from grpo_steps.errors import USER_ERRORS
-from grpo_steps.platform import dvc_yaml
+from grpo_steps.platform import dvc_yaml, logs
 from grpo_steps.platform.config import load_config
 from grpo_steps.platform.logs import setup_logging
 from grpo_steps.stages import STAGES
@@ -100,7 +100,19 @@ def _stage_description(name: str, cfg) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    setup_logging(args.verbose)
+    log_file = None if args.command in ("dvc-yaml", "status") else logs.new_log_file(args.command)
+    setup_logging(args.verbose, log_file=log_file)
+    try:
+        return _main(args, log_file)
+    finally:
+        logs.end_log_file()
+        os.environ.pop(logs.LOG_FILE_ENV, None)
+
+
+def _main(args: argparse.Namespace, log_file: Path | None) -> int:
+    if log_file is not None:
+        os.environ[logs.LOG_FILE_ENV] = str(log_file.resolve())  # the ranks it launches append to it
+        log.info("log file: %s", log_file)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Without PREFECT_API_URL, `grpo run` starts Prefect's local server for the run; a busy 2-core machine
     # needs longer than Prefect's default 20 s for its first start (database migrations).
@@ -149,8 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         if args.verbose:
             traceback.print_exc()
-        print(f"grpo {args.command}: error: {e}", file=sys.stderr)
+        logs.trace_to_file()
+        where = f" (details: {log_file})" if log_file is not None and not args.verbose else ""
+        print(f"grpo {args.command}: error: {e}{where}", file=sys.stderr)
         return 2
+    except Exception:
+        logs.trace_to_file()  # the terminal shows it as Python prints it
+        raise
     return 0
 
 

@@ -37,7 +37,7 @@ from grpo_steps.platform.launch import (
     LaunchError,
     die_with_parent,
 )
-from grpo_steps.platform.logs import setup_logging
+from grpo_steps.platform.logs import LOG_FILE_ENV, setup_logging
 from grpo_steps.platform.results import Report
 from grpo_steps.stages import STAGES
 
@@ -153,7 +153,8 @@ def rank_main(argv: list[str]) -> int:
     sys.stderr = _RankPrefixed(sys.stderr, f"[rank {rank}] ")
     if rank != 0:
         os.environ["TQDM_DISABLE"] = "1"  # one progress bar: rank 0's
-    setup_logging(stream=sys.stderr)  # the rank-prefixed stderr
+    # the rank-prefixed stderr, and the log file of the command that launched the job
+    setup_logging(stream=sys.stderr, log_file=os.environ.get(LOG_FILE_ENV), prefix=f"[rank {rank}] ")
     local_dir = Path(argv[0])
     local = json.loads((local_dir / JOB_FILE).read_text(encoding="utf-8")) if (local_dir / JOB_FILE).is_file() else None
     dirs, store, timeout_s = [local_dir], None, int(os.environ[CHILD_JOB_ENV])

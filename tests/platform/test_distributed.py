@@ -86,6 +86,9 @@ def test_two_processes_run_the_one_process_grpo_stage(inputs, tmp_path, variant)
     one, curve1, _ = _grpo(inputs, tmp_path / "one", 1, VARIANTS[variant])
     two, curve2, out2 = _grpo(inputs, tmp_path / "two", 2, VARIANTS[variant])
     assert "off on this layout, with the same update" in out2  # the plan says what DDP does without
+    (log_file,) = (tmp_path / "two" / "logs").glob("grpo-grpo-*.log")  # the ranks append to the command's log
+    logged = log_file.read_text()
+    assert "[rank 0] " in logged and "[rank 1] " in logged, logged[-3000:]
 
     assert len(curve1) == len(curve2) == 4
     for r1, r2 in zip(curve1[:1] if bf16 else curve1, curve2, strict=False):
