@@ -17,7 +17,6 @@ repository.
 
 from __future__ import annotations
 
-import functools
 import logging
 from pathlib import Path
 
@@ -51,7 +50,6 @@ def why_not(cfg: Config, name: str) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=8)
 def _cannot_open(root: Path) -> str | None:
     """DVC's own reason it cannot open the repository at `root` (a copy outside git, say), or None."""
     from dvc.exceptions import DvcException  # deferred: DVC

@@ -17,9 +17,10 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from flows import dvc_record
 from flows.cache import cache_key_fn, output_manifest, results_dir, stale_outputs
 from flows.report import publish_reports, summary_markdown
 from grpo_steps.errors import USER_ERRORS
-from grpo_steps.platform import preflight
+from grpo_steps.platform import logs, preflight
 from grpo_steps.platform.config import Config, load_config
 from grpo_steps.platform.io import exclusive_lock, held_here
 from grpo_steps.platform.secrets import redact_url
@@ -147,7 +148,11 @@ def grpo_pipeline(
     refresh_cache: run every stage even when an earlier run's cached result matches.
     """
     cfg = load_config(params_path, overrides or [])
-    with pipeline_guard(cfg):
+    # a deployment's flow run (a process of its own) keeps a log file as `grpo run` does
+    run_log = nullcontext() if os.environ.get(logs.LOG_FILE_ENV) else logs.run_log("flow")
+    with run_log as log_file, pipeline_guard(cfg):
+        if log_file is not None:
+            get_run_logger().info("log file: %s", log_file)
         return _pipeline(cfg, refresh_cache)
 
 

@@ -100,19 +100,17 @@ def _stage_description(name: str, cfg) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    log_file = None if args.command in ("dvc-yaml", "status") else logs.new_log_file(args.command)
-    setup_logging(args.verbose, log_file=log_file)
-    try:
+    if args.command in ("dvc-yaml", "status"):  # no work, nothing to keep
+        setup_logging(args.verbose)
+        return _main(args, None)
+    # `serve` keeps its own: each flow run it starts is a process of its own, with its own log file
+    with logs.run_log(args.command, args.verbose, export=args.command != "serve") as log_file:
+        if log_file is not None:
+            log.info("log file: %s", log_file)
         return _main(args, log_file)
-    finally:
-        logs.end_log_file()
-        os.environ.pop(logs.LOG_FILE_ENV, None)
 
 
 def _main(args: argparse.Namespace, log_file: Path | None) -> int:
-    if log_file is not None:
-        os.environ[logs.LOG_FILE_ENV] = str(log_file.resolve())  # the ranks it launches append to it
-        log.info("log file: %s", log_file)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Without PREFECT_API_URL, `grpo run` starts Prefect's local server for the run; a busy 2-core machine
     # needs longer than Prefect's default 20 s for its first start (database migrations).
@@ -162,8 +160,10 @@ def _main(args: argparse.Namespace, log_file: Path | None) -> int:
         if args.verbose:
             traceback.print_exc()
         logs.trace_to_file()
-        where = f" (details: {log_file})" if log_file is not None and not args.verbose else ""
-        print(f"grpo {args.command}: error: {e}{where}", file=sys.stderr)
+        message = str(e)
+        if log_file is not None and not args.verbose:
+            message += ("\n" if "\n" in message else " ") + f"(details: {log_file})"  # after a table, a line
+        print(f"grpo {args.command}: error: {message}", file=sys.stderr)
         return 2
     except Exception:
         logs.trace_to_file()  # the terminal shows it as Python prints it

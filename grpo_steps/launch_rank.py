@@ -37,7 +37,7 @@ from grpo_steps.platform.launch import (
     LaunchError,
     die_with_parent,
 )
-from grpo_steps.platform.logs import LOG_FILE_ENV, setup_logging
+from grpo_steps.platform.logs import LOG_FILE_ENV, setup_logging, trace_to_file
 from grpo_steps.platform.results import Report
 from grpo_steps.stages import STAGES
 
@@ -174,6 +174,7 @@ def rank_main(argv: list[str]) -> int:
             return _run_rank(job, rank, job_dir, store)
     except BaseException as e:
         code = 2 if isinstance(e, USER_ERRORS) else 1
+        trace_to_file()
         _record_error(dirs, e, rank, world_size, code)
         if store is not None:
             with contextlib.suppress(Exception):

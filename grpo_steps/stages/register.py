@@ -32,7 +32,8 @@ def model_card(cfg: Config, metrics: dict[str, Any], policy_md5: str):
     from huggingface_hub import ModelCard  # deferred: the hub client
 
     start, grpo = metrics["start"]["accuracy"], metrics["grpo"]["accuracy"]
-    return ModelCard(
+    return ModelCard(  # the metadata block: without one the hub client warns that it found none
+        "---\nlibrary_name: transformers\ntags:\n- grpo\n- grpo-pipeline\n---\n\n"
         f"# {cfg.registry.model_name}\n\nA policy fine-tuned with GRPO by grpo-pipeline from "
         f"{cfg.model.pretrained or 'a policy built from params.yaml model settings'}. Held-out accuracy "
         f"{start:.4f} before GRPO, {grpo:.4f} after, on {metrics.get('n_test')} test prompts. Weights md5 "

@@ -38,6 +38,7 @@ def test_shipped_default_pipeline_learns_and_registers(tmp_path):
     assert "Traceback" not in out, out[out.index("Traceback") - 2000:][:6000]
     assert not re.findall(r".*(?:Deprecation|Future)Warning.*", out), re.findall(r".*Warning.*", out)
     assert not re.findall(r".* INFO (?:mlflow|accelerate)\..*", out), "libraries' INFO lines stay off the terminal"
+    assert not re.findall(r".* WARNING (?!grpo_steps|flows).*", out), "a first run shows no library warning"
     (log_file,) = (clone / "logs").glob("grpo-run-*.log")  # ... and go to the run's log file, with ours
     logged = log_file.read_text()
     assert re.search(r" INFO mlflow\.", logged) and "stage grpo: recorded in dvc.lock" in logged, logged[-3000:]

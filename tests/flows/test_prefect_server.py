@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -120,3 +121,8 @@ def test_on_demand_deployment_runs_on_a_process_worker(tmp_path):
             "SELECT s.value FROM tags p JOIN tags s ON s.run_uuid = p.run_uuid AND s.key = 'stage' "
             "WHERE p.key = 'mlflow.parentRunId' AND p.value = ?", (parents[0][0],))}
         assert {"train_reward", "sft", "grpo", "evaluate", "register"} <= children
+    # the flow run, a process of the worker's, kept a log file of its own in the project
+    (flow_log,) = (project / "logs").glob("grpo-flow-*.log")
+    logged = flow_log.read_text()
+    assert re.search(r"INFO grpo_steps\.stages\.register: registered grpo-policy v1", logged), logged[-3000:]
+    assert "WARNING huggingface_hub" not in logged, "our model card has its metadata block"
