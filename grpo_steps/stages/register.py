@@ -99,9 +99,11 @@ def register(cfg: Config) -> StageResult:
         aliases = set(client.get_model_version(name, version).aliases or [])
         alias = "champion" if "champion" in aliases else mv.tags.get("gate_decision")
         log.info("this policy (md5 %s) is already registered as %s v%s", policy_md5, name, version)
+        # the run that registered the version, not this one: a rerun with nothing new writes the same bytes,
+        # so dvc.lock (which records this file) stays as it was
         result = {"model_name": name, "version": version, "alias": alias, "accuracy": new_acc,
                   "model_uri": f"models:/{name}/{version}", "already_registered": True,
-                  "mlflow_run_id": run_id}
+                  "mlflow_run_id": mv.tags.get("mlflow_run_id") or mv.run_id}
         write_json(cfg.paths.registration(), result)
         return StageResult(result, tags={"registered_model": name, "registered_version": version,
                                          "already_registered": "true"})

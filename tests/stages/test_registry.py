@@ -62,6 +62,11 @@ def test_champion_moves_only_when_beaten_by_the_margin(project):
     again = register(cfg)
     assert again["version"] == "4" and again["already_registered"] and again["alias"] == "champion"
     assert len(client.search_model_versions(f"name='{name}'")) == 4
+    # ... naming the run that registered it: a rerun with nothing new rewrites the same bytes (dvc.lock unchanged)
+    assert again["mlflow_run_id"] == fourth["mlflow_run_id"]
+    written = cfg.paths.registration().read_bytes()
+    register(cfg)
+    assert cfg.paths.registration().read_bytes() == written
 
 
 def test_gate_prefers_the_champion_measured_on_the_same_test_split(project):
