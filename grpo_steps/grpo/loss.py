@@ -69,9 +69,12 @@ def policy_loss(
     ref_logps: torch.Tensor | None = None,
     importance_sampling_level: Literal["token", "sequence"] = "token",
     row_weights: torch.Tensor | None = None,
+    sampling_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss for one micro-batch, and detached per-batch statistics (masked means) for logging. `row_weights`
-    (N,): each row counts as that many identical rows (in the loss and the statistics); None: once each."""
+    (N,): each row counts as that many identical rows (in the loss and the statistics); None: once each.
+    `sampling_weights` ((N, T) or (N, 1), no gradient): the rollout correction's importance weights
+    (grpo/correction.py), on the policy-gradient term alone, as TRL applies them."""
     maskf = mask.to(logps.dtype)
     log_ratio = logps - old_logps
     if importance_sampling_level == "token":
@@ -84,6 +87,8 @@ def policy_loss(
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     adv = advantages.unsqueeze(-1)
     per_token = -torch.min(ratio * adv, clipped * adv)
+    if sampling_weights is not None:
+        per_token = per_token * sampling_weights.to(per_token.dtype)
     kl = None
     if beta != 0.0:
         if ref_logps is None:

@@ -29,6 +29,8 @@ class Rollout:
     prompts: list[str]  # (N,)
     completions: list[str]  # (N,), decoded without special tokens
     truncated: torch.Tensor  # (N,) bool: no EOS within the length budget
+    sampled_logps: torch.Tensor | None = None  # (N, C) float32: each token's log-prob under the policy that drew it
+    # (its weights, precision and temperature), 0 after the row's end; kept when asked (rollout correction)
 
     def __getitem__(self, rows: slice | torch.Tensor | list[int]) -> Rollout:
         """The rows `rows` of the batch: a slice (whole groups when group-aligned), or row indices in that order."""
@@ -39,7 +41,8 @@ class Rollout:
             prompts = [self.prompts[i] for i in rows.tolist()]
             completions = [self.completions[i] for i in rows.tolist()]
         return Rollout(self.prompt_ids[rows], self.prompt_mask[rows], self.completion_ids[rows],
-                       self.completion_mask[rows], prompts, completions, self.truncated[rows])
+                       self.completion_mask[rows], prompts, completions, self.truncated[rows],
+                       None if self.sampled_logps is None else self.sampled_logps[rows])
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -52,7 +55,8 @@ class Rollout:
 
     def to(self, device: torch.device | str) -> Rollout:
         return Rollout(self.prompt_ids.to(device), self.prompt_mask.to(device), self.completion_ids.to(device),
-                       self.completion_mask.to(device), self.prompts, self.completions, self.truncated.to(device))
+                       self.completion_mask.to(device), self.prompts, self.completions, self.truncated.to(device),
+                       None if self.sampled_logps is None else self.sampled_logps.to(device))
 
 
 _MASK32 = 0xFFFFFFFF
@@ -137,6 +141,10 @@ def concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
         return rollouts[0]
     p = max(r.prompt_ids.size(1) for r in rollouts)
     c = max(r.completion_ids.size(1) for r in rollouts)
+    kept = [r.sampled_logps is not None for r in rollouts]
+    if any(kept) and not all(kept):
+        raise ValueError("some rollouts kept their sampled log-probs and some did not")
+    sampled = torch.cat([_pad_to(r.sampled_logps, c, 0, left=False) for r in rollouts]) if all(kept) else None
     return Rollout(
         prompt_ids=torch.cat([_pad_to(r.prompt_ids, p, pad_token_id, left=True) for r in rollouts]),
         prompt_mask=torch.cat([_pad_to(r.prompt_mask, p, 0, left=True) for r in rollouts]),
@@ -145,6 +153,7 @@ def concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
         prompts=[x for r in rollouts for x in r.prompts],
         completions=[x for r in rollouts for x in r.completions],
         truncated=torch.cat([r.truncated for r in rollouts]),
+        sampled_logps=sampled,
     )
 
 
@@ -162,7 +171,7 @@ def mask_after_eos(completion_ids: torch.Tensor, eos_token_id: int) -> tuple[tor
 def generate_compact(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      max_new_tokens: int, eos_token_id: int, pad_token_id: int, temperature: float = 1.0,
                      do_sample: bool = True, repeats: int = 1, streams: RowStreams | None = None,
-                     lockstep: bool = False) -> torch.Tensor:
+                     lockstep: bool = False, logps_out: torch.Tensor | None = None) -> torch.Tensor:
     """(B * repeats, max_new_tokens) completion tokens (pad after EOS), `repeats` consecutive rows per prompt: a
     KV-cached decoding loop that drops each row from the batch once it has produced EOS, so finished rows cost
     nothing for the rest of the batch's decoding (HF `generate` keeps computing them until the last row stops).
@@ -170,7 +179,9 @@ def generate_compact(model: PreTrainedModel, input_ids: torch.Tensor, attention_
     Sampling is plain: softmax(logits / T), no top-k or top-p, as `sample_groups` asks of `generate`; greedy with
     `do_sample=False`. Output row i draws from `streams` row i (default: a key drawn from torch's generator).
     `lockstep`: every process of the process group calls the model as often as the longest-running one (a model
-    sharded with FSDP gathers its weights in every forward, so no process may stop while another decodes)."""
+    sharded with FSDP gathers its weights in every forward, so no process may stop while another decodes).
+    `logps_out` ((B * repeats, max_new_tokens) float32, zeros): filled with each drawn token's log-prob under the
+    distribution it was sampled from, log softmax(logits / T)."""
     if do_sample and streams is None:
         streams = RowStreams(int(torch.randint(0, 2**31, (1,)).item()))
     n = input_ids.size(0) * repeats
@@ -196,6 +207,9 @@ def generate_compact(model: PreTrainedModel, input_ids: torch.Tensor, attention_
             else:
                 token = logits.argmax(dim=-1)
             out[active, t] = token
+            if logps_out is not None:
+                scaled = logits.float() / temperature
+                logps_out[active, t] = scaled.gather(1, token.unsqueeze(1)).squeeze(1) - scaled.logsumexp(-1)
             running = token != eos_token_id
             local = bool(running.any())
         if t == max_new_tokens - 1 or not (_anywhere(local, input_ids.device) if lockstep else local):
@@ -227,13 +241,16 @@ def sample_groups(
     share_prompt: bool = True,
     streams: RowStreams | None = None,
     lockstep: bool = False,
+    keep_sampled_logps: bool = False,
 ) -> Rollout:
     """G completions of each prompt, rows grouped by prompt. `backend="compact"`: `generate_compact`, which stops
     computing each row at its EOS and, with `share_prompt`, prefills each prompt once for its G rows; row i draws
     from `streams` row i. `backend="hf"`: one `generate` call for all prompts x G (KV cache on, left padding,
     stops when every row hit EOS), top-k and top-p off; any other processor the checkpoint's generation_config sets
     (a repetition penalty...) still applies there, which the compact backend never does. `lockstep`: every process
-    decodes until the last one is done (a sharded model; `synced_gpus` for `generate`)."""
+    decodes until the last one is done (a sharded model; `synced_gpus` for `generate`). `keep_sampled_logps`:
+    the rollout keeps each token's log-prob as the decoding computed it (`Rollout.sampled_logps`), in whatever
+    precision the caller decodes in, for the rollout correction."""
     expanded = [p for p in prompts for _ in range(num_generations)]
     device = next(model.parameters()).device
     shared = backend == "compact" and share_prompt
@@ -242,17 +259,29 @@ def sample_groups(
     was_training = model.training
     model.eval()
     prompt_len = enc["input_ids"].size(1)
+    sampled_logps = None
     if backend == "compact":
+        if keep_sampled_logps:
+            sampled_logps = torch.zeros(len(expanded), max_new_tokens, device=device)
         completion_ids = generate_compact(model, enc["input_ids"], enc["attention_mask"], max_new_tokens,
                                           tokenizer.eos_token_id, tokenizer.pad_token_id, temperature, do_sample,
                                           repeats=num_generations if shared else 1, streams=streams,
-                                          lockstep=lockstep)
+                                          lockstep=lockstep, logps_out=sampled_logps)
     else:
         gen_kwargs = {"do_sample": do_sample, "max_new_tokens": max_new_tokens, "use_cache": True,
                       "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
         if do_sample:
             gen_kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
-        completion_ids = model.generate(**enc, **gen_kwargs, synced_gpus=lockstep)[:, prompt_len:]
+        if keep_sampled_logps:  # the scores are the logits after the processors: / T here (top-k and top-p off)
+            gen_kwargs.update(output_scores=True, return_dict_in_generate=True)
+        generated = model.generate(**enc, **gen_kwargs, synced_gpus=lockstep)
+        if keep_sampled_logps:
+            completion_ids = generated.sequences[:, prompt_len:]
+            scores = [s if do_sample else s / temperature for s in generated.scores]
+            sampled_logps = torch.stack([torch.log_softmax(s.float(), -1).gather(1, completion_ids[:, t, None])[:, 0]
+                                         for t, s in enumerate(scores)], dim=1) if scores else None
+        else:
+            completion_ids = generated[:, prompt_len:]
     model.train(was_training)
     if shared:
         enc = {k: v.repeat_interleave(num_generations, dim=0) for k, v in enc.items()}
@@ -260,6 +289,10 @@ def sample_groups(
         completion_ids = torch.full((enc["input_ids"].size(0), 1), tokenizer.eos_token_id, device=device)
     mask, truncated = mask_after_eos(completion_ids, tokenizer.eos_token_id)
     completion_ids = completion_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
+    if keep_sampled_logps:
+        width = completion_ids.size(1)
+        sampled_logps = torch.zeros(mask.shape, device=device) if sampled_logps is None else sampled_logps
+        sampled_logps = _pad_to(sampled_logps[:, :width], width, 0, left=False) * mask
     completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     return Rollout(
         prompt_ids=enc["input_ids"],
@@ -269,6 +302,7 @@ def sample_groups(
         prompts=expanded,
         completions=completions,
         truncated=truncated,
+        sampled_logps=sampled_logps,
     )
 
 

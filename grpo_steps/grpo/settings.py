@@ -62,6 +62,22 @@ class GRPOSettings(Settings):
         "generate, which prefills every copy and computes every row until the last one stops (the same "
         "distribution; another random stream)",
     )
+    rollout_precision: Literal["train", "bf16"] = Field(
+        "train", description="the precision rollouts are decoded in: train = the update's own (model.precision); "
+        "bf16 = under bf16 autocast whatever the update's, as an inference engine decodes (faster on a GPU; on a "
+        "CPU without native bf16 slower). When it differs from the update's, the rollout's tokens were drawn by "
+        "another policy than the one the update starts from, and grpo.rollout_correction weights them",
+    )
+    rollout_correction: Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = Field(
+        "sequence_mask", description="importance-sampling correction of a rollout drawn by another policy than the "
+        "update's (grpo/correction.py): rho = pi_old / pi_sampling per token (token_*) or per completion, the "
+        "product over its tokens (sequence_*); *_truncate clamps rho to [rollout_correction_min, "
+        "rollout_correction_max], *_mask zeroes it outside; the policy-gradient term is weighted by it. TRL's "
+        "default (sequence_mask, max 3). Applied only when the rollout's precision differs from the update's (the "
+        "weights are exactly 1 otherwise, and nothing extra is computed); logged as sampling/*. none: never",
+    )
+    rollout_correction_max: float | None = Field(3.0, gt=0, description="upper bound of the correction's weight")
+    rollout_correction_min: float | None = Field(None, ge=0, description="lower bound of the correction's weight")
     dynamic_sampling: bool = Field(
         False, description="DAPO's dynamic sampling: groups whose rewards are all equal (advantage 0) are dropped "
         "and further prompts sampled until prompts_per_step groups differ, for at most max_dynamic_sampling_rounds "
@@ -98,6 +114,16 @@ class GRPOSettings(Settings):
     def _clip_range(self) -> GRPOSettings:
         if self.epsilon_high is not None and self.epsilon_high < self.epsilon:
             raise ValueError(f"grpo.epsilon_high ({self.epsilon_high}) must be >= grpo.epsilon ({self.epsilon})")
+        return self
+
+    @model_validator(mode="after")
+    def _correction_bounds(self) -> GRPOSettings:
+        low, high = self.rollout_correction_min, self.rollout_correction_max
+        if self.rollout_correction.endswith("truncate") and low is None and high is None:
+            raise ValueError(f"grpo.rollout_correction {self.rollout_correction} needs a bound: set "
+                             "grpo.rollout_correction_max (or _min)")
+        if low is not None and high is not None and low >= high:
+            raise ValueError(f"grpo.rollout_correction_min ({low}) must be below grpo.rollout_correction_max ({high})")
         return self
 
     def settings(self) -> GRPOSettings:

@@ -34,6 +34,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from grpo_steps.errors import UserError
 from grpo_steps.grpo.advantages import group_advantages, groups_with_spread, nanstd
+from grpo_steps.grpo.correction import CorrectionStats, rollout_weights
 from grpo_steps.grpo.logprobs import can_share_prompt, completion_logps, shared_prompt_logps
 from grpo_steps.grpo.loss import Normalizers, policy_loss
 from grpo_steps.grpo.rewards import RewardFunction, function_name, score_completions
@@ -115,8 +116,11 @@ def identical_rows(rollout: Rollout, advantages: torch.Tensor, rows: torch.Tenso
     bits = advantages.detach().float().to(mask.device)[rows].contiguous().view(torch.int32).long().unsqueeze(1)
     # a row without loss tokens (a masked truncated completion) stays itself, so frac_rows_merged counts repeats
     alone = torch.where(mask.sum(1) == 0, torch.arange(len(rows), device=mask.device), -1).unsqueeze(1)
-    key = torch.cat([rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.completion_ids[rows] * mask, mask,
-                     bits, alone], dim=1)
+    parts = [rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.completion_ids[rows] * mask, mask, bits,
+             alone]
+    if rollout.sampled_logps is not None:  # rows drawn with other log-probs get other correction weights
+        parts.append((rollout.sampled_logps[rows].float() * mask).contiguous().view(torch.int32).long())
+    key = torch.cat(parts, dim=1)
     _, inverse, counts = torch.unique(key, dim=0, return_inverse=True, return_counts=True)
     position = torch.arange(len(rows), device=inverse.device)
     first = torch.full((len(counts),), len(rows), dtype=torch.long, device=inverse.device)
@@ -264,6 +268,12 @@ class GRPOTrainer:
         policy.train()  # as transformers' Trainer trains (from_pretrained returns eval mode): dropout as configured,
         # and activation checkpointing, which transformers applies in training mode only
         self.plan = plan_update(cfg, self.accelerator.num_processes, policy)
+        # A rollout decoded in another precision than the update's was drawn by another policy: its tokens are
+        # weighted by the rollout correction. In the update's own precision the weights would be 1: none computed.
+        update_bf16 = self.accelerator.mixed_precision == "bf16"
+        self.off_policy_rollout = (cfg.rollout_precision == "bf16") != update_bf16
+        self.correct_rollout = self.off_policy_rollout and cfg.rollout_correction != "none"
+        self.last_correction = CorrectionStats()
         if self.plan.off:
             log.info("off on this layout, with the same update: %s", "; ".join(self.plan.off))
         if self.sharded:  # sharded before the optimizer is built: its moments are sharded too
@@ -317,18 +327,25 @@ class GRPOTrainer:
         self.history = [dict(m) for m in state["history"]]
 
     # ------------------------------------------------------------------------------------------- sample, score
+    def _decoding_precision(self) -> contextlib.AbstractContextManager:
+        """The update's own precision (whether wrapped or sharded), or bf16 autocast (`grpo.rollout_precision`)."""
+        if self.cfg.rollout_precision == "bf16":
+            return torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16)
+        return self.accelerator.autocast()
+
     def _rollout(self, prompts: list[str], streams: RowStreams) -> Rollout:
         cfg = self.cfg
         sample = lambda: sample_groups(self.unwrapped, self.tokenizer, prompts, cfg.num_generations,  # noqa: E731
                                        cfg.max_completion_length, cfg.temperature, backend=cfg.generation_backend,
-                                       share_prompt=cfg.share_prompt, streams=streams, lockstep=self.sharded)
+                                       share_prompt=cfg.share_prompt, streams=streams, lockstep=self.sharded,
+                                       keep_sampled_logps=self.correct_rollout)
         if cfg.generation_backend != "hf":
-            with self.accelerator.autocast():  # the precision the policy trains in, whether wrapped or sharded
+            with self._decoding_precision():
                 return sample()
         # `generate` draws from torch's generator: seeded per step and per shard, so that processes do not draw
         # alike and a resumed run draws what the first did (the samples still depend on the layout)
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices), self.accelerator.autocast():
+        with torch.random.fork_rng(devices=devices), self._decoding_precision():
             torch.manual_seed(stream_key(streams.key, streams.first))
             return sample()
 
@@ -473,7 +490,9 @@ class GRPOTrainer:
 
         sums: dict[str, float] = {}
         total_loss, grad_norm = 0.0, 0.0
-        for _ in range(cfg.mu):
+        correction = CorrectionStats()
+        sampled = rollout.sampled_logps if self.correct_rollout else None
+        for iteration in range(cfg.mu):
             total_loss = 0.0
             if len(order) == 0:  # nothing but zero gradients: the optimizer sees them
                 self._zero_gradients()
@@ -486,13 +505,21 @@ class GRPOTrainer:
                 m = mask[rows, :c]
                 # mu = 1: the sampling policy *is* the current one, so the ratio is exp(0) with a live gradient.
                 old = old_logps[rows, :c] if old_logps is not None else logps.detach()
+                row_weights = weights[rows] if weights is not None else None
+                is_weights = None
+                if sampled is not None:  # the rollout was drawn by another policy: pi_old / pi_sampling
+                    is_weights, part = rollout_weights(old, sampled[rows, :c], m, cfg.rollout_correction,
+                                                       cfg.rollout_correction_max, cfg.rollout_correction_min,
+                                                       row_weights)
+                    if iteration == 0:  # the same weights on every pass over the batch
+                        correction.add(part)
                 loss, stats = policy_loss(
                     logps, old, advantages[rows], m, norm,
                     loss_type=cfg.loss_type, epsilon_low=cfg.epsilon,
                     epsilon_high=cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon,
                     beta=cfg.beta, ref_logps=ref_logps[rows, :c] if ref_logps is not None else None,
                     importance_sampling_level=cfg.importance_sampling_level,
-                    row_weights=weights[rows] if weights is not None else None,
+                    row_weights=row_weights, sampling_weights=is_weights,
                 )
                 # DDP averages gradients over processes; normalisers are already global, so undo that mean.
                 acc.backward(loss * acc.num_processes)
@@ -525,6 +552,9 @@ class GRPOTrainer:
             summed = acc.reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=acc.device),
                                 reduction="sum")
             sums = dict(zip(keys, summed.tolist(), strict=True))
+        if sampled is not None:
+            correction = CorrectionStats.combined(self.gather_objects(correction.as_tensor()))
+        self.last_correction = correction
         return sums, total_loss, grad_norm, norm
 
     def train_step(self, rows: list[dict[str, Any]],
@@ -564,6 +594,7 @@ class GRPOTrainer:
             "skipped_steps": float(self.skipped_steps),
             "step_time": time.perf_counter() - t0,
         })
+        metrics.update(self.last_correction.metrics())  # sampling/*: only when the rollout was corrected
         if cfg.dynamic_sampling:
             metrics["dynamic_sampling/rounds"] = float(self.last_sampling["rounds"])
             for k in ("dropped_groups", "filled_groups"):

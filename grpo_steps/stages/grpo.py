@@ -60,7 +60,10 @@ log = logging.getLogger(__name__)
 
 CURVE_KEYS = ("step", "reward", "reward_std", "reward_std_within_group", "kl", "loss", "grad_norm", "entropy",
               "entropy/trained_rows", "completions/mean_length", "frac_reward_zero_std", "clip_ratio/region_mean",
-              "step_time", "eval/accuracy", "eval/reward_model_score")
+              "step_time", "eval/accuracy", "eval/reward_model_score",
+              # the rollout correction's, when it applies (grpo.rollout_precision other than the update's)
+              "sampling/importance_sampling_ratio/mean", "sampling/importance_sampling_ratio/clipped_frac",
+              "sampling/sampling_logp_difference/mean", "sampling/sampling_logp_difference/max")
 
 
 def build_reward_functions(cfg: Config, tokenizer) -> tuple[list[RewardFunction], list[float]]:
