@@ -78,6 +78,14 @@ class GRPOSettings(Settings):
     )
     rollout_correction_max: float | None = Field(3.0, gt=0, description="upper bound of the correction's weight")
     rollout_correction_min: float | None = Field(None, ge=0, description="lower bound of the correction's weight")
+    async_rollout: bool = Field(
+        False, description="one-step-off overlap: while step t updates the policy, the rollout of step t+1 is decoded "
+        "in a background thread by a copy of the policy as it was before that update (each process its share), as "
+        "verl's one-step-off and NeMo-RL's async GRPO do; its rows are weighted by grpo.rollout_correction against "
+        "the log-probs they were drawn with. It overlaps only where generation and the update have compute to "
+        "spare between them (a GPU, or cores the update leaves idle); compact generation only, not with "
+        "model.sharding fsdp2. A resumed run decodes the step after its checkpoint on-policy",
+    )
     dynamic_sampling: bool = Field(
         False, description="DAPO's dynamic sampling: groups whose rewards are all equal (advantage 0) are dropped "
         "and further prompts sampled until prompts_per_step groups differ, for at most max_dynamic_sampling_rounds "
@@ -114,6 +122,13 @@ class GRPOSettings(Settings):
     def _clip_range(self) -> GRPOSettings:
         if self.epsilon_high is not None and self.epsilon_high < self.epsilon:
             raise ValueError(f"grpo.epsilon_high ({self.epsilon_high}) must be >= grpo.epsilon ({self.epsilon})")
+        return self
+
+    @model_validator(mode="after")
+    def _async_needs_compact(self) -> GRPOSettings:
+        if self.async_rollout and self.generation_backend == "hf":
+            raise ValueError("grpo.async_rollout needs generation_backend compact: transformers' generate draws from "
+                             "torch's global generator, which the update (dropout) draws from at the same time")
         return self
 
     @model_validator(mode="after")

@@ -25,6 +25,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,7 +57,13 @@ class PromptSampler:
     rows: list[dict[str, Any]]
     seed: int
     position: int = 0
+    held: int = 0  # rows taken ahead for a step not yet trained (one-step-off rollouts): not consumed yet
     _order: list[int] = field(default_factory=list, init=False)
+
+    @property
+    def resume_position(self) -> int:
+        """Where a run resumed from now starts: rows taken ahead for a step not yet trained are taken again."""
+        return self.position - self.held
 
     def _order_for(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
@@ -208,6 +215,15 @@ def _batched_logps(model, rollout: Rollout, cfg: GRPOSettings, rows: torch.Tenso
 
 
 @dataclass
+class PendingRollout:
+    """A rollout being decoded in the background for a later step (`grpo.async_rollout`): this process's share."""
+
+    step: int
+    rows: list[dict[str, Any]]
+    future: Future
+
+
+@dataclass
 class GenerationBatch:
     """A whole generation batch (every process's rows, the same on every process), scored, with its
     group-relative advantages."""
@@ -271,9 +287,19 @@ class GRPOTrainer:
         # A rollout decoded in another precision than the update's was drawn by another policy: its tokens are
         # weighted by the rollout correction. In the update's own precision the weights would be 1: none computed.
         update_bf16 = self.accelerator.mixed_precision == "bf16"
-        self.off_policy_rollout = (cfg.rollout_precision == "bf16") != update_bf16
+        self.off_policy_rollout = (cfg.rollout_precision == "bf16") != update_bf16 or cfg.async_rollout
         self.correct_rollout = self.off_policy_rollout and cfg.rollout_correction != "none"
         self.last_correction = CorrectionStats()
+        if cfg.async_rollout and self.sharded:
+            raise ValueError("grpo.async_rollout with model.sharding fsdp2 is not supported: decoding in the "
+                             "background would need a whole copy of the weights on every process, and a sharded "
+                             "decoder gathers its weights in collectives the update also runs")
+        # one-step-off: a copy of the policy decodes the next step's rollout while the update trains
+        self.rollout_model: PreTrainedModel | None = None
+        self.pending: PendingRollout | None = None
+        self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout") if cfg.async_rollout else None
+        self.last_rollout_wait = 0.0  # seconds the last step waited for its background rollout
+        self.last_decode_time = 0.0  # seconds the last step's rollouts took to decode (in the background or not)
         if self.plan.off:
             log.info("off on this layout, with the same update: %s", "; ".join(self.plan.off))
         if self.sharded:  # sharded before the optimizer is built: its moments are sharded too
@@ -333,9 +359,10 @@ class GRPOTrainer:
             return torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16)
         return self.accelerator.autocast()
 
-    def _rollout(self, prompts: list[str], streams: RowStreams) -> Rollout:
+    def _rollout(self, prompts: list[str], streams: RowStreams, model: PreTrainedModel | None = None) -> Rollout:
         cfg = self.cfg
-        sample = lambda: sample_groups(self.unwrapped, self.tokenizer, prompts, cfg.num_generations,  # noqa: E731
+        model = self.unwrapped if model is None else model
+        sample = lambda: sample_groups(model, self.tokenizer, prompts, cfg.num_generations,  # noqa: E731
                                        cfg.max_completion_length, cfg.temperature, backend=cfg.generation_backend,
                                        share_prompt=cfg.share_prompt, streams=streams, lockstep=self.sharded,
                                        keep_sampled_logps=self.correct_rollout)
@@ -356,14 +383,46 @@ class GRPOTrainer:
         G = self.cfg.num_generations
         mine = self._shard(len(rows))
         shard = rows[mine]
-        streams = RowStreams(stream_key(self.seed, self.step, round_), mine.start * G)
-        rollout = self._rollout([r["prompt"] for r in shard], streams)
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            t0 = time.perf_counter()
+            ahead = pending.future.result()  # decoded in the background by the policy of the step before
+            self.last_rollout_wait = time.perf_counter() - t0
+        if round_ == 0 and pending is not None and pending.step == self.step and pending.rows == rows:
+            rollout, seconds = ahead
+        else:
+            streams = RowStreams(stream_key(self.seed, self.step, round_), mine.start * G)
+            rollout, seconds = self._timed_rollout([r["prompt"] for r in shard], streams)
+        self.last_decode_time += seconds
         columns = {k: [r[k] for r in shard for _ in range(G)] for k in shard[0] if k != "prompt"}
         lengths = rollout.completion_mask.sum(dim=1)  # tokens, EOS included
         columns["completion_lengths"] = lengths.tolist()
         per_func, rewards = score_completions(self.reward_funcs, self.reward_weights, rollout.prompts,
                                               rollout.completions, columns)
         return self._gathered(rollout, rewards, per_func, lengths)
+
+    def _timed_rollout(self, prompts: list[str], streams: RowStreams, model: PreTrainedModel | None = None
+                       ) -> tuple[Rollout, float]:
+        t0 = time.perf_counter()
+        rollout = self._rollout(prompts, streams, model)
+        return rollout, time.perf_counter() - t0
+
+    def _decode_ahead(self, rows: list[dict[str, Any]]) -> None:
+        """Start decoding step `self.step + 1`'s rollout of `rows` in the background, with a copy of the policy
+        as it is now (before this step's update): the rows, streams and shard that step would sample itself."""
+        if self.rollout_model is None:
+            self.rollout_model = copy.deepcopy(self.unwrapped).eval().requires_grad_(False)
+        else:
+            with torch.no_grad():
+                for dst, src in zip(self.rollout_model.state_dict().values(), self.unwrapped.state_dict().values(),
+                                    strict=True):
+                    dst.copy_(src)
+        G = self.cfg.num_generations
+        mine = self._shard(len(rows))
+        streams = RowStreams(stream_key(self.seed, self.step + 1, 0), mine.start * G)
+        prompts = [r["prompt"] for r in rows[mine]]
+        future = self._decoder.submit(self._timed_rollout, prompts, streams, self.rollout_model)
+        self.pending = PendingRollout(self.step + 1, rows, future)
 
     def gather_objects(self, obj: Any) -> list[Any]:
         """Every process's `obj`, in process order (a collective; `[obj]` with one process)."""
@@ -558,14 +617,19 @@ class GRPOTrainer:
         return sums, total_loss, grad_norm, norm
 
     def train_step(self, rows: list[dict[str, Any]],
-                   more: Callable[[int], list[dict[str, Any]]] | None = None) -> dict[str, float]:
+                   more: Callable[[int], list[dict[str, Any]]] | None = None,
+                   upcoming: Callable[[], list[dict[str, Any]]] | None = None) -> dict[str, float]:
         """One GRPO step on the prompts `rows`: sample -> score -> advantages -> update (`mu` optimizer updates on
-        the generation batch; `more`: further prompts for dynamic sampling). Returns the step's metrics."""
+        the generation batch; `more`: further prompts for dynamic sampling). With `grpo.async_rollout`, the prompts
+        of the next step (`upcoming()`) are decoded in the background during the update. Returns the metrics."""
         cfg = self.cfg
         t0 = time.perf_counter()
         G = cfg.num_generations
+        self.last_rollout_wait = self.last_decode_time = 0.0
         rollout, rewards, per_func, lengths = self.sample_and_score(rows, more)  # sample -> score
         batch = self.with_advantages(rollout, rewards, per_func, lengths)  # -> advantages
+        if cfg.async_rollout and upcoming is not None:  # the next step's rollout, by the policy before this update
+            self._decode_ahead(upcoming())
         sums, total_loss, grad_norm, norm = self.update(batch)  # -> update, computed as `self.plan` says
         self.step += 1
         group_std = batch.group_std.view(-1, G)[:, 0]
@@ -594,6 +658,9 @@ class GRPOTrainer:
             "skipped_steps": float(self.skipped_steps),
             "step_time": time.perf_counter() - t0,
         })
+        metrics["rollout/decode_time"] = self.last_decode_time  # this process's share, wherever it was decoded
+        if cfg.async_rollout:
+            metrics["rollout/wait_time"] = self.last_rollout_wait  # the part of decoding the update did not hide
         metrics.update(self.last_correction.metrics())  # sampling/*: only when the rollout was corrected
         if cfg.dynamic_sampling:
             metrics["dynamic_sampling/rounds"] = float(self.last_sampling["rounds"])
@@ -608,9 +675,12 @@ class GRPOTrainer:
     def fit(self, sampler: PromptSampler, steps: int,
             on_step: Callable[[int, dict[str, float]], None] | None = None) -> list[dict[str, float]]:
         """Train until `steps` (from `self.step`, which a resumed run sets); the whole history is returned."""
+        n = self.cfg.prompts_per_step
         while self.step < steps:
-            rows = sampler.next(self.cfg.prompts_per_step)
-            metrics = self.train_step(rows, more=sampler.next)
+            rows = self.pending.rows if self.pending is not None else sampler.next(n)
+            upcoming = (lambda: sampler.next(n)) if self.step + 1 < steps else None
+            metrics = self.train_step(rows, more=sampler.next, upcoming=upcoming)
+            sampler.held = len(self.pending.rows) if self.pending is not None else 0
             self.history.append(metrics)
             if on_step is not None:
                 on_step(self.step, metrics)

@@ -287,7 +287,7 @@ class CheckpointStore:
             return None
         state = {
             "format": FORMAT, "step": step, "key": self.key, "params_hash": self.params_hash,
-            "sampler_position": sampler.position, "num_processes": acc.num_processes,
+            "sampler_position": sampler.resume_position, "num_processes": acc.num_processes,
             "trainer": trainer.training_state(), "rng": states,
         }
         layout = "fsdp2" if trainer.fsdp2 else "replicate"

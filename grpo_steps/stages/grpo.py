@@ -63,7 +63,9 @@ CURVE_KEYS = ("step", "reward", "reward_std", "reward_std_within_group", "kl", "
               "step_time", "eval/accuracy", "eval/reward_model_score",
               # the rollout correction's, when it applies (grpo.rollout_precision other than the update's)
               "sampling/importance_sampling_ratio/mean", "sampling/importance_sampling_ratio/clipped_frac",
-              "sampling/sampling_logp_difference/mean", "sampling/sampling_logp_difference/max")
+              "sampling/sampling_logp_difference/mean", "sampling/sampling_logp_difference/max",
+              # seconds: decoding the step's rollout, and (grpo.async_rollout) the part of it the update did not hide
+              "rollout/decode_time", "rollout/wait_time")
 
 
 def build_reward_functions(cfg: Config, tokenizer) -> tuple[list[RewardFunction], list[float]]:

@@ -36,7 +36,8 @@ def _ratio(cell: str) -> float:
 
 @pytest.mark.parametrize("script,option", [("grpo_vs_trl.py", "--device"), ("logprob_memory.py", "--device"),
                                            ("profile_step.py", "--device"), ("memory_table.py", "--device"),
-                                           ("time_to_accuracy.py", "--target-gain"), ("processes.py", "--cores")])
+                                           ("time_to_accuracy.py", "--target-gain"), ("processes.py", "--cores"),
+                                           ("async_rollout.py", "--repeats")])
 def test_scripts_have_help(script, option):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--help"], capture_output=True, text=True,
                           timeout=120)
