@@ -12,15 +12,12 @@ import logging
 from typing import Any
 
 import mlflow
-import torch
-import transformers
 from mlflow import MlflowClient
 
 from grpo_steps.data.files import read_json
 from grpo_steps.platform.config import Config
 from grpo_steps.platform.io import write_json
 from grpo_steps.platform.lineage import file_md5, lineage_tags
-from grpo_steps.platform.modeling import load_policy, load_tokenizer
 from grpo_steps.platform.results import Artifact, StageResult
 from grpo_steps.platform.tracking import active_run_ids
 
@@ -107,6 +104,12 @@ def register(cfg: Config) -> StageResult:
         write_json(cfg.paths.registration(), result)
         return StageResult(result, tags={"registered_model": name, "registered_version": version,
                                          "already_registered": "true"})
+    # deferred to here: an already-registered policy (a rerun with nothing new) needs none of them (seconds)
+    import torch
+    import transformers
+
+    from grpo_steps.platform.modeling import load_policy, load_tokenizer
+
     tok = load_tokenizer(cfg.paths.grpo_policy())
     model = load_policy(cfg.paths.grpo_policy(), cfg.model.trust_remote_code, cfg.model.dtype)
     info = mlflow.transformers.log_model(
