@@ -39,6 +39,7 @@ from grpo_steps.platform.secrets import redact_url
 from grpo_steps.platform.stage import lock_path
 from grpo_steps.platform.tracking import LOCAL_UI, headline_metrics, pipeline_run, tracking_uri, ui_runs_link
 from grpo_steps.stages import STAGES
+from grpo_steps.stages.comparison import format_comparison
 
 SUMMARY_ARTIFACT_KEY = "grpo-pipeline-summary"
 
@@ -199,8 +200,6 @@ def _pipeline(cfg: Config, refresh_cache: bool) -> dict[str, Any]:
 
     ev, reg = results["evaluate"], results["register"]
     if status["evaluate"] == "cached":  # the stage printed it in an earlier run: show it for this one too
-        from grpo_steps.stages.evaluate import format_comparison  # deferred: torch, transformers
-
         logger.info("%s", format_comparison(ev))
     logger.info("held-out accuracy: start %.4f -> grpo %.4f (%+.4f); registered %s v%s as %s; cached stages: %s",
                 ev["start"]["accuracy"], ev["grpo"]["accuracy"], ev["accuracy_gain"],

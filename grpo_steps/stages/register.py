@@ -104,11 +104,11 @@ def register(cfg: Config) -> StageResult:
         write_json(cfg.paths.registration(), result)
         return StageResult(result, tags={"registered_model": name, "registered_version": version,
                                          "already_registered": "true"})
-    # deferred to here: an already-registered policy (a rerun with nothing new) needs none of them (seconds)
+    # an already-registered policy (a rerun with nothing new) needs none of these (seconds of imports)
     import torch
     import transformers
 
-    from grpo_steps.platform.modeling import load_policy, load_tokenizer
+    from grpo_steps.platform.modeling import load_policy, load_tokenizer  # deferred: torch, transformers
 
     tok = load_tokenizer(cfg.paths.grpo_policy())
     model = load_policy(cfg.paths.grpo_policy(), cfg.model.trust_remote_code, cfg.model.dtype)
