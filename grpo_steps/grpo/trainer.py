@@ -296,6 +296,7 @@ class GRPOTrainer:
                              "decoder gathers its weights in collectives the update also runs")
         # one-step-off: a copy of the policy decodes the next step's rollout while the update trains
         self.rollout_model: PreTrainedModel | None = None
+        self.rollout_tokenizer: PreTrainedTokenizerBase | None = None
         self.pending: PendingRollout | None = None
         self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout") if cfg.async_rollout else None
         self.last_rollout_wait = 0.0  # seconds the last step waited for its background rollout
@@ -359,10 +360,12 @@ class GRPOTrainer:
             return torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16)
         return self.accelerator.autocast()
 
-    def _rollout(self, prompts: list[str], streams: RowStreams, model: PreTrainedModel | None = None) -> Rollout:
+    def _rollout(self, prompts: list[str], streams: RowStreams, model: PreTrainedModel | None = None,
+                 tokenizer: PreTrainedTokenizerBase | None = None) -> Rollout:
         cfg = self.cfg
         model = self.unwrapped if model is None else model
-        sample = lambda: sample_groups(model, self.tokenizer, prompts, cfg.num_generations,  # noqa: E731
+        tokenizer = self.tokenizer if tokenizer is None else tokenizer
+        sample = lambda: sample_groups(model, tokenizer, prompts, cfg.num_generations,  # noqa: E731
                                        cfg.max_completion_length, cfg.temperature, backend=cfg.generation_backend,
                                        share_prompt=cfg.share_prompt, streams=streams, lockstep=self.sharded,
                                        keep_sampled_logps=self.correct_rollout)
@@ -401,10 +404,10 @@ class GRPOTrainer:
                                               rollout.completions, columns)
         return self._gathered(rollout, rewards, per_func, lengths)
 
-    def _timed_rollout(self, prompts: list[str], streams: RowStreams, model: PreTrainedModel | None = None
-                       ) -> tuple[Rollout, float]:
+    def _timed_rollout(self, prompts: list[str], streams: RowStreams, model: PreTrainedModel | None = None,
+                       tokenizer: PreTrainedTokenizerBase | None = None) -> tuple[Rollout, float]:
         t0 = time.perf_counter()
-        rollout = self._rollout(prompts, streams, model)
+        rollout = self._rollout(prompts, streams, model, tokenizer)
         return rollout, time.perf_counter() - t0
 
     def _decode_ahead(self, rows: list[dict[str, Any]]) -> None:
@@ -412,6 +415,9 @@ class GRPOTrainer:
         as it is now (before this step's update): the rows, streams and shard that step would sample itself."""
         if self.rollout_model is None:
             self.rollout_model = copy.deepcopy(self.unwrapped).eval().requires_grad_(False)
+            # its own tokenizer too: a fast tokenizer changes its padding state per call, and the main thread
+            # tokenizes meanwhile (the evaluation between steps)
+            self.rollout_tokenizer = copy.deepcopy(self.tokenizer)
         else:
             with torch.no_grad():
                 for dst, src in zip(self.rollout_model.state_dict().values(), self.unwrapped.state_dict().values(),
@@ -421,7 +427,8 @@ class GRPOTrainer:
         mine = self._shard(len(rows))
         streams = RowStreams(stream_key(self.seed, self.step + 1, 0), mine.start * G)
         prompts = [r["prompt"] for r in rows[mine]]
-        future = self._decoder.submit(self._timed_rollout, prompts, streams, self.rollout_model)
+        future = self._decoder.submit(self._timed_rollout, prompts, streams, self.rollout_model,
+                                      self.rollout_tokenizer)
         self.pending = PendingRollout(self.step + 1, rows, future)
 
     def gather_objects(self, obj: Any) -> list[Any]:
