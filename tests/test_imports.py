@@ -162,3 +162,16 @@ def test_the_architecture_picture_is_drawn_from_this_code():
     from docs.diagram import OUT, render
 
     assert OUT.read_text(encoding="utf-8") == render(), "docs/img/architecture.svg is stale: run python docs/diagram.py"
+
+
+def test_a_no_op_rerun_loads_neither_torch_nor_transformers():
+    """`grpo run` with every stage up to date runs the flow, the register stage of an already-registered policy and
+    the cached evaluation's table: none of them needs torch or transformers, seconds of imports on a small CPU."""
+    import subprocess
+    import sys
+
+    code = ("import sys, flows.pipeline, grpo_steps.stages.register, grpo_steps.stages.comparison; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "[]", out.stdout
