@@ -287,7 +287,7 @@ class GRPOTrainer:
         # A rollout decoded in another precision than the update's was drawn by another policy: its tokens are
         # weighted by the rollout correction. In the update's own precision the weights would be 1: none computed.
         update_bf16 = self.accelerator.mixed_precision == "bf16"
-        self.off_policy_rollout = (cfg.rollout_precision == "bf16") != update_bf16 or cfg.async_rollout
+        self.off_policy_rollout = (cfg.rollout_precision == "bf16" and not update_bf16) or cfg.async_rollout
         self.correct_rollout = self.off_policy_rollout and cfg.rollout_correction != "none"
         self.last_correction = CorrectionStats()
         if cfg.async_rollout and self.sharded:

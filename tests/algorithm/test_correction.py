@@ -195,6 +195,22 @@ def test_in_the_updates_own_precision_nothing_is_weighted_and_the_update_is_toda
     assert any(not torch.equal(states[0][k], policy.state_dict()[k]) for k in states[0]), "the update moved nothing"
 
 
+@pytest.mark.parametrize("update_precision, rollout_precision, applies", [
+    ("no", "train", False), ("no", "bf16", True), ("bf16", "train", False), ("bf16", "bf16", False)])
+def test_the_correction_applies_only_when_the_rollouts_precision_differs(tiny, update_precision, rollout_precision,
+                                                                        applies):
+    """`train` decodes in the update's own precision, whichever it is; `bf16` differs only from an fp32 update."""
+    from accelerate import Accelerator
+
+    tok, policy = tiny
+    cfg = GRPOConfig(prompts_per_step=len(PROMPTS), num_generations=G, rollout_precision=rollout_precision)
+    trainer = GRPOTrainer(copy.deepcopy(policy), tok, [digit_match], [1.0], cfg.settings(),
+                          accelerator=Accelerator(cpu=True, mixed_precision=update_precision))
+    assert trainer.correct_rollout is applies
+    metrics = trainer.train_step(ROWS)
+    assert any(k.startswith("sampling/") for k in metrics) is applies
+
+
 def _bf16_batch(policy, tok):
     """A rollout decoded under bf16 autocast, its sampled log-probs kept, with advantages of both signs."""
     with torch.autocast("cpu", dtype=torch.bfloat16):
