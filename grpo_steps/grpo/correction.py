@@ -48,13 +48,13 @@ class CorrectionStats:
         self.diff_count += other.diff_count
         self.diff_max = max(self.diff_max, other.diff_max)
 
-    def as_tensor(self) -> list[float]:
+    def as_list(self) -> list[float]:
         return [self.ratio_sum, self.ratio_count, self.ratio_min, self.ratio_max, self.bounded, self.diff_sum,
                 self.diff_count, self.diff_max]
 
     @classmethod
     def combined(cls, parts: list[list[float]]) -> CorrectionStats:
-        """The statistics of several processes' `as_tensor()` lists."""
+        """The statistics of several processes' `as_list()` values."""
         total = cls()
         for p in parts:
             total.add(cls(*p))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from grpo_steps.grpo.logprobs import position_ids_from_mask
+from grpo_steps.grpo.logprobs import logps_from_logits, position_ids_from_mask
 
 
 @dataclass
@@ -208,8 +208,7 @@ def generate_compact(model: PreTrainedModel, input_ids: torch.Tensor, attention_
                 token = logits.argmax(dim=-1)
             out[active, t] = token
             if logps_out is not None:
-                scaled = logits.float() / temperature
-                logps_out[active, t] = scaled.gather(1, token.unsqueeze(1)).squeeze(1) - scaled.logsumexp(-1)
+                logps_out[active, t] = logps_from_logits(logits, token, temperature=temperature)[0]
             running = token != eos_token_id
             local = bool(running.any())
         if t == max_new_tokens - 1 or not (_anywhere(local, input_ids.device) if lockstep else local):
@@ -277,9 +276,9 @@ def sample_groups(
         generated = model.generate(**enc, **gen_kwargs, synced_gpus=lockstep)
         if keep_sampled_logps:
             completion_ids = generated.sequences[:, prompt_len:]
-            scores = [s if do_sample else s / temperature for s in generated.scores]
-            sampled_logps = torch.stack([torch.log_softmax(s.float(), -1).gather(1, completion_ids[:, t, None])[:, 0]
-                                         for t, s in enumerate(scores)], dim=1) if scores else None
+            scale = 1.0 if do_sample else temperature  # sampling's scores are already divided by T
+            sampled_logps = torch.stack([logps_from_logits(s, completion_ids[:, t], temperature=scale)[0]
+                                         for t, s in enumerate(generated.scores)], dim=1) if generated.scores else None
         else:
             completion_ids = generated[:, prompt_len:]
     model.train(was_training)

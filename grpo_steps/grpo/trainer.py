@@ -619,7 +619,7 @@ class GRPOTrainer:
                                 reduction="sum")
             sums = dict(zip(keys, summed.tolist(), strict=True))
         if sampled is not None:
-            correction = CorrectionStats.combined(self.gather_objects(correction.as_tensor()))
+            correction = CorrectionStats.combined(self.gather_objects(correction.as_list()))
         self.last_correction = correction
         return sums, total_loss, grad_norm, norm
 
