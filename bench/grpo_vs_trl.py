@@ -242,7 +242,7 @@ def build_ours(s: dict[str, Any], model_dir: Path):
         model = apply_lora(model, LoraConfig(**LORA))
     cfg = GRPOConfig(
         steps=_total_steps(s), prompts_per_step=s["prompts_per_step"], num_generations=s["num_generations"],
-        micro_batch_size=_micro(s), mu=1,
+        micro_batch_size=_micro(s), micro_batch_tokens=s.get("micro_batch_tokens"), mu=1,
         max_completion_length=s["completion_length"], temperature=s["temperature"], learning_rate=s["lr"],
         weight_decay=0.0, max_grad_norm=1.0, beta=s["beta"], epsilon=0.2, loss_type=s["loss_type"],
         scale_rewards="group", logprob_chunk_size=s["logprob_chunk_size"],
@@ -482,15 +482,11 @@ def _load() -> str:
     return f"{one:.2f}, {five:.2f}, {fifteen:.2f}"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description="Benchmark our GRPO step against TRL's GRPOTrainer at equal settings (each run in its own "
-        "subprocess, alternating ours/TRL). See the module docstring for every setting made equal.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+def add_step_arguments(p: argparse.ArgumentParser, steps: int = 10, warmup_steps: int = 2) -> None:
+    """The settings of one measured run (model, batch, update, ours' options), shared with bench/profile_step.py."""
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--model-preset", choices=PRESETS, default="tiny",
-                   help="tiny: the pipeline's default policy (hidden 96, 3 layers); micro: a smoke-test model; "
+                   help="tiny: the pipeline's default policy (hidden 128, 4 layers); micro: a smoke-test model; "
                    "qwen2.5-0.5b: Qwen2.5-0.5B's shape with random weights (GPU only)")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="vocabulary size (the character tokenizer padded with inert tokens); default: the "
@@ -498,9 +494,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--completion-length", type=int, default=32, help="max completion length (max_new_tokens)")
     p.add_argument("--prompts-per-step", type=int, default=8, help="distinct prompts per step (P)")
     p.add_argument("--num-generations", type=int, default=8, help="group size G")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per run")
-    p.add_argument("--warmup-steps", type=int, default=2, help="untimed steps before the timed ones")
-    p.add_argument("--repeats", type=int, default=2, help="rounds of (ours, TRL)")
+    p.add_argument("--steps", type=int, default=steps, help="timed steps per run")
+    p.add_argument("--warmup-steps", type=int, default=warmup_steps, help="untimed steps before the timed ones")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (constant)")
     p.add_argument("--beta", type=float, default=0.02, help="KL coefficient (> 0: both sides run a reference model)")
     p.add_argument("--loss-type", choices=("grpo", "dr_grpo", "dapo"), default="grpo")
@@ -519,6 +514,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--micro-batch-size", type=int, default=0,
                    help="rows per forward/backward on both sides, dividing P x G (default 0: all of them, one "
                    "micro-batch); TRL accumulates P x G / this many, ours sorts the rows by length first")
+    p.add_argument("--micro-batch-tokens", type=int, default=None,
+                   help="ours: grpo.micro_batch_tokens (micro-batches also cut by completion positions, shortest "
+                   "rows first; the same update as the micro-batch size alone gives). TRL has no such setting")
     p.add_argument("--no-share-prompt", dest="share_prompt", action="store_false",
                    help="ours: grpo.share_prompt off (every row's prompt computed in every pass, as TRL does)")
     p.add_argument("--no-merge-rows", dest="merge_identical_rows", action="store_false",
@@ -528,6 +526,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "every weight)")
     p.add_argument("--trl-optim", default="adamw_torch",
                    help="TRL's `optim`; adamw_torch matches ours, TRL's default is adamw_torch_fused")
+
+
+SETTING_KEYS = ("device", "completion_length", "prompts_per_step", "num_generations", "steps", "warmup_steps", "lr",
+                "beta", "loss_type", "temperature", "seed", "logprob_chunk_size", "trl_optim", "threads",
+                "generation_backend", "reward", "share_prompt", "micro_batch_size", "micro_batch_tokens",
+                "merge_identical_rows", "lora_bf16")
+
+
+def step_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What a child needs of the parsed arguments (JSON-able)."""
+    return {k: getattr(args, k) for k in SETTING_KEYS}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Benchmark our GRPO step against TRL's GRPOTrainer at equal settings (each run in its own "
+        "subprocess, alternating ours/TRL). See the module docstring for every setting made equal.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_step_arguments(p)
+    p.add_argument("--repeats", type=int, default=2, help="rounds of (ours, TRL)")
     p.add_argument("--out", type=Path, default=None,
                    help="write the table and the raw results to OUT.md and OUT.json")
     # internal: one measurement in this process
@@ -557,16 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model_preset == "qwen2.5-0.5b" and args.device == "cpu":
         print("warning: qwen2.5-0.5b on CPU: ~10 GiB per run (weights, reference, gradients, AdamW state) and "
               "minutes per step; it is meant for --device cuda", file=sys.stderr)
-    settings = {
-        "device": args.device, "completion_length": args.completion_length,
-        "prompts_per_step": args.prompts_per_step, "num_generations": args.num_generations,
-        "steps": args.steps, "warmup_steps": args.warmup_steps, "lr": args.lr, "beta": args.beta,
-        "loss_type": args.loss_type, "temperature": args.temperature, "seed": args.seed,
-        "logprob_chunk_size": args.logprob_chunk_size, "trl_optim": args.trl_optim, "threads": args.threads,
-        "generation_backend": args.generation_backend, "reward": args.reward,
-        "share_prompt": args.share_prompt, "micro_batch_size": args.micro_batch_size,
-        "merge_identical_rows": args.merge_identical_rows, "lora_bf16": args.lora_bf16,
-    }
+    settings = step_settings(args)
     load_before = _load()
     results: dict[str, list[dict[str, Any]]] = {impl: [] for impl in IMPLEMENTATIONS}
     with tempfile.TemporaryDirectory(prefix="grpo-bench-") as tmp:
@@ -582,6 +592,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"peak RSS {r['peak_rss_mib']:.0f} MiB", file=sys.stderr)
     load_after = _load()
     summary = summarise(results, args.device)
+    tokens = f" (ours: at most {args.micro_batch_tokens} positions)" if args.micro_batch_tokens else ""
     context = (
         f"model {model_info['preset']} ({model_info['parameters']:,} parameters, hidden "
         f"{model_info['hidden_size']}, {model_info['num_layers']} layers, vocab {model_info['vocab_size']}); "
@@ -590,8 +601,7 @@ def main(argv: list[str] | None = None) -> int:
         f"loss {args.loss_type}, lr {args.lr}, ours logprob_chunk_size {args.logprob_chunk_size}, ours generation "
         f"backend {args.generation_backend}, ours share_prompt {args.share_prompt}, merge rows "
         f"{args.merge_identical_rows}, {'LoRA r=16 on bf16 weights' if args.lora_bf16 else 'fp32, every weight'}, "
-        f"micro-batch "
-        f"{args.micro_batch_size or 'P x G'}, reward {args.reward}, TRL optim "
+        f"micro-batch {args.micro_batch_size or 'P x G'}{tokens}, reward {args.reward}, TRL optim "
         f"{args.trl_optim}, temperature "
         f"{args.temperature}, seed {args.seed}; {args.warmup_steps} warm-up + {args.steps} timed steps, "
         f"{args.repeats} repeat(s), median (min-max)\n"

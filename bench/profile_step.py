@@ -34,12 +34,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.grpo_vs_trl import (  # noqa: E402  (after the path set-up)
-    PRESETS,
     _load,
     _sync,
+    add_step_arguments,
     build_ours,
     build_trl,
     prepare_model_dir,
+    step_settings,
 )
 
 PHASES = ("sample (generate)", "rewards + advantages", "reference log-probs (no grad)", "policy log-probs forward",
@@ -202,22 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--impl", choices=("ours", "trl", "both"), default="both")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--model-preset", choices=PRESETS, default="tiny")
-    p.add_argument("--vocab-size", type=int, default=None)
-    p.add_argument("--completion-length", type=int, default=32)
-    p.add_argument("--prompts-per-step", type=int, default=8)
-    p.add_argument("--num-generations", type=int, default=8)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup-steps", type=int, default=2)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--beta", type=float, default=0.02)
-    p.add_argument("--loss-type", choices=("grpo", "dr_grpo", "dapo"), default="grpo")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--logprob-chunk-size", type=int, default=0)
-    p.add_argument("--trl-optim", default="adamw_torch")
+    add_step_arguments(p, steps=5, warmup_steps=2)
     p.add_argument("--cprofile", type=int, default=0, help="also print the top N functions by cumulative time")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
@@ -227,9 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         child(args.child, json.loads(args.settings_json), args.model_dir, args.cprofile, args.result_file)
         return 0
-    settings = {k: getattr(args, k) for k in (
-        "device", "completion_length", "prompts_per_step", "num_generations", "steps", "warmup_steps", "lr", "beta",
-        "loss_type", "temperature", "seed", "logprob_chunk_size", "trl_optim", "threads")}
+    settings = step_settings(args)
     impls = ("ours", "trl") if args.impl == "both" else (args.impl,)
     load_before, results = _load(), []
     with tempfile.TemporaryDirectory(prefix="grpo-profile-") as tmp:

@@ -94,8 +94,9 @@ class RowStreams:
     key: int
     first: int = 0
 
-    def uniforms(self, rows: torch.Tensor, t: int) -> torch.Tensor:
-        """(len(rows),) float64 uniforms in (0, 1], for position t of the batch rows `rows`."""
+    def uniforms(self, rows: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+        """float64 uniforms in (0, 1] for the batch rows `rows` at position(s) `t`: (len(rows),) for one position;
+        with `rows` (N, 1) and `t` (1, T) tensors, the (N, T) table of them all (the same numbers)."""
         r = rows.long() + self.first
         row = mix32(r & _MASK32) ^ mix32(r >> 32)
         high = mix32(mix32(row ^ self.key) ^ mix32(t))
@@ -198,12 +199,14 @@ def generate_compact(model: PreTrainedModel, input_ids: torch.Tensor, attention_
     next_position = positions[:, -1] + 1
     used = 0
     local = True  # rows of this batch still decoding
+    if do_sample:  # every (row, position)'s uniform at once: one hash over a table, not one per token
+        table = streams.uniforms(active.unsqueeze(1), torch.arange(max_new_tokens, device=active.device).unsqueeze(0))
     for t in range(max_new_tokens):
         if local:
             used = t + 1
             if do_sample:
                 probs = torch.softmax(logits.float() / temperature, dim=-1)
-                token = draw(probs, streams.uniforms(active, t))
+                token = draw(probs, table[active, t])
             else:
                 token = logits.argmax(dim=-1)
             out[active, t] = token

@@ -9,9 +9,10 @@ each process's share of the rows; loss normalisers are those of the whole batch 
 undone, so the update is the one-process update up to float summation order.
 
 How the update computes its rows is decided once, in `plan_update`: the single-process savings (shared prompt,
-merged identical rows, the zero-advantage skip) give the same update and apply where they can, and each one
-that cannot is named in one log line. Policy, old and reference log-probs all go through `logps_of`, under the
-same precision and the same path, so at identical weights the KL is exactly 0, in bf16 as in fp32.
+merged identical rows, the zero-advantage skip, micro-batches cut by tokens) give the same update and apply where
+they can, and each one that cannot is named in one log line. Policy, old and reference log-probs all go through
+`logps_of`, under the same precision and the same path, so at identical weights the KL is exactly 0, in bf16 as
+in fp32.
 
 `training_state()` / `load_training_state()` carry what a resumed run needs besides the weights and the
 optimizer (step, counters, metrics history); grpo_steps/platform/checkpoint.py writes them to disk.
@@ -85,8 +86,24 @@ def is_adapter(model: Any) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
-def _micro_batches(n: int, size: int) -> list[slice]:
-    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+def micro_batches(mask: torch.Tensor, rows: torch.Tensor, size: int, tokens: int | None = None) -> list[slice]:
+    """Consecutive slices of `rows` (shortest completion first), each one forward/backward: at most `size` rows,
+    and with `tokens` at most that many completion positions once cut to its longest row (rows x that row's
+    length; a row longer than `tokens` is a micro-batch alone). The loss's normalisers are the whole batch's, so
+    how the rows are cut changes the float summation order only."""
+    n = len(rows)
+    if tokens is None:
+        return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+    out, start, longest = [], 0, 0
+    for i, length in enumerate(mask[rows].sum(1).clamp(min=1).tolist()):
+        wider = max(longest, length)
+        if i > start and (i - start == size or (i - start + 1) * wider > tokens):
+            out.append(slice(start, i))
+            start, wider = i, length
+        longest = wider
+    if n:
+        out.append(slice(start, n))
+    return out
 
 
 def rollout_logps(model, rollout: Rollout, rows: slice | torch.Tensor, c: int, cfg: GRPOSettings, share: bool,
@@ -144,6 +161,7 @@ class UpdatePlan:
     share_prompt: bool  # each distinct prompt once per pass: policy, old and reference log-probs alike
     merge_identical_rows: bool  # identical rows computed once, weighted by their count
     skip_zero_advantage: bool  # beta = 0: no forward/backward for rows whose gradient is exactly zero
+    micro_batch_tokens: int | None = None  # micro-batches cut by completion positions too (`micro_batches`)
     off: tuple[str, ...] = ()
 
     def rows(self, rollout: Rollout, advantages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, int, int]:
@@ -166,9 +184,9 @@ class UpdatePlan:
 def plan_update(cfg: GRPOSettings, num_processes: int, policy: PreTrainedModel) -> UpdatePlan:
     """The one place that decides which single-process savings apply. Under DDP every rank's forward must go
     through its wrapper (the shared pass calls the decoder itself) and every rank must run the same number of
-    backward passes (merging and skipping make the counts depend on the data), so there all three are off and
-    every row is computed in full: the same update, more compute. The shared pass also needs a KV cache, which
-    transformers drops in checkpointed layers, and the head's output to be the logits."""
+    backward passes (merging, skipping and cutting by tokens make the counts depend on the data), so there all
+    four are off and every row is computed in full: the same update, more compute. The shared pass also needs a KV
+    cache, which transformers drops in checkpointed layers, and the head's output to be the logits."""
     multi = num_processes > 1
     off = []
     share = cfg.share_prompt
@@ -188,7 +206,11 @@ def plan_update(cfg: GRPOSettings, num_processes: int, policy: PreTrainedModel) 
     if cfg.skip_zero_advantage and cfg.beta == 0.0 and multi:
         off.append(f"grpo.skip_zero_advantage ({num_processes} processes: every process must run as many "
                    "forward and backward passes)")
-    return UpdatePlan(share, merge, skip, tuple(off))
+    tokens = cfg.micro_batch_tokens if not multi else None
+    if cfg.micro_batch_tokens is not None and multi:
+        off.append(f"grpo.micro_batch_tokens ({num_processes} processes: every process must run as many "
+                   "forward and backward passes; micro-batches of grpo.micro_batch_size rows instead)")
+    return UpdatePlan(share, merge, skip, tokens, tuple(off))
 
 
 @contextlib.contextmanager
@@ -202,15 +224,15 @@ def _mode(model, training: bool):
 
 
 @torch.no_grad()
-def _batched_logps(model, rollout: Rollout, cfg: GRPOSettings, rows: torch.Tensor, share: bool) -> torch.Tensor:
+def _batched_logps(model, rollout: Rollout, cfg: GRPOSettings, rows: torch.Tensor, plan: UpdatePlan) -> torch.Tensor:
     """(N, C) log-probs of the completion tokens of `rows` (0 elsewhere and after a row's end), micro-batch by
     micro-batch in the order given, each cut to its longest row: the update's own micro-batches."""
     mask = rollout.completion_mask
     out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-    for sl in _micro_batches(len(rows), cfg.micro_batch_size):
+    for sl in micro_batches(mask, rows, cfg.micro_batch_size, plan.micro_batch_tokens):
         part = rows[sl]
         c = _width(mask, part)
-        out[part, :c] = rollout_logps(model, rollout, part, c, cfg, share)[0].to(out.device)
+        out[part, :c] = rollout_logps(model, rollout, part, c, cfg, plan.share_prompt)[0].to(out.device)
     return out
 
 
@@ -508,7 +530,7 @@ class GRPOTrainer:
         """Log-probs without gradient (reference, old policy) as the update computes the policy's: the same
         micro-batches, the same path (the plan's), under the same mixed precision."""
         with self.accelerator.autocast():
-            return _batched_logps(model, rollout, self.cfg, rows, self.plan.share_prompt)
+            return _batched_logps(model, rollout, self.cfg, rows, self.plan)
 
     def reference_logps(self, rollout: Rollout, rows: torch.Tensor | None = None) -> torch.Tensor | None:
         """The frozen reference's log-probs of the rollout's completions, of `rows` only if given (None when
@@ -562,7 +584,7 @@ class GRPOTrainer:
             total_loss = 0.0
             if len(order) == 0:  # nothing but zero gradients: the optimizer sees them
                 self._zero_gradients()
-            for sl in _micro_batches(len(order), cfg.micro_batch_size):
+            for sl in micro_batches(mask, order, cfg.micro_batch_size, plan.micro_batch_tokens):
                 rows = order[sl]
                 c = _width(mask, rows)  # trailing padding columns dropped
                 with acc.autocast():  # the shared pass calls the decoder and head, not the wrapped forward

@@ -1,0 +1,103 @@
+"""`grpo.micro_batch_tokens`: micro-batches cut by completion positions as well as rows, so rows of varied length
+compute little padding; the update is the one of a single micro-batch (whole-batch normalisers), up to float
+summation order."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from grpo_steps.grpo.rewards import digit_match
+from grpo_steps.grpo.trainer import GenerationBatch, GRPOTrainer, by_length, micro_batches, plan_update
+from grpo_steps.platform.config import GRPOConfig
+from tests.support.rollouts import varied_length_rollout
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")  # tests/algorithm/conftest.py
+
+PROMPTS = ["12+34=", "7+8=", "5+45=", "3+9="]
+G = 4
+
+
+def _mask(lengths: list[int]) -> torch.Tensor:
+    width = max(lengths)
+    return (torch.arange(width).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)).long()
+
+
+@pytest.mark.parametrize("size,tokens", [(4, 8), (100, 8), (3, 1000), (100, 5), (2, 12)])
+def test_micro_batches_hold_the_bounds_and_take_as_many_rows_as_fit(size, tokens):
+    lengths = [1, 1, 2, 2, 2, 3, 3, 5, 6, 6, 9, 12]  # shortest first, as the update orders them
+    mask = _mask(lengths)
+    rows = torch.arange(len(lengths))
+    slices = micro_batches(mask, rows, size, tokens)
+    assert [i for sl in slices for i in range(len(lengths))[sl]] == list(range(len(lengths)))  # all, in order
+    for k, sl in enumerate(slices):
+        part = lengths[sl]
+        assert len(part) <= size
+        assert len(part) == 1 or len(part) * max(part) <= tokens
+        if k + 1 < len(slices):  # the next row would have broken a bound
+            grown = lengths[sl.start : sl.stop + 1]
+            assert len(grown) > size or len(grown) * max(grown) > tokens
+    assert micro_batches(mask, rows, size, None) == [slice(s, min(s + size, len(lengths)))
+                                                     for s in range(0, len(lengths), size)]
+
+
+def test_a_row_longer_than_the_budget_is_a_micro_batch_alone():
+    mask = _mask([2, 2, 9, 10])
+    assert micro_batches(mask, torch.arange(4), 100, 4) == [slice(0, 2), slice(2, 3), slice(3, 4)]
+
+
+def _update(tok, policy, rollout, **kw):
+    """One update's gradients (as the optimizer stepped with them), the reference log-probs and the loss; also
+    how many forward passes the policy ran."""
+    n = rollout.completion_ids.size(0)
+    cfg = GRPOConfig(**{"prompts_per_step": len(PROMPTS), "num_generations": G, "micro_batch_size": n,
+                        "beta": 0.05, "learning_rate": 1e-2, "merge_identical_rows": False, **kw})
+    trainer = GRPOTrainer(copy.deepcopy(policy), tok, [digit_match], [1.0], cfg.settings(), seed=0)
+    advantages = torch.linspace(-1.5, 1.5, n)
+    batch = GenerationBatch(rollout, torch.zeros(n), torch.zeros(n, 1), advantages, torch.ones(n))
+    grads, step = {}, trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        grads.update({k: p.grad.clone() for k, p in trainer.unwrapped.named_parameters() if p.grad is not None})
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    passes = []
+    trainer.unwrapped.model.register_forward_hook(lambda *_: passes.append(1))
+    ref = trainer.reference_logps(rollout)
+    _, loss, _, _ = trainer.update(batch)
+    return grads, ref, loss, len(passes)
+
+
+@pytest.mark.parametrize("share", [True, False], ids=["shared-prompt", "full-rows"])
+def test_the_update_cut_by_tokens_is_the_one_micro_batch_update(share):
+    tok, policy, rollout = varied_length_rollout(PROMPTS, G)  # completions of 1 to 6 tokens
+    one, ref_one, loss_one, passes_one = _update(tok, policy, rollout, share_prompt=share)
+    cut, ref_cut, loss_cut, passes_cut = _update(tok, policy, rollout, share_prompt=share, micro_batch_tokens=12)
+    order = by_length(rollout.completion_mask)
+    slices = micro_batches(rollout.completion_mask, order, 16, 12)
+    assert len(slices) > 2
+    assert passes_cut > passes_one  # the reference and the update each ran one pass per micro-batch
+    mask = rollout.completion_mask.float()
+    torch.testing.assert_close(ref_cut * mask, ref_one * mask, rtol=0, atol=1e-5)
+    assert loss_cut == pytest.approx(loss_one, rel=1e-4, abs=1e-7)
+    scale = max(float(g.abs().max()) for g in one.values())
+    assert scale > 1e-4, "no gradient to compare"
+    for k in one:
+        torch.testing.assert_close(cut[k], one[k], rtol=1e-4, atol=1e-5 * scale, msg=k)
+
+
+def test_on_several_processes_the_cut_by_tokens_is_off_and_named():
+    _, policy, _ = varied_length_rollout(PROMPTS, G)
+    cfg = GRPOConfig(micro_batch_tokens=512).settings()
+    assert plan_update(cfg, 1, policy).micro_batch_tokens == 512
+    two = plan_update(cfg, 2, policy)
+    assert two.micro_batch_tokens is None
+    assert any(o.startswith("grpo.micro_batch_tokens") for o in two.off)
+
+
+def test_a_budget_below_one_is_refused_naming_the_key():
+    with pytest.raises(ValueError, match="micro_batch_tokens"):
+        GRPOConfig(micro_batch_tokens=0)
