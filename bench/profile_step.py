@@ -11,8 +11,8 @@ to itself only); "other" is the rest of the step (bookkeeping, metrics, the Trai
   sample (generate)              sample_groups (tokenize + generate    _generate_single_turn (pad + generate +
                                  + masks + decode)                     masks); TRL's decode is in "other"
   rewards + advantages           score_completions, group_advantages   _calculate_rewards (advantages: "other")
-  reference log-probs (no grad)  completion_logps under no_grad        _get_per_token_logps_and_entropies, no_grad
-  policy log-probs forward       completion_logps with grad            the same, with grad
+  reference log-probs (no grad)  rollout_logps under no_grad           _get_per_token_logps_and_entropies, no_grad
+  policy log-probs forward       rollout_logps with grad               the same, with grad
   loss                           policy_loss                           _compute_loss minus its log-probs
   backward                       accelerator.backward                  accelerator.backward
   grad clip + optimizer          clip_grad_norm_, optimizer.step,      clip_grad_norm_, optimizer.step,
@@ -97,7 +97,9 @@ def profile_ours(s: dict[str, Any], model_dir: Path, timer: PhaseTimer, profiler
     for name, phase in (("sample_groups", "sample (generate)"), ("score_completions", "rewards + advantages"),
                         ("group_advantages", "rewards + advantages"), ("policy_loss", "loss")):
         setattr(T, name, timer.wrap(getattr(T, name), phase))
+    # the update's log-probs: `rollout_logps` (the shared-prompt pass or the full one, which it calls in turn)
     T.completion_logps = timer.wrap(T.completion_logps, choose=_logps_phase)
+    T.rollout_logps = timer.wrap(T.rollout_logps, choose=_logps_phase)
     trainer, sampler = build_ours(s, model_dir)
     acc, opt = trainer.accelerator, trainer.optimizer
     acc.backward = timer.wrap(acc.backward, "backward")

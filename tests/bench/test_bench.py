@@ -76,9 +76,10 @@ def test_grpo_vs_trl_runs_both_and_prints_numeric_ratios(tmp_path):
     out = tmp_path / "bench"
     cmd = [sys.executable, str(ROOT / "bench" / "grpo_vs_trl.py"), "--model-preset", "micro", "--steps", "2",
            "--warmup-steps", "1", "--repeats", "1", "--completion-length", "8", "--prompts-per-step", "2",
-           "--num-generations", "4", "--out", str(out)]
+           "--num-generations", "4", "--micro-batch-tokens", "8", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "ours: at most 8 positions" in proc.stdout
     rows = _table_rows(proc.stdout)
     assert LABELS["ours"] in rows and LABELS["trl"] in rows, proc.stdout
     for impl in ("ours", "trl"):
