@@ -487,7 +487,8 @@ def add_step_arguments(p: argparse.ArgumentParser, steps: int = 10, warmup_steps
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--model-preset", choices=PRESETS, default="tiny",
                    help="tiny: the pipeline's default policy (hidden 128, 4 layers); micro: a smoke-test model; "
-                   "qwen2.5-0.5b: Qwen2.5-0.5B's shape with random weights (GPU only)")
+                   "qwen2.5-0.5b: Qwen2.5-0.5B's shape with random weights (meant for a GPU; on CPU one step of "
+                   "8 x 256 tokens peaks at ~17 GiB and takes ~10 minutes)")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="vocabulary size (the character tokenizer padded with inert tokens); default: the "
                    "tokenizer's own for tiny/micro, 151936 for qwen2.5-0.5b")
@@ -574,8 +575,9 @@ def main(argv: list[str] | None = None) -> int:
         print("--device cuda, but torch sees no CUDA device", file=sys.stderr)
         return 2
     if args.model_preset == "qwen2.5-0.5b" and args.device == "cpu":
-        print("warning: qwen2.5-0.5b on CPU: ~10 GiB per run (weights, reference, gradients, AdamW state) and "
-              "minutes per step; it is meant for --device cuda", file=sys.stderr)
+        print("warning: qwen2.5-0.5b on CPU: ~10 GiB per run for weights, reference, gradients and AdamW state, "
+              "~17 GiB at 8 completions of 256 tokens, and minutes per step; it is meant for --device cuda",
+              file=sys.stderr)
     settings = step_settings(args)
     load_before = _load()
     results: dict[str, list[dict[str, Any]]] = {impl: [] for impl in IMPLEMENTATIONS}
