@@ -231,8 +231,12 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
                 return 1
             results.append(json.loads(result_file.read_text()))
+    tokens = f" (ours: at most {args.micro_batch_tokens} positions)" if args.micro_batch_tokens else ""
     print(f"{args.model_preset} model, {args.device}, P={args.prompts_per_step} x G={args.num_generations}, "
-          f"completion length {args.completion_length}, beta {args.beta}, {args.threads or 'default'} thread(s); "
+          f"completion length {args.completion_length}, beta {args.beta}, reward {args.reward}, micro-batch "
+          f"{args.micro_batch_size or 'P x G'}{tokens}, ours: backend {args.generation_backend}, share_prompt "
+          f"{args.share_prompt}, merge rows {args.merge_identical_rows}, "
+          f"{'LoRA on bf16 weights' if args.lora_bf16 else 'fp32'}; {args.threads or 'default'} thread(s); "
           f"mean over {args.steps} steps after {args.warmup_steps} warm-up; load average before {load_before}, "
           f"after {_load()}\n")
     print(table(results, "wall") + "\n")

@@ -168,6 +168,9 @@ def mask_after_eos(completion_ids: torch.Tensor, eos_token_id: int) -> tuple[tor
     return (positions <= first_eos.unsqueeze(1)).long(), ~has_eos
 
 
+UNIFORM_BLOCK = 256  # decoding positions whose uniforms are hashed at once (rows x this many float64s)
+
+
 @torch.no_grad()
 def generate_compact(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      max_new_tokens: int, eos_token_id: int, pad_token_id: int, temperature: float = 1.0,
@@ -199,14 +202,17 @@ def generate_compact(model: PreTrainedModel, input_ids: torch.Tensor, attention_
     next_position = positions[:, -1] + 1
     used = 0
     local = True  # rows of this batch still decoding
-    if do_sample:  # every (row, position)'s uniform at once: one hash over a table, not one per token
-        table = streams.uniforms(active.unsqueeze(1), torch.arange(max_new_tokens, device=active.device).unsqueeze(0))
+    table = None  # the uniforms of the decoding rows for positions [start, start + UNIFORM_BLOCK): one hash a block
     for t in range(max_new_tokens):
         if local:
             used = t + 1
             if do_sample:
+                if t % UNIFORM_BLOCK == 0:
+                    start = t
+                    block = torch.arange(t, min(t + UNIFORM_BLOCK, max_new_tokens), device=active.device)
+                    table = streams.uniforms(active.unsqueeze(1), block.unsqueeze(0))
                 probs = torch.softmax(logits.float() / temperature, dim=-1)
-                token = draw(probs, table[active, t])
+                token = draw(probs, table[:, t - start])
             else:
                 token = logits.argmax(dim=-1)
             out[active, t] = token
@@ -223,6 +229,8 @@ def generate_compact(model: PreTrainedModel, input_ids: torch.Tensor, attention_
             keep = torch.nonzero(running).flatten()
             cache.batch_select_indices(keep)
             active, token, mask, next_position = active[keep], token[keep], mask[keep], next_position[keep]
+            if table is not None:
+                table = table[keep]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         logits = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=next_position.unsqueeze(1),
                        past_key_values=cache, use_cache=True).logits[:, -1, :]

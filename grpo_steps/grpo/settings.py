@@ -29,10 +29,11 @@ class GRPOSettings(Settings):
     )
     micro_batch_tokens: int | None = Field(
         None, ge=1,
-        description="also cut micro-batches by size: rows taken shortest completion first, a micro-batch ends "
-        "before its rows x its longest completion would pass this many positions (a longer row is a micro-batch "
-        "alone), so long completions of varied length compute little padding (verl's dynamic batch size). null: "
-        "micro_batch_size rows each. One process only: on several, every process must run as many passes",
+        description="also cut micro-batches by completion positions: rows taken shortest completion first, a "
+        "micro-batch ends before its rows x its longest completion would pass this many (prompt positions not "
+        "counted; a longer row is a micro-batch alone), so long completions of varied length compute little "
+        "padding (verl's dynamic batch size). null: micro_batch_size rows each. One process only: on several, "
+        "every process must run as many passes",
     )
     mu: int = Field(1, ge=1, description="policy updates per generation batch (old log-probs stored when > 1)")
     max_completion_length: int = Field(6, ge=1, description="tokens a completion may have, EOS included")

@@ -63,3 +63,25 @@ def test_sampling_follows_the_same_distribution_as_generate():
         r = sample_groups(model, tok, ["12+34="], 2000, 1, temperature=0.7, backend=backend)
         draws[backend] = torch.bincount(r.completion_ids[:, 0], minlength=len(tok)).float() / 2000
     assert (draws["hf"] - draws["compact"]).abs().max() < 0.05
+
+
+def test_the_uniforms_hashed_by_blocks_are_each_rows_own_stream(monkeypatch):
+    """Each block of positions hashes the uniforms of the rows still decoding at once; whatever the block, a row
+    draws the uniforms of its own stream at each position, as `RowStreams.uniforms` gives them one by one."""
+    import grpo_steps.grpo.sampling as sampling
+    from grpo_steps.grpo.sampling import RowStreams
+
+    tok = build_tokenizer()
+    model = _policy(tok, eos_boost=30.0)  # rows finish at varied lengths, so rows leave mid-block
+    runs = []
+    for block in (256, 3, 1):
+        monkeypatch.setattr(sampling, "UNIFORM_BLOCK", block)
+        runs.append(sample_groups(model, tok, PROMPTS, 4, 20, streams=RowStreams(7, first=5)))
+    lengths = runs[0].completion_mask.sum(1)
+    assert len(set(lengths.tolist())) > 2 and int(lengths.max()) > 3  # finished rows left within a block
+    for other in runs[1:]:
+        assert torch.equal(other.completion_ids, runs[0].completion_ids)
+    rows = torch.arange(len(PROMPTS) * 4)
+    table = RowStreams(7, first=5).uniforms(rows.unsqueeze(1), torch.arange(20).unsqueeze(0))
+    for t in (0, 4, 19):
+        assert torch.equal(table[:, t], RowStreams(7, first=5).uniforms(rows, t))

@@ -48,12 +48,24 @@ def test_a_row_longer_than_the_budget_is_a_micro_batch_alone():
     assert micro_batches(mask, torch.arange(4), 100, 4) == [slice(0, 2), slice(2, 3), slice(3, 4)]
 
 
+def test_rows_in_any_order_keep_the_budget_and_no_rows_give_no_micro_batch():
+    lengths = [5, 1, 9, 2, 2, 7, 1, 3]
+    mask = _mask(lengths)
+    rows = torch.tensor([6, 3, 0, 7, 2, 1, 4, 5])  # not sorted: only more padding, never a broken bound
+    slices = micro_batches(mask, rows, 3, 10)
+    assert [int(r) for sl in slices for r in rows[sl]] == rows.tolist()
+    for sl in slices:
+        part = [lengths[int(r)] for r in rows[sl]]
+        assert len(part) <= 3 and (len(part) == 1 or len(part) * max(part) <= 10)
+    assert micro_batches(mask, rows[:0], 3, 10) == []
+
+
 def _update(tok, policy, rollout, **kw):
     """One update's gradients (as the optimizer stepped with them), the reference log-probs and the loss; also
     how many forward passes the policy ran."""
     n = rollout.completion_ids.size(0)
     cfg = GRPOConfig(**{"prompts_per_step": len(PROMPTS), "num_generations": G, "micro_batch_size": n,
-                        "beta": 0.05, "learning_rate": 1e-2, "merge_identical_rows": False, **kw})
+                        "beta": 0.05, "learning_rate": 1e-2, **kw})
     trainer = GRPOTrainer(copy.deepcopy(policy), tok, [digit_match], [1.0], cfg.settings(), seed=0)
     advantages = torch.linspace(-1.5, 1.5, n)
     batch = GenerationBatch(rollout, torch.zeros(n), torch.zeros(n, 1), advantages, torch.ones(n))
@@ -64,22 +76,30 @@ def _update(tok, policy, rollout, **kw):
         return step(*args, **kwargs)
 
     trainer.optimizer.step = recording_step
-    passes = []
+    passes = []  # the policy's decoder calls (the reference is a copy made before the hook)
     trainer.unwrapped.model.register_forward_hook(lambda *_: passes.append(1))
     ref = trainer.reference_logps(rollout)
     _, loss, _, _ = trainer.update(batch)
     return grads, ref, loss, len(passes)
 
 
-@pytest.mark.parametrize("share", [True, False], ids=["shared-prompt", "full-rows"])
-def test_the_update_cut_by_tokens_is_the_one_micro_batch_update(share):
+@pytest.mark.parametrize("share,mu,merge", [(True, 1, False), (False, 1, False), (True, 2, True)],
+                         ids=["shared-prompt", "full-rows", "mu2-merged"])
+def test_the_update_cut_by_tokens_is_the_one_micro_batch_update(share, mu, merge):
+    """mu = 2: the old log-probs are computed in the update's own micro-batches (cut by tokens too)."""
     tok, policy, rollout = varied_length_rollout(PROMPTS, G)  # completions of 1 to 6 tokens
-    one, ref_one, loss_one, passes_one = _update(tok, policy, rollout, share_prompt=share)
-    cut, ref_cut, loss_cut, passes_cut = _update(tok, policy, rollout, share_prompt=share, micro_batch_tokens=12)
-    order = by_length(rollout.completion_mask)
-    slices = micro_batches(rollout.completion_mask, order, 16, 12)
-    assert len(slices) > 2
-    assert passes_cut > passes_one  # the reference and the update each ran one pass per micro-batch
+    kw = {"share_prompt": share, "mu": mu, "merge_identical_rows": merge}
+    if mu > 1:  # AdamW's first step moves every weight by ~lr whatever its gradient: a small one, so a gradient
+        kw["learning_rate"] = 1e-4  # at float-noise level whose sign differs leaves the second pass comparable
+    one, ref_one, loss_one, passes_one = _update(tok, policy, rollout, **kw)
+    cut, ref_cut, loss_cut, passes_cut = _update(tok, policy, rollout, micro_batch_tokens=12, **kw)
+    if not merge:
+        slices = micro_batches(rollout.completion_mask, by_length(rollout.completion_mask), 16, 12)
+        assert len(slices) > 2
+        # the policy ran each pass (old log-probs when mu > 1, then mu updates) once per micro-batch
+        assert passes_cut == passes_one * len(slices)
+    else:
+        assert passes_cut > passes_one
     mask = rollout.completion_mask.float()
     torch.testing.assert_close(ref_cut * mask, ref_one * mask, rtol=0, atol=1e-5)
     assert loss_cut == pytest.approx(loss_one, rel=1e-4, abs=1e-7)
