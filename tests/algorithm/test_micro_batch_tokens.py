@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from grpo_steps.grpo.rewards import digit_match
-from grpo_steps.grpo.trainer import GenerationBatch, GRPOTrainer, by_length, micro_batches, plan_update
+from grpo_steps.grpo.trainer import GRPOTrainer, by_length, micro_batches, plan_update
 from grpo_steps.platform.config import GRPOConfig
-from tests.support.rollouts import varied_length_rollout
+from tests.support.rollouts import one_update, varied_length_rollout
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")  # tests/algorithm/conftest.py
 
@@ -61,25 +61,15 @@ def test_rows_in_any_order_keep_the_budget_and_no_rows_give_no_micro_batch():
 
 
 def _update(tok, policy, rollout, **kw):
-    """One update's gradients (as the optimizer stepped with them), the reference log-probs and the loss; also
-    how many forward passes the policy ran."""
+    """One update (tests/support/rollouts.py `one_update`): its gradients, the reference log-probs and the loss;
+    also how many times the policy's decoder ran (the reference is a copy made before the hook)."""
     n = rollout.completion_ids.size(0)
     cfg = GRPOConfig(**{"prompts_per_step": len(PROMPTS), "num_generations": G, "micro_batch_size": n,
                         "beta": 0.05, "learning_rate": 1e-2, **kw})
     trainer = GRPOTrainer(copy.deepcopy(policy), tok, [digit_match], [1.0], cfg.settings(), seed=0)
-    advantages = torch.linspace(-1.5, 1.5, n)
-    batch = GenerationBatch(rollout, torch.zeros(n), torch.zeros(n, 1), advantages, torch.ones(n))
-    grads, step = {}, trainer.optimizer.step
-
-    def recording_step(*args, **kwargs):
-        grads.update({k: p.grad.clone() for k, p in trainer.unwrapped.named_parameters() if p.grad is not None})
-        return step(*args, **kwargs)
-
-    trainer.optimizer.step = recording_step
-    passes = []  # the policy's decoder calls (the reference is a copy made before the hook)
+    passes = []
     trainer.unwrapped.model.register_forward_hook(lambda *_: passes.append(1))
-    ref = trainer.reference_logps(rollout)
-    _, loss, _, _ = trainer.update(batch)
+    grads, ref, _, loss = one_update(trainer, rollout)
     return grads, ref, loss, len(passes)
 
 

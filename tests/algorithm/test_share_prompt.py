@@ -16,7 +16,7 @@ from grpo_steps.grpo.sampling import sample_groups
 from grpo_steps.grpo.trainer import GenerationBatch, GRPOTrainer
 from grpo_steps.platform.config import GRPOConfig, LoraConfig
 from grpo_steps.platform.modeling import apply_lora
-from tests.support.rollouts import varied_length_rollout
+from tests.support.rollouts import one_update, varied_length_rollout
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")  # tests/algorithm/conftest.py
 
@@ -63,24 +63,10 @@ def test_shared_prompt_logps_are_the_full_pass_values_entropies_and_gradients(se
 
 
 def _update(tok, policy, rollout, share: bool, **kw):
-    """One update; the gradients the optimizer stepped with (AdamW's first step is about lr * sign(g), so the
-    weights after it would magnify a last-bit difference of a near-zero gradient into a full step)."""
+    """One update (tests/support/rollouts.py `one_update`): gradients, reference log-probs, stat sums, loss."""
     cfg = GRPOConfig(**{"prompts_per_step": len(PROMPTS), "num_generations": G, "micro_batch_size": 6,
                         "beta": 0.05, "learning_rate": 1e-2, "share_prompt": share, **kw})
-    trainer = GRPOTrainer(copy.deepcopy(policy), tok, [digit_match], [1.0], cfg.settings(), seed=0)
-    n = rollout.completion_ids.size(0)
-    advantages = torch.linspace(-1.5, 1.5, n)
-    batch = GenerationBatch(rollout, torch.zeros(n), torch.zeros(n, 1), advantages, torch.ones(n))
-    grads, step = {}, trainer.optimizer.step
-
-    def recording_step(*args, **kwargs):
-        grads.update({k: p.grad.clone() for k, p in trainer.unwrapped.named_parameters() if p.grad is not None})
-        return step(*args, **kwargs)
-
-    trainer.optimizer.step = recording_step
-    ref = trainer.reference_logps(rollout)
-    sums, loss, _, _ = trainer.update(batch)
-    return grads, ref, sums, loss
+    return one_update(GRPOTrainer(copy.deepcopy(policy), tok, [digit_match], [1.0], cfg.settings(), seed=0), rollout)
 
 
 @pytest.mark.parametrize("lora", [None, LoraConfig(r=4, alpha=8)], ids=["full", "lora"])
