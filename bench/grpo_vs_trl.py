@@ -535,6 +535,12 @@ SETTING_KEYS = ("device", "completion_length", "prompts_per_step", "num_generati
                 "merge_identical_rows", "lora_bf16")
 
 
+def micro_batch_text(args: argparse.Namespace) -> str:
+    """The micro-batches of a run, as its printed context says them."""
+    tokens = f" (ours: at most {args.micro_batch_tokens} positions)" if args.micro_batch_tokens else ""
+    return f"micro-batch {args.micro_batch_size or 'P x G'}{tokens}"
+
+
 def step_settings(args: argparse.Namespace) -> dict[str, Any]:
     """What a child needs of the parsed arguments (JSON-able)."""
     return {k: getattr(args, k) for k in SETTING_KEYS}
@@ -594,7 +600,6 @@ def main(argv: list[str] | None = None) -> int:
                       f"peak RSS {r['peak_rss_mib']:.0f} MiB", file=sys.stderr)
     load_after = _load()
     summary = summarise(results, args.device)
-    tokens = f" (ours: at most {args.micro_batch_tokens} positions)" if args.micro_batch_tokens else ""
     context = (
         f"model {model_info['preset']} ({model_info['parameters']:,} parameters, hidden "
         f"{model_info['hidden_size']}, {model_info['num_layers']} layers, vocab {model_info['vocab_size']}); "
@@ -603,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
         f"loss {args.loss_type}, lr {args.lr}, ours logprob_chunk_size {args.logprob_chunk_size}, ours generation "
         f"backend {args.generation_backend}, ours share_prompt {args.share_prompt}, merge rows "
         f"{args.merge_identical_rows}, {'LoRA r=16 on bf16 weights' if args.lora_bf16 else 'fp32, every weight'}, "
-        f"micro-batch {args.micro_batch_size or 'P x G'}{tokens}, reward {args.reward}, TRL optim "
+        f"{micro_batch_text(args)}, reward {args.reward}, TRL optim "
         f"{args.trl_optim}, temperature "
         f"{args.temperature}, seed {args.seed}; {args.warmup_steps} warm-up + {args.steps} timed steps, "
         f"{args.repeats} repeat(s), median (min-max)\n"

@@ -39,6 +39,7 @@ from bench.grpo_vs_trl import (  # noqa: E402  (after the path set-up)
     add_step_arguments,
     build_ours,
     build_trl,
+    micro_batch_text,
     prepare_model_dir,
     step_settings,
 )
@@ -97,8 +98,7 @@ def profile_ours(s: dict[str, Any], model_dir: Path, timer: PhaseTimer, profiler
     for name, phase in (("sample_groups", "sample (generate)"), ("score_completions", "rewards + advantages"),
                         ("group_advantages", "rewards + advantages"), ("policy_loss", "loss")):
         setattr(T, name, timer.wrap(getattr(T, name), phase))
-    # the update's log-probs: `rollout_logps` (the shared-prompt pass or the full one, which it calls in turn)
-    T.completion_logps = timer.wrap(T.completion_logps, choose=_logps_phase)
+    # every log-prob pass (reference, old, update) goes through `rollout_logps`: the shared-prompt pass or the full
     T.rollout_logps = timer.wrap(T.rollout_logps, choose=_logps_phase)
     trainer, sampler = build_ours(s, model_dir)
     acc, opt = trainer.accelerator, trainer.optimizer
@@ -231,10 +231,9 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
                 return 1
             results.append(json.loads(result_file.read_text()))
-    tokens = f" (ours: at most {args.micro_batch_tokens} positions)" if args.micro_batch_tokens else ""
     print(f"{args.model_preset} model, {args.device}, P={args.prompts_per_step} x G={args.num_generations}, "
-          f"completion length {args.completion_length}, beta {args.beta}, reward {args.reward}, micro-batch "
-          f"{args.micro_batch_size or 'P x G'}{tokens}, ours: backend {args.generation_backend}, share_prompt "
+          f"completion length {args.completion_length}, beta {args.beta}, reward {args.reward}, "
+          f"{micro_batch_text(args)}, ours: backend {args.generation_backend}, share_prompt "
           f"{args.share_prompt}, merge rows {args.merge_identical_rows}, "
           f"{'LoRA on bf16 weights' if args.lora_bf16 else 'fp32'}; {args.threads or 'default'} thread(s); "
           f"mean over {args.steps} steps after {args.warmup_steps} warm-up; load average before {load_before}, "

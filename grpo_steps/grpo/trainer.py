@@ -96,11 +96,10 @@ def micro_batches(mask: torch.Tensor, rows: torch.Tensor, size: int, tokens: int
         return [slice(s, min(s + size, n)) for s in range(0, n, size)]
     out, start, longest = [], 0, 0
     for i, length in enumerate(mask[rows].sum(1).clamp(min=1).tolist()):
-        wider = max(longest, length)
-        if i > start and (i - start == size or (i - start + 1) * wider > tokens):
+        if i > start and (i - start == size or (i - start + 1) * max(longest, length) > tokens):
             out.append(slice(start, i))
-            start, wider = i, length
-        longest = wider
+            start, longest = i, 0
+        longest = max(longest, length)
     if n:
         out.append(slice(start, n))
     return out
