@@ -73,6 +73,18 @@ def _update(tok, policy, rollout, **kw):
     return grads, ref, loss, len(passes)
 
 
+def _assert_same_update(rollout, one, cut) -> None:
+    """(gradients, reference log-probs, loss) of two updates agree, up to float summation order."""
+    (grads_one, ref_one, loss_one), (grads_cut, ref_cut, loss_cut) = one, cut
+    mask = rollout.completion_mask.float()
+    torch.testing.assert_close(ref_cut * mask, ref_one * mask, rtol=0, atol=1e-5)
+    assert loss_cut == pytest.approx(loss_one, rel=1e-4, abs=1e-7)
+    scale = max(float(g.abs().max()) for g in grads_one.values())
+    assert scale > 1e-4, "no gradient to compare"
+    for k in grads_one:
+        torch.testing.assert_close(grads_cut[k], grads_one[k], rtol=1e-4, atol=1e-5 * scale, msg=k)
+
+
 @pytest.mark.parametrize("share,mu,merge", [(True, 1, False), (False, 1, False), (True, 2, True)],
                          ids=["shared-prompt", "full-rows", "mu2-merged"])
 def test_the_update_cut_by_tokens_is_the_one_micro_batch_update(share, mu, merge):
@@ -90,13 +102,7 @@ def test_the_update_cut_by_tokens_is_the_one_micro_batch_update(share, mu, merge
         assert passes_cut == passes_one * len(slices)
     else:
         assert passes_cut > passes_one
-    mask = rollout.completion_mask.float()
-    torch.testing.assert_close(ref_cut * mask, ref_one * mask, rtol=0, atol=1e-5)
-    assert loss_cut == pytest.approx(loss_one, rel=1e-4, abs=1e-7)
-    scale = max(float(g.abs().max()) for g in one.values())
-    assert scale > 1e-4, "no gradient to compare"
-    for k in one:
-        torch.testing.assert_close(cut[k], one[k], rtol=1e-4, atol=1e-5 * scale, msg=k)
+    _assert_same_update(rollout, (one, ref_one, loss_one), (cut, ref_cut, loss_cut))
 
 
 def test_on_several_processes_the_cut_by_tokens_is_off_and_named():
@@ -111,3 +117,25 @@ def test_on_several_processes_the_cut_by_tokens_is_off_and_named():
 def test_a_budget_below_one_is_refused_naming_the_key():
     with pytest.raises(ValueError, match="micro_batch_tokens"):
         GRPOConfig(micro_batch_tokens=0)
+
+
+def test_on_a_chat_policy_with_a_bpe_tokenizer_the_cut_update_is_the_one_micro_batch_update(tmp_path):
+    """A user's model (Llama shape, byte-level BPE, ChatML-rendered questions) with completions of up to 40 tokens
+    of varied length: cut by tokens, the same update as one micro-batch."""
+    from grpo_steps.data.prompts import render_all
+    from grpo_steps.grpo.sampling import RowStreams, sample_groups
+    from grpo_steps.platform.modeling import load_policy, load_tokenizer
+    from tests.support.chat_policy import build_chat_policy, gsm8k_rows
+
+    folder = build_chat_policy(tmp_path / "policy", hidden=32, layers=1)
+    tok, policy = load_tokenizer(folder), load_policy(folder)
+    prompts = render_all(tok, [r["question"] for r in gsm8k_rows(4, seed=3)])
+    assert all(p.startswith("<|im_start|>") for p in prompts)
+    rollout = sample_groups(policy, tok, prompts, G, 40, streams=RowStreams(11))
+    for i in range(rollout.completion_ids.size(0)):  # varied lengths, as if EOS came at each
+        rollout.completion_mask[i, 1 + (7 * i) % 40 :] = 0
+    rollout.completion_ids[rollout.completion_mask == 0] = tok.pad_token_id
+    one, ref_one, loss_one, _ = _update(tok, policy, rollout)
+    cut, ref_cut, loss_cut, _ = _update(tok, policy, rollout, micro_batch_tokens=64)
+    assert len(micro_batches(rollout.completion_mask, by_length(rollout.completion_mask), 16, 64)) > 3
+    _assert_same_update(rollout, (one, ref_one, loss_one), (cut, ref_cut, loss_cut))
