@@ -139,3 +139,21 @@ def test_on_a_chat_policy_with_a_bpe_tokenizer_the_cut_update_is_the_one_micro_b
     cut, ref_cut, loss_cut, _ = _update(tok, policy, rollout, micro_batch_tokens=64)
     assert len(micro_batches(rollout.completion_mask, by_length(rollout.completion_mask), 16, 64)) > 3
     _assert_same_update(rollout, (one, ref_one, loss_one), (cut, ref_cut, loss_cut))
+
+
+def test_under_bf16_with_the_micro_batches_cut_by_tokens_the_kl_starts_at_zero():
+    """The precision rule with the cut on: reference and policy log-probs go through `logps_of`'s path under the
+    same bf16 autocast, so at identical weights the KL is exactly 0. (On this CPU, bf16 log-probs of a row do not
+    depend on which rows share its micro-batch, so this does not tell the cut apart from another one.)"""
+    from accelerate import Accelerator
+
+    tok, policy, rollout = varied_length_rollout(PROMPTS, G)
+    n = rollout.completion_ids.size(0)
+    cfg = GRPOConfig(prompts_per_step=len(PROMPTS), num_generations=G, micro_batch_size=n, beta=0.05,
+                     micro_batch_tokens=12)
+    trainer = GRPOTrainer(copy.deepcopy(policy), tok, [digit_match], [1.0], cfg.settings(), seed=0,
+                          accelerator=Accelerator(cpu=True, mixed_precision="bf16"))
+    assert len(micro_batches(rollout.completion_mask, by_length(rollout.completion_mask), n, 12)) > 2
+    grads, _, sums, _ = one_update(trainer, rollout)
+    assert sums["kl"] == 0.0
+    assert max(float(g.abs().max()) for g in grads.values()) > 1e-4

@@ -61,6 +61,8 @@ VARIANTS = {
     "bf16-rollouts-corrected": ["grpo.rollout_precision=bf16", "grpo.rollout_correction=token_truncate"],
     # one-step-off: each process decodes its share of the next step in the background, by the policy before the update
     "async-rollout": ["grpo.async_rollout=true"],
+    # one process cuts its micro-batches by completion positions; two take micro_batch_size rows (named off)
+    "micro-batch-tokens": ["grpo.micro_batch_tokens=24"],
 }
 CORRECTION_METRICS = ("sampling/importance_sampling_ratio/mean", "sampling/importance_sampling_ratio/clipped_frac",
                       "sampling/sampling_logp_difference/mean", "sampling/sampling_logp_difference/max")
