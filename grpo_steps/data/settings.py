@@ -51,6 +51,11 @@ class TaskConfig(Settings):
         "answer", description="answer: `37+48=` -> `85`; reasoning: `What is 37 + 48?` -> the column-by-column "
         "working, then `#### 85` (judged by math_accuracy), the shape of GSM8K",
     )
+    working: Literal["terse", "verbose"] = Field(
+        "terse", description="the reasoning format's working: terse (`7 + 8 = 15, 3 + 4 + 1 = 8. #### 85`) or "
+        "verbose (each column a sentence: its place, the digit written, the carry, the number so far; about 30 "
+        "tokens a column, the long completions of configs/reasoning-long-cpu.yaml)",
+    )
     tokenizer: Literal["char", "bpe"] = Field(
         "char", description="the project's tokenizer: characters, or a byte-level BPE trained on the task's text "
         "with a ChatML chat template (as a chat model's)",

@@ -161,9 +161,27 @@ def question(prompt: str) -> str:
     return f"What is {expr}?"
 
 
-def worked_solution(prompt: str, answer: str, slip: bool = False) -> str:
+# The place of each column, ones first, as the `verbose` working names it (beyond these: `column N`).
+PLACES = ("ones", "tens", "hundreds", "thousands", "ten thousands", "hundred thousands", "millions",
+          "ten millions", "hundred millions")
+WORKINGS = ("terse", "verbose")
+
+
+def _place(i: int) -> str:
+    return PLACES[i] if i < len(PLACES) else f"column {i + 1}"
+
+
+def worked_solution(prompt: str, answer: str, slip: bool = False, working: str = "terse") -> str:
     """The working of an addition column by column, then `#### <answer>`; with `slip`, the weak teacher's:
-    every carry dropped (its final number is `sloppy_answer`). Other operations: one line of working."""
+    every carry dropped (its final number is `sloppy_answer`). Other operations: one line of working.
+
+    `working` (task.working): `terse` writes each column's sum (`7 + 8 = 15, 3 + 4 + 1 = 8. #### 85`);
+    `verbose` names the column, the digit written, the carry and the number so far, one sentence a column
+    (`ones: 7 + 8 = 15, write 5, carry 1, so far 5. tens: 3 + 4 + 1 = 8, write 8, so far 85. #### 85`), about
+    30 tokens a column: the long reasoning completions of configs/reasoning-long-cpu.yaml. The weak teacher's
+    slip there is the carry clause left out."""
+    if working not in WORKINGS:
+        raise ValueError(f"working must be one of {WORKINGS}, got {working!r}")
     expr = prompt.rstrip("=")
     a, sep, b = expr.partition("+")
     if not (sep and a.isdigit() and b.isdigit()):
@@ -175,17 +193,24 @@ def worked_solution(prompt: str, answer: str, slip: bool = False) -> str:
     for i, (x, y) in enumerate(cols):
         c = 0 if slip else carry
         total = x + y + c
-        steps.append(f"{x} + {y}{' + 1' if c else ''} = {total}")
+        carry = total // 10
         last = i == len(cols) - 1
         digits.append(str(total) if last and not slip else str(total % 10))
-        carry = total // 10
+        line = f"{x} + {y}{' + 1' if c else ''} = {total}"
+        if working == "verbose":
+            so_far = str(total % 10) + "".join(reversed(digits[:-1]))
+            carried = ", carry 1" if carry and not slip else ""
+            line = f"{_place(i)}: {line}, write {total % 10}{carried}, so far {so_far}"
+            if last and carried:
+                line += f". last carry: so far {total}{so_far[1:]}"
+        steps.append(line)
     result = str(int("".join(reversed(digits))))
-    return ", ".join(steps) + f". #### {result}"
+    return (". " if working == "verbose" else ", ").join(steps) + f". #### {result}"
 
 
-def reasoning_rejected(prompt: str, answer: str, rejected: str, kind: str) -> str:
+def reasoning_rejected(prompt: str, answer: str, rejected: str, kind: str, working: str = "terse") -> str:
     """A preference pair's rejected completion in the reasoning format: the teacher's slipped working for a
     slip, else the right working with a wrong final answer (the reward model must check that they agree)."""
     if kind == "slip":
-        return worked_solution(prompt, answer, slip=True)
-    return worked_solution(prompt, answer).rsplit("####", 1)[0] + f"#### {rejected}"
+        return worked_solution(prompt, answer, slip=True, working=working)
+    return worked_solution(prompt, answer, working=working).rsplit("####", 1)[0] + f"#### {rejected}"

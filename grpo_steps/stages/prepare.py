@@ -43,7 +43,8 @@ def synthetic_rows(cfg: Config) -> dict[str, list[dict[str, Any]]]:
     if t.demo_error_rate > 0 or reasoning:  # the SFT target; GRPO and evaluation keep scoring against `answer`
         demos = demonstrations(cfg.seed, splits["train"], t.demo_error_rate)
         for row, p, demo in zip(out["train"], splits["train"], demos, strict=True):
-            row["demonstration"] = worked_solution(p.prompt, p.answer, slip=demo != p.answer) if reasoning else demo
+            row["demonstration"] = (worked_solution(p.prompt, p.answer, slip=demo != p.answer, working=t.working)
+                                    if reasoning else demo)
     # Preference pairs come from train and eval prompts only: the test split stays unseen by every model.
     n_eval_pairs = max(1, t.n_preference_pairs // 10)
     pairs = {
@@ -54,8 +55,9 @@ def synthetic_rows(cfg: Config) -> dict[str, list[dict[str, Any]]]:
     for name, rows in pairs.items():
         if reasoning:
             rows = [{"prompt": question(r["prompt"]),
-                     "chosen": worked_solution(r["prompt"], r["chosen"]),
-                     "rejected": reasoning_rejected(r["prompt"], r["chosen"], r["rejected"], r["kind"]),
+                     "chosen": worked_solution(r["prompt"], r["chosen"], working=t.working),
+                     "rejected": reasoning_rejected(r["prompt"], r["chosen"], r["rejected"], r["kind"],
+                                                    t.working),
                      "kind": r["kind"]} for r in rows]
         out[name] = [{"id": f"{name}-{i:06d}", **r} for i, r in enumerate(rows)]
     return out

@@ -1,3 +1,5 @@
+import pytest
+
 from grpo_steps.data.task import demonstrations, make_preference_pairs, make_splits, sloppy_answer
 
 
@@ -51,6 +53,33 @@ def test_reasoning_format_works_column_by_column_and_the_slip_drops_every_carry(
     # subtraction: one line of working; the teacher's slip (no borrowing) shows in it
     assert worked_solution("52-38=", "14") == "52 - 38 = 14. #### 14"
     assert reasoning_rejected("52-38=", "14", "26", "slip") == "52 - 38 = 26. #### 26"
+
+
+def test_verbose_working_names_each_column_and_its_number_so_far_and_the_slip_leaves_out_the_carry():
+    import re
+
+    from grpo_steps.data.task import reasoning_rejected, worked_solution
+
+    assert worked_solution("37+48=", "85", working="verbose") == (
+        "ones: 7 + 8 = 15, write 5, carry 1, so far 5. tens: 3 + 4 + 1 = 8, write 8, so far 85. #### 85")
+    assert worked_solution("37+48=", "85", slip=True, working="verbose") == (
+        "ones: 7 + 8 = 15, write 5, so far 5. tens: 3 + 4 = 7, write 7, so far 75. #### 75")
+    assert worked_solution("95+57=", "152", working="verbose").endswith(
+        "tens: 9 + 5 + 1 = 15, write 5, carry 1, so far 52. last carry: so far 152. #### 152")
+    problems = make_splits(0, {"train": 300}, 999999, ["+"])["train"]
+    for p in problems:  # every column's sentence; the last number so far is the answer, the slip the teacher's
+        a, b = p.prompt[:-1].split("+")
+        text = worked_solution(p.prompt, p.answer, working="verbose")
+        assert text.count("write") == max(len(a), len(b))
+        assert int(re.findall(r"so far (\d+)", text)[-1]) == int(p.answer)
+        assert text.endswith(f"#### {p.answer}")
+        slip = sloppy_answer(p.prompt)
+        slipped = worked_solution(p.prompt, p.answer, slip=True, working="verbose")
+        assert "carry" not in slipped and slipped.endswith(f"#### {slip or p.answer}")
+        assert reasoning_rejected(p.prompt, p.answer, "1", "offset", "verbose") == text.replace(
+            f"#### {p.answer}", "#### 1")
+    with pytest.raises(ValueError, match="working must be one of"):
+        worked_solution("37+48=", "85", working="long")
 
 
 def test_bpe_tokenizer_reads_numbers_digit_by_digit_and_carries_a_chat_template():
