@@ -113,3 +113,26 @@ def test_the_gsm8k_config_is_the_real_path():
     assert cfg.grpo.max_completion_length == 512 and cfg.grpo.mask_truncated_completions
     names = [rf.name for rf in cfg.grpo.reward_functions]
     assert names[0] == "math_accuracy" and "overlong_penalty" in names and cfg.evaluate.accuracy == "math_accuracy"
+
+
+def test_the_long_reasoning_config_writes_completions_of_128_to_256_tokens_that_fit_its_limits():
+    """configs/reasoning-long-cpu.yaml's cold-start completions, counted with the BPE tokenizer its prepare
+    stage trains: long (most 128 tokens or more, as a reasoning model's), and every one inside the validate
+    and generation limits, so neither validation nor GRPO's truncation cuts them."""
+    import statistics
+
+    from grpo_steps.data.prompts import render
+    from grpo_steps.data.tokenizer import build_bpe_tokenizer
+    from grpo_steps.stages.prepare import synthetic_rows, task_corpus
+
+    cfg = load_config(ROOT / "configs" / "reasoning-long-cpu.yaml",
+                      ["task.n_train=400", "task.n_eval=20", "task.n_test=20", "task.n_preference_pairs=100"])
+    rows = synthetic_rows(cfg)
+    tok = build_bpe_tokenizer(task_corpus(rows, None), cfg.task.bpe_vocab_size)
+    lengths = [len(tok(r["demonstration"])["input_ids"]) + 1 for r in rows["train"]]  # + EOS
+    assert statistics.median(lengths) >= 128 and sum(n >= 128 for n in lengths) >= 0.95 * len(lengths)
+    assert max(lengths) <= min(cfg.validate_.completion_tokens(), cfg.grpo.max_completion_length) <= 256
+    prompts = [len(tok(render(tok, r["prompt"], None))["input_ids"]) for r in rows["test"]]
+    assert max(prompts) <= cfg.validate_.max_prompt_tokens
+    assert max(prompts) + cfg.grpo.max_completion_length <= cfg.model.max_position_embeddings
+    assert cfg.task.working == "verbose" and cfg.grpo.micro_batch_tokens
