@@ -136,3 +136,8 @@ def test_the_long_reasoning_config_writes_completions_of_128_to_256_tokens_that_
     assert max(prompts) <= cfg.validate_.max_prompt_tokens
     assert max(prompts) + cfg.grpo.max_completion_length <= cfg.model.max_position_embeddings
     assert cfg.task.working == "verbose" and cfg.grpo.micro_batch_tokens
+    # the prepare stage's rows carry the verbose working: demonstrations and both sides of every pair
+    pairs = rows["preferences_train"]
+    assert all("so far" in r["demonstration"] for r in rows["train"])
+    assert all("so far" in r["chosen"] and "so far" in r["rejected"] for r in pairs)
+    assert any("carry 1" in r["chosen"] and "carry" not in r["rejected"] for r in pairs)  # the teacher's slips
