@@ -53,8 +53,9 @@ class TaskConfig(Settings):
     )
     working: Literal["terse", "verbose"] = Field(
         "terse", description="the reasoning format's working: terse (`7 + 8 = 15, 3 + 4 + 1 = 8. #### 85`) or "
-        "verbose (each column a sentence: its place, the digit written, the carry, the number so far; about 30 "
-        "tokens a column, the long completions of configs/reasoning-long-cpu.yaml)",
+        "verbose (each column of an addition a sentence: its place, the digit written, the carry, the digits so "
+        "far; about 20-25 tokens a column, the long completions of configs/reasoning-long-cpu.yaml); subtraction "
+        "and multiplication keep one line in either",
     )
     tokenizer: Literal["char", "bpe"] = Field(
         "char", description="the project's tokenizer: characters, or a byte-level BPE trained on the task's text "

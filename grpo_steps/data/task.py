@@ -176,10 +176,11 @@ def worked_solution(prompt: str, answer: str, slip: bool = False, working: str =
     every carry dropped (its final number is `sloppy_answer`). Other operations: one line of working.
 
     `working` (task.working): `terse` writes each column's sum (`7 + 8 = 15, 3 + 4 + 1 = 8. #### 85`);
-    `verbose` names the column, the digit written, the carry and the number so far, one sentence a column
+    `verbose` names the column, the digit written, the carry and the digits so far, one sentence a column
     (`ones: 7 + 8 = 15, write 5, carry 1, so far 5. tens: 3 + 4 + 1 = 8, write 8, so far 85. #### 85`), about
-    30 tokens a column: the long reasoning completions of configs/reasoning-long-cpu.yaml. The weak teacher's
-    slip there is the carry clause left out."""
+    20-25 tokens a column: the long reasoning completions of configs/reasoning-long-cpu.yaml. The weak teacher's
+    slip there is the carry clause left out (its digits so far can then start with 0: `so far 05. #### 5`).
+    Subtraction and multiplication keep their one line in either working."""
     if working not in WORKINGS:
         raise ValueError(f"working must be one of {WORKINGS}, got {working!r}")
     expr = prompt.rstrip("=")

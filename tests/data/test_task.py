@@ -1,6 +1,6 @@
 import pytest
 
-from grpo_steps.data.task import demonstrations, make_preference_pairs, make_splits, sloppy_answer
+from grpo_steps.data.task import Problem, demonstrations, make_preference_pairs, make_splits, sloppy_answer
 
 
 def test_slips_are_the_classic_systematic_errors():
@@ -66,16 +66,19 @@ def test_verbose_working_names_each_column_and_its_number_so_far_and_the_slip_le
         "ones: 7 + 8 = 15, write 5, so far 5. tens: 3 + 4 = 7, write 7, so far 75. #### 75")
     assert worked_solution("95+57=", "152", working="verbose").endswith(
         "tens: 9 + 5 + 1 = 15, write 5, carry 1, so far 52. last carry: so far 152. #### 152")
+    assert worked_solution("72+33=", "105", slip=True, working="verbose").endswith("so far 05. #### 5")
     problems = make_splits(0, {"train": 300}, 999999, ["+"])["train"]
-    for p in problems:  # every column's sentence; the last number so far is the answer, the slip the teacher's
+    problems += [Problem(f"{a}+{b}=", str(a + b)) for a, b in ((0, 0), (100, 5), (5, 100), (999999, 1), (1, 9))]
+    for p in problems:  # every column's sentence; the last digits so far are the answer, the slip the teacher's
         a, b = p.prompt[:-1].split("+")
         text = worked_solution(p.prompt, p.answer, working="verbose")
         assert text.count("write") == max(len(a), len(b))
-        assert int(re.findall(r"so far (\d+)", text)[-1]) == int(p.answer)
+        assert re.findall(r"so far (\d+)", text)[-1] == p.answer
         assert text.endswith(f"#### {p.answer}")
-        slip = sloppy_answer(p.prompt)
+        slip = sloppy_answer(p.prompt) or p.answer
         slipped = worked_solution(p.prompt, p.answer, slip=True, working="verbose")
-        assert "carry" not in slipped and slipped.endswith(f"#### {slip or p.answer}")
+        assert "carry" not in slipped and slipped.endswith(f"#### {slip}")
+        assert re.findall(r"so far (\d+)", slipped)[-1].lstrip("0") == slip.lstrip("0")  # `so far 05. #### 5`
         assert reasoning_rejected(p.prompt, p.answer, "1", "offset", "verbose") == text.replace(
             f"#### {p.answer}", "#### 1")
     with pytest.raises(ValueError, match="working must be one of"):

@@ -140,4 +140,5 @@ def test_the_long_reasoning_config_writes_completions_of_128_to_256_tokens_that_
     pairs = rows["preferences_train"]
     assert all("so far" in r["demonstration"] for r in rows["train"])
     assert all("so far" in r["chosen"] and "so far" in r["rejected"] for r in pairs)
-    assert any("carry 1" in r["chosen"] and "carry" not in r["rejected"] for r in pairs)  # the teacher's slips
+    slips = [r for r in pairs if r["kind"] == "slip"]  # the teacher's: the carries the chosen working makes, left out
+    assert slips and all("carry 1" in r["chosen"] and "carry" not in r["rejected"] for r in slips)
