@@ -203,7 +203,7 @@ def worked_solution(prompt: str, answer: str, slip: bool = False, working: str =
             carried = ", carry 1" if carry and not slip else ""
             line = f"{_place(i)}: {line}, write {total % 10}{carried}, so far {so_far}"
             if last and carried:
-                line += f". last carry: so far {total}{so_far[1:]}"
+                line += f". last carry: so far {''.join(reversed(digits))}"
         steps.append(line)
     result = str(int("".join(reversed(digits))))
     return (". " if working == "verbose" else ", ").join(steps) + f". #### {result}"
